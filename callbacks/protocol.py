@@ -1,0 +1,178 @@
+"""After the basis is trained: adapt the unseen users and report the protocol's four numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from datamodules.base import PreferenceDataModule
+from lore_pl import functional as LF
+from lore_pl.basis import BasisModule
+from lore_pl.export import BasisFile, save_basis
+from lore_pl.fewshot import fit_user_weights
+from lore_pl.metrics import PerUserAccuracy
+from lore_pl.preferences import PreferenceSplit
+
+#: (result key, data role, label in the printed table)
+PROTOCOL_ROWS = (
+    ("seen/train_acc", "seen_train", "seen users, train pairs"),
+    ("seen/test_acc", "seen_test", "seen users, unseen prompts"),
+    ("unseen/fewshot_acc", "unseen_pool", "unseen users, few-shot pairs"),
+    ("unseen/test_acc", "unseen_test", "unseen users, unseen prompts"),
+)
+
+
+def accuracy(logits: Tensor, split: PreferenceSplit) -> tuple[float, float]:
+    """(mean over users, std over users) of per-user accuracy."""
+    metric = PerUserAccuracy(split.num_users)
+    metric.update(logits.detach().cpu(), split.users.cpu())
+    result = metric.compute()
+    return float(result["mean"]), float(result["std"])
+
+
+@torch.no_grad()
+def evaluate_protocol(
+    module: BasisModule,
+    datamodule: PreferenceDataModule,
+    shots: int | None = 10,
+    shot_seed: int = 0,
+    steps: int = 500,
+    lr: float = 0.1,
+    weight_init: Literal["randn", "zeros"] = "randn",
+) -> dict[str, float | int]:
+    """The four protocol accuracies (each with its std over users), and the oracle's where known.
+
+    The unseen users are adapted to the pruned basis with ``fit_user_weights`` on ``shots`` pairs
+    each (drawn with ``shot_seed``); their few-shot accuracy is measured on those pairs.
+    """
+    device = module.device
+    basis, seen_weights = module.kept_basis()
+    tau = float(module.hparams.tau)
+    evaluated: dict[str, tuple[PreferenceSplit, Tensor]] = {}
+    for role in ("seen_train", "seen_test"):
+        if datamodule.has_split(role):
+            split = datamodule.split(role)
+            logits = LF.pair_logits(split.features.to(device), split.users.to(device), basis, seen_weights, tau)
+            evaluated[role] = (split, logits)
+    if datamodule.has_split("unseen_pool"):
+        pool = datamodule.split("unseen_pool")
+        generator = torch.Generator().manual_seed(shot_seed)
+        shot_split = pool if shots is None else pool.subset(LF.sample_shots(pool.users, shots, generator), "unseen_shots")
+        projected = LF.project(shot_split.features.to(device), basis)
+        init = LF.initial_user_logits(pool.num_users, basis.shape[1], weight_init, generator)
+        user_logits = fit_user_weights(projected, shot_split.users.to(device), init, steps=steps, lr=lr, tau=tau)
+        unseen_weights = LF.simplex_weights(user_logits)
+        evaluated["unseen_pool"] = (shot_split, LF.projected_logits(projected, shot_split.users.to(device), unseen_weights, tau))
+        if datamodule.has_split("unseen_test"):
+            test = datamodule.split("unseen_test")
+            logits = LF.pair_logits(test.features.to(device), test.users.to(device), basis, unseen_weights, tau)
+            evaluated["unseen_test"] = (test, logits)
+
+    results: dict[str, float | int] = {"rank": module.rank, "kept_rank": int(basis.shape[1]), "shots": shots or 0}
+    for key, role, _ in PROTOCOL_ROWS:
+        if role not in evaluated:
+            continue
+        split, logits = evaluated[role]
+        results[key], results[f"{key}_std"] = accuracy(logits, split)
+        oracle = datamodule.oracle_logits(role, split)
+        if oracle is not None:
+            results[f"oracle/{key}"], results[f"oracle/{key}_std"] = accuracy(oracle, split)
+    return results
+
+
+def format_table(results: dict[str, float | int]) -> str:
+    has_oracle = any(key.startswith("oracle/") for key in results)
+    header = f"{'LoRe protocol (K=' + str(results['rank']) + ', kept ' + str(results['kept_rank']) + ')':<34}{'accuracy':>18}"
+    header += f"{'oracle':>18}" if has_oracle else ""
+    lines = [header, "-" * len(header)]
+    for key, _, label in PROTOCOL_ROWS:
+        if key not in results:
+            continue
+        row = f"{label:<34}{results[key]:>10.4f} ± {results[key + '_std']:.4f}"
+        if f"oracle/{key}" in results:
+            row += f"{results['oracle/' + key]:>10.4f} ± {results['oracle/' + key + '_std']:.4f}"
+        lines.append(row)
+    lines.append("(mean over users ± plain std over users)")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ProtocolEvaluation(Callback):
+    """At the end of ``fit`` of a ``BasisModule``: adapt the unseen users with few-shot, then log,
+    print and save the four protocol accuracies (and the oracle's, where the data know it).
+
+    Writes ``protocol.json`` and the learned basis ``basis.safetensors`` into the run directory,
+    logs every number to the logger, and the unseen users' test accuracy as ``hp_metric``.
+
+    Args:
+        shots: pairs per unseen user to adapt on (``null``: the whole few-shot pool).
+        shot_seed: seed of the shots subsample and the initial logits.
+        steps: Adam steps of the few-shot fit (500 in the reference).
+        lr: Adam learning rate of the few-shot fit (0.1 in the reference).
+        weight_init: initial logits of the few-shot fit: ``randn`` (the reference) or ``zeros``.
+        filename: name of the JSON file written into the run directory.
+        export_basis: also write the pruned basis as ``basis.safetensors`` in the run directory.
+    """
+
+    def __init__(
+        self,
+        shots: int | None = 10,
+        shot_seed: int = 0,
+        steps: int = 500,
+        lr: float = 0.1,
+        weight_init: Literal["randn", "zeros"] = "randn",
+        filename: str = "protocol.json",
+        export_basis: bool = True,
+    ) -> None:
+        if shots is not None and shots <= 0:
+            raise ValueError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
+        self.shots, self.shot_seed, self.steps, self.lr = shots, shot_seed, steps, lr
+        self.weight_init, self.filename, self.export_basis = weight_init, filename, export_basis
+        self.results: dict[str, float | int] | None = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not isinstance(pl_module, BasisModule) or not isinstance(datamodule, PreferenceDataModule):
+            rank_zero_warn("ProtocolEvaluation needs a BasisModule and a PreferenceDataModule; skipped")
+            return
+        if trainer.interrupted:
+            return  # a stopped run has no finished basis to report
+        if datamodule.has_split("unseen_pool") and datamodule.num_unseen_users == 0:
+            raise ValueError("few-shot evaluation was asked for, but the data module has no unseen users")
+        self.results = evaluate_protocol(
+            pl_module, datamodule, self.shots, self.shot_seed, self.steps, self.lr, self.weight_init
+        )
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        write_json_atomic(run_dir / self.filename, self.results)
+        if self.export_basis:
+            basis, weights = pl_module.kept_basis()
+            exported = BasisFile(basis, float(pl_module.hparams.tau), pl_module.reference_head,
+                                 datamodule.seen_user_ids, weights)
+            save_basis(run_dir / "basis.safetensors", exported)
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in self.results.items() if "/" in k}, step=trainer.global_step)
+            if "unseen/test_acc" in self.results:
+                logger.log_hyperparams(pl_module.hparams, {"hp_metric": self.results["unseen/test_acc"]})
+            logger.save()
+        print("\n" + format_table(self.results) + f"\nwritten: {run_dir / self.filename}", flush=True)

@@ -1,0 +1,149 @@
+"""The base of every data set: four splits of per-user preference tensors, served as batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lore_pl.preferences import PreferenceSplit
+
+#: The protocol's four roles: seen users' train pairs and test pairs (unseen prompts), unseen
+#: users' few-shot pool and test pairs.
+ROLES = ("seen_train", "seen_test", "unseen_pool", "unseen_test")
+
+
+@dataclass
+class PreferenceData:
+    """What a data set produces: the four splits (absent roles allowed) and optionally ``V_ref``."""
+
+    splits: dict[str, PreferenceSplit]
+    reference_head: Tensor | None = None
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Serves per-user preference tensors for the four protocol roles.
+
+    Subclasses implement ``load()``; the data are loaded lazily and once, so ``num_users``, ``dim``
+    and ``reference_head`` can be read before ``setup`` (LightningCLI links read them early). The
+    module being trained picks the users: a module whose ``population`` is ``"seen"``
+    (``BasisModule``) trains on ``seen_train`` and is validated and tested on ``seen_test``; an
+    ``"unseen"`` one (``FewShotModule``) trains on ``unseen_pool`` (always one full batch) and is
+    evaluated on ``unseen_test``.
+
+    Args:
+        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
+        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
+        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+    """
+
+    def __init__(self, batch_size: int | None = None, eval_batch_size: int | None = None, shuffle: bool = True) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.shuffle = shuffle
+        self._data: PreferenceData | None = None
+
+    # ----------------------------------------------------------------------- for subclasses
+    def load(self) -> PreferenceData:
+        """Build the splits. Called once."""
+        raise NotImplementedError
+
+    def oracle_logits(self, role: str, split: PreferenceSplit) -> Tensor | None:
+        """Logits of the true preference model for ``split`` (a subset of ``role``), where known."""
+        return None
+
+    # --------------------------------------------------------------------------- the data
+    @property
+    def data(self) -> PreferenceData:
+        if self._data is None:
+            data = self.load()
+            self._check(data)
+            self._data = data
+        return self._data
+
+    def setup(self, stage: str | None = None) -> None:
+        self.data  # noqa: B018 - loads once
+
+    @staticmethod
+    def _check(data: PreferenceData) -> None:
+        unknown = set(data.splits) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown split roles {sorted(unknown)}; expected some of {ROLES}")
+        dims = {role: split.dim for role, split in data.splits.items()}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"the splits' feature dimensions differ: {dims}")
+        for first, second in (("seen_train", "seen_test"), ("unseen_pool", "unseen_test")):
+            if first in data.splits and second in data.splits:
+                if data.splits[first].user_ids != data.splits[second].user_ids:
+                    raise ValueError(f"splits {first} and {second} must index the same user table")
+        if data.reference_head is not None and dims and data.reference_head.shape != (next(iter(dims.values())),):
+            raise ValueError(f"reference head has shape {tuple(data.reference_head.shape)}, features have d={dims}")
+
+    def has_split(self, role: str) -> bool:
+        return role in self.data.splits
+
+    def split(self, role: str) -> PreferenceSplit:
+        if role not in ROLES:
+            raise ValueError(f"unknown split role {role!r}; expected one of {ROLES}")
+        if role not in self.data.splits:
+            raise ValueError(f"{type(self).__name__} has no {role!r} split")
+        return self.data.splits[role]
+
+    def _users_of(self, population: str) -> list[str]:
+        for role in ROLES:
+            if role.startswith(population) and role in self.data.splits:
+                return self.data.splits[role].user_ids
+        return []
+
+    @property
+    def seen_user_ids(self) -> list[str]:
+        return self._users_of("seen")
+
+    @property
+    def unseen_user_ids(self) -> list[str]:
+        return self._users_of("unseen")
+
+    @property
+    def num_users(self) -> int:
+        """Number of seen users (rows of W)."""
+        return len(self.seen_user_ids)
+
+    @property
+    def num_unseen_users(self) -> int:
+        return len(self.unseen_user_ids)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension d."""
+        return next(iter(self.data.splits.values())).dim
+
+    @property
+    def reference_head(self) -> Tensor | None:
+        """``V_ref`` ``[d]``: the reward model's own scalar head, or None where the data has none."""
+        return self.data.reference_head
+
+    # ------------------------------------------------------------------------ dataloaders
+    def _population(self) -> str:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return getattr(module, "population", "seen")
+
+    def _eval_loader(self) -> DataLoader:
+        role = "seen_test" if self._population() == "seen" else "unseen_test"
+        return self.split(role).loader(self.eval_batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        if self._population() == "seen":
+            return self.split("seen_train").loader(self.batch_size, shuffle=self.shuffle)
+        return self.split("unseen_pool").loader(None)  # few-shot fits on the whole pool at once
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader()

@@ -1,0 +1,3 @@
+from lore_pl.cli import main
+
+main()

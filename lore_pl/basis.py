@@ -1,0 +1,222 @@
+"""Phase 1: learn the shared basis V and the seen users' weights W jointly."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lore_pl import functional as LF
+from lore_pl.module import PreferenceModule
+
+
+class BasisModule(PreferenceModule):
+    """Low-rank reward model: a basis ``V`` ``[d, K]`` and per-user logits ``W`` ``[C, K]``.
+
+    User u prefers chosen with probability ``sigmoid(x . V softmax(W[u]) / tau)``. ``rank`` K=0 is
+    the reference model (the data's reference head ``V_ref``, nothing trained, every user weight
+    [1]); K=1 is plain Bradley-Terry (one shared direction, no per-user weights); K>=2 is LoRe.
+    The number of users, the feature dimension and ``V_ref`` are read from the data module in
+    ``setup`` and recorded in the hyper-parameters, so a checkpoint reloads without the data.
+
+    Args:
+        rank: K, the number of basis columns (0: reference head, 1: Bradley-Terry, >=2: LoRe).
+        tau: temperature dividing every logit (100 in the reference).
+        lr: Adam learning rate (0.5 in the reference).
+        schedule: ``joint`` (one Adam over V and W) or ``alternating`` (per iteration a W step with
+            V frozen, then a V step with W frozen; counts two optimizer steps in ``global_step``).
+        loss_weighting: ``pair_mean`` (mean over all pairs, the default) or ``user_mean`` (sum of
+            each user's mean, the reference's older class).
+        regularizer: pull of the basis columns towards ``V_ref``: ``none``, ``cosine`` or ``l2``.
+        alpha: regularizer strength, ramped 0 -> alpha between 20% and 80% of the iterations.
+        weight_init: initial W logits: ``randn`` (the joint reference), ``rand`` (the alternating
+            reference) or ``zeros`` (uniform weights).
+        prune_threshold: at the end of fit keep column k only if some user's weight on it is at
+            least this (1e-2 in the reference; 0 keeps every column).
+        num_users: set from the data module; leave unset.
+        feature_dim: set from the data module; leave unset.
+        has_reference_head: set from the data module; leave unset.
+    """
+
+    population = "seen"  # the data module serves the seen users' pairs to this module
+
+    def __init__(
+        self,
+        rank: int = 5,
+        tau: float = 100.0,
+        lr: float = 0.5,
+        schedule: Literal["joint", "alternating"] = "joint",
+        loss_weighting: LF.LossWeighting = "pair_mean",
+        regularizer: LF.Regularizer = "none",
+        alpha: float = 0.0,
+        weight_init: Literal["randn", "rand", "zeros"] = "randn",
+        prune_threshold: float = 1e-2,
+        num_users: int | None = None,
+        feature_dim: int | None = None,
+        has_reference_head: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        if schedule not in ("joint", "alternating"):
+            raise ValueError(f"schedule must be 'joint' or 'alternating', got {schedule!r}")
+        if loss_weighting not in ("pair_mean", "user_mean"):
+            raise ValueError(f"loss_weighting must be 'pair_mean' or 'user_mean', got {loss_weighting!r}")
+        if regularizer not in ("none", "cosine", "l2"):
+            raise ValueError(f"regularizer must be 'none', 'cosine' or 'l2', got {regularizer!r}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.save_hyperparameters()
+        # Manual optimization: the alternating schedule takes two optimizer steps per batch, and
+        # K=0 trains nothing; one code path serves all three.
+        self.automatic_optimization = False
+        self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
+        self._built = False
+        if num_users is not None and feature_dim is not None:
+            reference = torch.zeros(feature_dim) if has_reference_head else None
+            self._build(num_users, feature_dim, reference)
+
+    # ----------------------------------------------------------------------------- construction
+    def _build(self, num_users: int, dim: int, reference_head: Tensor | None) -> None:
+        rank = self.hparams.rank
+        if rank > dim:
+            raise ValueError(f"rank K={rank} exceeds the feature dimension d={dim}")
+        needs_reference = rank == 0 or self.hparams.regularizer != "none"
+        if needs_reference and reference_head is None:
+            what = "rank K=0 (the reference model)" if rank == 0 else f"regularizer={self.hparams.regularizer!r}"
+            raise ValueError(f"{what} needs a reference head V_ref, and the data module provides none")
+        self.register_buffer("reference_head", None if reference_head is None else reference_head.clone().float())
+        if rank >= 1:
+            self.basis = nn.Parameter(torch.randn(dim, rank))
+        if rank >= 2:
+            self.user_logits = nn.Parameter(LF.initial_user_logits(num_users, rank, self.hparams.weight_init))
+        self.register_buffer("active_columns", torch.ones(max(rank, 1), dtype=torch.bool))
+        self._build_metrics(num_users)
+        self._built = True
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            if self._built:
+                return
+            raise ValueError("BasisModule needs a PreferenceDataModule (it reads num_users, dim and V_ref from it)")
+        if datamodule.has_split("seen_train") or datamodule.has_split("seen_test"):
+            num_users, dim = datamodule.num_users, datamodule.dim
+        else:
+            raise ValueError(f"{type(datamodule).__name__} has no seen users for BasisModule")
+        if self._built:
+            if (num_users, dim) != (self.hparams.num_users, self.hparams.feature_dim):
+                raise ValueError(
+                    f"this BasisModule was built for {self.hparams.num_users} users x d={self.hparams.feature_dim}, "
+                    f"but {type(datamodule).__name__} has {num_users} seen users x d={dim}"
+                )
+            return
+        reference = datamodule.reference_head
+        self._record_hparams(num_users=num_users, feature_dim=dim, has_reference_head=reference is not None)
+        self._build(num_users, dim, reference)
+
+    # ------------------------------------------------------------------------------------ model
+    @property
+    def rank(self) -> int:
+        return self.hparams.rank
+
+    def current_basis(self) -> Tensor:
+        """V ``[d, K]`` (for K=0 the reference head as one column)."""
+        if self.rank == 0:
+            return self.reference_head[:, None]
+        return self.basis
+
+    def user_weights(self) -> Tensor:
+        """Each seen user's simplex weights ``[C, K]`` (zero on pruned columns; [1] for K<=1)."""
+        if self.rank <= 1:
+            return self.active_columns.new_ones(self.hparams.num_users, 1, dtype=torch.float32).to(self.device)
+        return LF.simplex_weights(self.user_logits, self.active_columns)
+
+    def forward(self, features: Tensor, users: Tensor) -> Tensor:
+        """Bradley-Terry logits of the pairs ``features`` for the seen users ``users``."""
+        return LF.pair_logits(features, users, self.current_basis(), self.user_weights(), self.hparams.tau)
+
+    def kept_basis(self) -> tuple[Tensor, Tensor]:
+        """The basis and the users' weights restricted to the columns that survived pruning."""
+        keep = self.active_columns
+        return self.current_basis()[:, keep].detach(), self.user_weights()[:, keep].detach()
+
+    @torch.no_grad()
+    def prune_(self) -> int:
+        """Drop the columns no user weighs at ``prune_threshold`` or more. Idempotent; returns K kept."""
+        if self.rank >= 2 and self.hparams.prune_threshold > 0:
+            self.active_columns &= LF.prune_mask(self.user_weights(), self.hparams.prune_threshold)
+        return int(self.active_columns.sum())
+
+    # --------------------------------------------------------------------------------- training
+    def _nll(self, logits: Tensor, users: Tensor) -> Tensor:
+        return LF.preference_loss(logits, users, self.hparams.num_users, self.hparams.loss_weighting)
+
+    def _regularizer(self) -> Tensor:
+        if self.hparams.regularizer == "none":
+            return self.basis.new_zeros(())
+        return LF.basis_regularizer(self.basis, self.reference_head, self.hparams.regularizer)
+
+    def total_iterations(self) -> int:
+        """Iterations (batches) this fit will run; the alpha ramp is laid over them."""
+        total = self.trainer.estimated_stepping_batches
+        if self.hparams.schedule == "alternating" and self.rank >= 2 and self.trainer.max_steps != -1:
+            total = min(total, self.trainer.max_steps // 2)  # two optimizer steps per iteration
+        if total == float("inf"):
+            raise ValueError("set trainer.max_epochs or trainer.max_steps: the alpha ramp needs a finite length")
+        return int(total)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        features, users = batch["features"], batch["users"]
+        alpha = 0.0
+        if self.hparams.regularizer != "none" and self.rank >= 1:
+            alpha = LF.alpha_at(int(self.iterations_done), self.total_iterations(), self.hparams.alpha)
+        if self.rank == 0:
+            with torch.no_grad():
+                logits = self(features, users)
+                nll, regularizer = self._nll(logits, users), logits.new_zeros(())
+        elif self.hparams.schedule == "joint" or self.rank == 1:
+            logits, nll, regularizer = self._optimize(self.optimizers(), features, users, alpha)
+        else:
+            opt_weights, opt_basis = self.optimizers()
+            logits, nll, _ = self._optimize(opt_weights, features, users, 0.0)  # W step, V frozen
+            _, _, regularizer = self._optimize(opt_basis, features, users, alpha)  # V step, new W
+        self.iterations_done += 1
+        if self.rank >= 2 and int(self.iterations_done) >= self.total_iterations():
+            self.prune_()  # before the final checkpoint is written
+        self.metrics["train_acc"].update(logits, users)
+        self.log_dict(
+            {"train/loss": nll + alpha * regularizer, "train/nll": nll, "train/regularizer": regularizer,
+             "train/alpha": alpha},
+            on_step=True, on_epoch=False, batch_size=users.numel(),
+        )
+        return nll
+
+    def _optimize(self, optimizer, features: Tensor, users: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+        """One Adam step of ``nll + alpha * regularizer`` on ``optimizer``'s parameters alone."""
+        # toggle_optimizer freezes the other parameter group before the forward pass, so its
+        # gradient is never computed (the V gradient is the expensive one).
+        self.toggle_optimizer(optimizer)
+        logits = self(features, users)
+        nll = self._nll(logits, users)
+        regularizer = self._regularizer()
+        optimizer.zero_grad()
+        self.manual_backward(nll + alpha * regularizer)
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+        return logits.detach(), nll.detach(), regularizer.detach()
+
+    def on_train_end(self) -> None:
+        self.prune_()
+
+    def configure_optimizers(self):
+        if self.rank == 0:
+            return None
+        if self.rank == 1:
+            return torch.optim.Adam([self.basis], lr=self.hparams.lr)
+        if self.hparams.schedule == "joint":
+            return torch.optim.Adam([self.basis, self.user_logits], lr=self.hparams.lr)
+        return [torch.optim.Adam([self.user_logits], lr=self.hparams.lr), torch.optim.Adam([self.basis], lr=self.hparams.lr)]

@@ -1,0 +1,33 @@
+"""The command line: ``lightning`` / ``lore-pl`` / ``python -m lore_pl`` ``fit|validate|test|predict``."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules.base import PreferenceDataModule
+from lore_pl.module import PreferenceModule
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """The LightningCLI over any ``PreferenceModule`` and ``PreferenceDataModule`` subclass.
+
+    ``args`` replaces ``sys.argv[1:]`` (tests call the CLI in-process this way).
+    """
+    return LightningCLI(
+        PreferenceModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point (``lightning``, ``lore-pl``, ``python -m lore_pl``)."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

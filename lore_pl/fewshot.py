@@ -1,0 +1,175 @@
+"""Phase 2: V frozen, fit K simplex weights per new user from a few pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lore_pl import functional as LF
+from lore_pl.export import load_basis
+from lore_pl.module import PreferenceModule
+
+
+def fit_user_weights(
+    projected: Tensor, users: Tensor, init_logits: Tensor, *, steps: int = 500, lr: float = 0.1, tau: float = 100.0
+) -> Tensor:
+    """Fit every user's logits at once by full-batch Adam on the projected pairs ``X V`` ``[N, K]``.
+
+    The loss is the sum over users of each user's mean NLL (the reference's few-shot loss), so each
+    user's fit is exactly what it would be alone. Returns the fitted logits ``[C, K]``.
+    """
+    logits = init_logits.detach().clone().to(projected.device).requires_grad_(True)
+    if logits.shape[1] <= 1:
+        return logits.detach()  # a single column always has weight 1: nothing to fit
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    num_users = logits.shape[0]
+    with torch.enable_grad():  # callers often evaluate under no_grad
+        for _ in range(steps):
+            optimizer.zero_grad()
+            pair = LF.projected_logits(projected, users, LF.simplex_weights(logits), tau)
+            LF.preference_loss(pair, users, num_users, "user_mean").backward()
+            optimizer.step()
+    return logits.detach()
+
+
+class FewShotModule(PreferenceModule):
+    """Adapt new users to a frozen basis: K free logits per user, ``w = softmax(logits)``.
+
+    All users are fitted together as one full batch (the data module's few-shot pool). Each user's
+    pairs are first subsampled to ``shots`` (users with fewer keep all), and the kept features are
+    projected through V once; every step after that costs O(N K). For K<=1 every user's weight is
+    [1] and nothing is fitted. One training epoch is one Adam step (500 in the reference).
+
+    Args:
+        basis_path: a ``BasisModule`` checkpoint (``.ckpt``) or an exported ``.safetensors`` basis.
+        shots: pairs per user to fit on (``null``: all of the user's pool).
+        shot_seed: seed of the shots subsample.
+        lr: Adam learning rate (0.1 in the reference).
+        weight_init: initial logits: ``randn`` (the reference) or ``zeros`` (uniform weights).
+        tau: logit temperature; ``null`` takes the basis file's.
+        num_users: set from the data module; leave unset.
+        feature_dim: set from the basis; leave unset.
+        rank: set from the basis; leave unset.
+    """
+
+    population = "unseen"  # the data module serves the unseen users' pairs to this module
+
+    def __init__(
+        self,
+        basis_path: str | None = None,
+        shots: int | None = 10,
+        shot_seed: int = 0,
+        lr: float = 0.1,
+        weight_init: Literal["randn", "zeros"] = "randn",
+        tau: float | None = None,
+        num_users: int | None = None,
+        feature_dim: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        if shots is not None and shots <= 0:
+            raise ValueError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
+        if weight_init not in ("randn", "zeros"):
+            raise ValueError(f"weight_init must be 'randn' or 'zeros', got {weight_init!r}")
+        if feature_dim is None or rank is None:
+            if basis_path is None:
+                raise ValueError("FewShotModule needs basis_path (a BasisModule checkpoint or an exported basis file)")
+            if not Path(basis_path).is_file():
+                raise FileNotFoundError(f"basis file not found: {basis_path}")
+        self.save_hyperparameters()
+        # The basis is read in setup, not here: LightningCLI instantiates this module in a context
+        # where a nested module (the BasisModule of a checkpoint) would take our hyper-parameters.
+        self.register_buffer("basis", None if feature_dim is None or rank is None else torch.zeros(feature_dim, rank))
+        self._shots: tuple[Tensor, Tensor] | None = None
+        self._built = False
+        if self.basis is not None and num_users is not None:  # reloading a checkpoint: the state dict fills these
+            self._build(num_users)
+
+    def load_basis_(self) -> None:
+        """Read the frozen basis from ``basis_path`` (once); record its d, K and tau."""
+        if self.basis is not None:
+            return
+        loaded = load_basis(self.hparams.basis_path)
+        self.basis = loaded.basis.clone().float()
+        tau = self.hparams.tau if self.hparams.tau is not None else loaded.tau
+        self._record_hparams(feature_dim=loaded.dim, rank=loaded.rank, tau=tau)
+
+    @classmethod
+    def from_basis(cls, basis: Tensor, tau: float = 100.0, **kwargs) -> "FewShotModule":
+        """A module around an in-memory basis ``[d, K]`` (no file)."""
+        module = cls(tau=tau, feature_dim=basis.shape[0], rank=basis.shape[1], **kwargs)
+        module.basis.copy_(basis)
+        return module
+
+    def _build(self, num_users: int) -> None:
+        if self.hparams.rank >= 2:
+            init = LF.initial_user_logits(num_users, self.hparams.rank, self.hparams.weight_init)
+            self.user_logits = nn.Parameter(init)
+        self._build_metrics(num_users)
+        self._built = True
+
+    def setup(self, stage: str) -> None:
+        self.load_basis_()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            if self._built:
+                return
+            raise ValueError("FewShotModule needs a PreferenceDataModule with unseen users")
+        num_users, dim = datamodule.num_unseen_users, datamodule.dim
+        if num_users == 0:
+            raise ValueError(f"{type(datamodule).__name__} has no unseen users to adapt")
+        if dim != self.hparams.feature_dim:
+            raise ValueError(f"the basis has d={self.hparams.feature_dim} but {type(datamodule).__name__} has d={dim}")
+        if self._built:
+            if num_users != self.hparams.num_users:
+                raise ValueError(
+                    f"this FewShotModule was fitted for {self.hparams.num_users} users, "
+                    f"but {type(datamodule).__name__} has {num_users} unseen users"
+                )
+            return
+        self._record_hparams(num_users=num_users)
+        self._build(num_users)
+
+    # ------------------------------------------------------------------------------------ model
+    def user_weights(self) -> Tensor:
+        """Each new user's simplex weights ``[C, K]`` ([1] for K<=1)."""
+        if self.hparams.rank <= 1:
+            return self.basis.new_ones(self.hparams.num_users, 1)
+        return LF.simplex_weights(self.user_logits)
+
+    def forward(self, features: Tensor, users: Tensor) -> Tensor:
+        return LF.pair_logits(features, users, self.basis, self.user_weights(), self.hparams.tau)
+
+    # --------------------------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        self._shots = None
+
+    def _prepare_shots(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        users = batch["users"]
+        if self.hparams.shots is not None:
+            generator = torch.Generator().manual_seed(self.hparams.shot_seed)
+            kept = LF.sample_shots(users, self.hparams.shots, generator)
+            features, users = batch["features"][kept], users[kept]
+        else:
+            features = batch["features"]
+        return LF.project(features, self.basis), users
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if batch_idx > 0:
+            raise ValueError("FewShotModule fits on the whole few-shot pool as one batch: set data batch_size to null")
+        if self._shots is None:  # V is frozen: subsample and project once, reuse every step
+            self._shots = self._prepare_shots(batch)
+        projected, users = self._shots
+        logits = LF.projected_logits(projected, users, self.user_weights(), self.hparams.tau)
+        loss = LF.preference_loss(logits, users, self.hparams.num_users, "user_mean")
+        self.metrics["train_acc"].update(logits.detach(), users)
+        self.log("train/nll", loss.detach(), on_step=True, on_epoch=False, batch_size=users.numel())
+        return loss if self.hparams.rank >= 2 else None
+
+    def configure_optimizers(self):
+        if self.hparams.rank <= 1:
+            return None
+        return torch.optim.Adam([self.user_logits], lr=self.hparams.lr)

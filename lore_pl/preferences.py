@@ -1,0 +1,99 @@
+"""Per-user preference tensors: one split of pairs, and how batches are drawn from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass(eq=False)
+class PreferenceSplit(Dataset):
+    """A split of preference pairs, packed.
+
+    ``features[i] = e(chosen_i) - e(rejected_i)`` (``[N, d]``), ``users[i]`` the row of pair i's
+    user in ``user_ids`` (``[N]``, long). Indexing takes an index tensor (or slice) and returns the
+    batch ``{"features", "users"}`` by plain tensor indexing: no per-sample Python work.
+    """
+
+    features: Tensor
+    users: Tensor
+    user_ids: Sequence[str]
+    name: str = "split"
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2:
+            raise ValueError(f"{self.name}: features must be [N, d], got shape {tuple(self.features.shape)}")
+        if self.users.shape != (self.features.shape[0],):
+            raise ValueError(
+                f"{self.name}: users must be [N] with N = {self.features.shape[0]}, got {tuple(self.users.shape)}"
+            )
+        self.users = self.users.long()
+        self.user_ids = list(self.user_ids)
+        if self.users.numel() and (int(self.users.min()) < 0 or int(self.users.max()) >= len(self.user_ids)):
+            raise ValueError(f"{self.name}: user index out of range for {len(self.user_ids)} user ids")
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: Tensor | slice) -> dict[str, Tensor]:
+        return {"features": self.features[index], "users": self.users[index]}
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def pairs_per_user(self) -> Tensor:
+        return torch.bincount(self.users, minlength=self.num_users)
+
+    def subset(self, index: Tensor, name: str | None = None) -> "PreferenceSplit":
+        """The pairs at ``index``, same user table."""
+        return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name)
+
+    def loader(self, batch_size: int | None = None, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        """A DataLoader of whole batches built by tensor indexing.
+
+        ``batch_size=None`` gives the full split as one batch per epoch (the reference's
+        full-batch optimisation). Otherwise batches of ``batch_size`` pairs, reshuffled each epoch
+        when ``shuffle``.
+        """
+        sampler = IndexBatchSampler(len(self), batch_size, shuffle, seed)
+        # batch_size=None: the loader does no collation; each sampled item is already a batch.
+        return DataLoader(self, sampler=sampler, batch_size=None)
+
+
+class IndexBatchSampler(Sampler):
+    """Yields index tensors (or one full slice), each turned into a batch by ``PreferenceSplit``."""
+
+    def __init__(self, size: int, batch_size: int | None, shuffle: bool, seed: int) -> None:
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be positive or None (full batch), got {batch_size}")
+        self.size = size
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if self.batch_size is None:
+            return 1
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor | slice]:
+        if self.batch_size is None:
+            yield slice(None)
+            return
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        self.epoch += 1
+        yield from order.split(self.batch_size)

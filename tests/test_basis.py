@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from lore_pl import BasisModule
+from lore_pl import functional as LF
+from tests.conftest import tiny_trainer
+
+
+def fit(model, data, epochs=20, **kwargs):
+    tiny_trainer(epochs, **kwargs).fit(model, datamodule=data)
+    return model
+
+
+def test_parameters_are_built_from_the_data(tiny_data):
+    model = fit(BasisModule(rank=3, lr=0.1), tiny_data, epochs=1)
+    assert model.basis.shape == (tiny_data.dim, 3)
+    assert model.user_logits.shape == (tiny_data.num_users, 3)
+    assert model.hparams.num_users == tiny_data.num_users and model.hparams.feature_dim == tiny_data.dim
+
+
+def test_joint_training_lowers_the_loss_and_moves_v_and_w(tiny_data):
+    model = BasisModule(rank=3, lr=0.1, prune_threshold=0.0)
+    model.trainer = None
+    trainer = tiny_trainer(1)
+    trainer.fit(model, datamodule=tiny_data)
+    split = tiny_data.split("seen_train")
+    before_loss = model._nll(model(split.features, split.users), split.users).item()
+    basis, logits = model.basis.detach().clone(), model.user_logits.detach().clone()
+    tiny_trainer(60).fit(model, datamodule=tiny_data)
+    after_loss = model._nll(model(split.features, split.users), split.users).item()
+    assert after_loss < before_loss
+    assert not torch.equal(model.basis, basis) and not torch.equal(model.user_logits, logits)
+    assert int(model.iterations_done) == 61
+
+
+def test_rank_zero_is_the_reference_head_and_trains_nothing(tiny_data):
+    model = fit(BasisModule(rank=0), tiny_data, epochs=3)
+    assert list(model.parameters()) == []
+    torch.testing.assert_close(model.current_basis()[:, 0], tiny_data.reference_head)
+    assert torch.equal(model.user_weights(), torch.ones(tiny_data.num_users, 1))
+    split = tiny_data.split("seen_test")
+    torch.testing.assert_close(model(split.features, split.users), split.features @ tiny_data.reference_head / 100.0)
+
+
+def test_rank_one_is_plain_bradley_terry(tiny_data):
+    model = fit(BasisModule(rank=1, lr=0.1), tiny_data, epochs=3)
+    assert not hasattr(model, "user_logits")
+    assert torch.equal(model.user_weights(), torch.ones(tiny_data.num_users, 1))
+    split = tiny_data.split("seen_test")
+    torch.testing.assert_close(model(split.features, split.users), (split.features @ model.basis)[:, 0] / 100.0)
+
+
+def test_rank_zero_or_a_regularizer_without_a_reference_head_is_an_error(tiny_data):
+    tiny_data.data.reference_head = None
+    with pytest.raises(ValueError, match="K=0.*reference head"):
+        fit(BasisModule(rank=0), tiny_data, epochs=1)
+    with pytest.raises(ValueError, match="regularizer='cosine' needs a reference head"):
+        fit(BasisModule(rank=2, regularizer="cosine", alpha=1.0), tiny_data, epochs=1)
+
+
+def test_rank_above_dim_is_an_error(tiny_data):
+    with pytest.raises(ValueError, match="exceeds the feature dimension"):
+        fit(BasisModule(rank=tiny_data.dim + 1), tiny_data, epochs=1)
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="schedule"):
+        BasisModule(schedule="sgd")
+    with pytest.raises(ValueError, match="rank"):
+        BasisModule(rank=-1)
+
+
+def test_alternating_w_step_leaves_v_and_v_step_leaves_w(tiny_data):
+    model = BasisModule(rank=3, schedule="alternating", lr=0.1)
+    trainer = tiny_trainer(1)
+    trainer.fit(model, datamodule=tiny_data)
+    opt_weights, opt_basis = model.optimizers()
+    split = tiny_data.split("seen_train")
+    basis, logits = model.basis.detach().clone(), model.user_logits.detach().clone()
+    model.basis.grad = None
+    model._optimize(opt_weights, split.features, split.users, 0.0)
+    assert torch.equal(model.basis, basis) and not torch.equal(model.user_logits, logits)
+    assert model.basis.grad is None  # V's gradient was not even computed
+    logits = model.user_logits.detach().clone()
+    model._optimize(opt_basis, split.features, split.users, 1.0)
+    assert torch.equal(model.user_logits, logits) and not torch.equal(model.basis, basis)
+
+
+def test_alternating_with_max_steps_counts_iterations(tiny_data):
+    model = fit(BasisModule(rank=3, schedule="alternating", lr=0.1, regularizer="cosine", alpha=1.0),
+                tiny_data, epochs=-1, max_steps=20)
+    assert int(model.iterations_done) == 10  # two optimizer steps per iteration
+    assert model.total_iterations() == 10
+
+
+def test_regularizer_pulls_the_basis_towards_the_reference(tiny_data):
+    def cosine(model):
+        return torch.nn.functional.cosine_similarity(model.basis, tiny_data.reference_head[:, None], dim=0).mean()
+
+    torch.manual_seed(0)
+    free = fit(BasisModule(rank=2, lr=0.1), tiny_data, epochs=30)
+    torch.manual_seed(0)
+    pulled = fit(BasisModule(rank=2, lr=0.1, regularizer="cosine", alpha=100.0), tiny_data, epochs=30)
+    assert cosine(pulled) > cosine(free) + 0.1
+
+
+def test_pruning_at_the_end_of_fit(tiny_data):
+    model = fit(BasisModule(rank=4, lr=0.1, weight_init="zeros", prune_threshold=0.3), tiny_data, epochs=2)
+    weights = LF.simplex_weights(model.user_logits)  # unmasked
+    expected = weights.max(dim=0).values >= 0.3
+    assert torch.equal(model.active_columns, expected)
+    kept_basis, kept_weights = model.kept_basis()
+    assert kept_basis.shape[1] == int(expected.sum())
+    torch.testing.assert_close(kept_weights.sum(dim=1), torch.ones(tiny_data.num_users))
+    assert model.prune_() == int(expected.sum())  # idempotent
+
+
+def test_a_reloaded_checkpoint_scores_identically(tiny_data, tmp_path):
+    model = BasisModule(rank=3, lr=0.1)
+    trainer = tiny_trainer(15, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=tiny_data)
+    path = tmp_path / "basis.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = BasisModule.load_from_checkpoint(path)
+    split = tiny_data.split("seen_test")
+    assert torch.equal(reloaded(split.features, split.users), model(split.features, split.users))
+    assert torch.equal(reloaded.active_columns, model.active_columns)
+
+
+def test_checkpoint_for_other_data_is_a_clear_error(tiny_data, tmp_path):
+    from datamodules import SyntheticPopulationDataModule
+    from tests.conftest import TINY
+
+    model = fit(BasisModule(rank=3, lr=0.1), tiny_data, epochs=1)
+    other = SyntheticPopulationDataModule(**{**TINY, "dim": 8})
+    with pytest.raises(ValueError, match="built for 12 users x d=16"):
+        tiny_trainer(1).fit(model, datamodule=other)
+
+
+def test_validation_and_test_log_per_user_accuracy(tiny_data):
+    model = BasisModule(rank=3, lr=0.1)
+    trainer = tiny_trainer(5, limit_val_batches=1.0)
+    trainer.fit(model, datamodule=tiny_data)
+    assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
+    assert "train/acc" in trainer.callback_metrics
+    result = trainer.test(model, datamodule=tiny_data, verbose=False)[0]
+    split = tiny_data.split("seen_test")
+    from callbacks.protocol import accuracy
+
+    expected = accuracy(model(split.features, split.users), split)
+    assert result["test/acc"] == pytest.approx(expected[0], abs=1e-6)
+    assert result["test/acc_std"] == pytest.approx(expected[1], abs=1e-6)

@@ -1,0 +1,92 @@
+"""End to end: the README's main command with tiny overrides, in-process and as a console command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lore_pl import BasisModule, load_basis
+from lore_pl.cli import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = [
+    "--data.init_args.dim=16", "--data.init_args.num_directions=3", "--data.init_args.num_train_prompts=80",
+    "--data.init_args.num_test_prompts=40", "--data.init_args.num_seen_users=20",
+    "--data.init_args.num_unseen_users=8", "--data.init_args.train_prompts_per_user=12",
+    "--data.init_args.fewshot_prompts_per_user=10", "--data.init_args.test_prompts_per_user=8",
+]
+QUIET: list[str] = []  # the configs print one line per EpochSummary interval, no progress bar
+
+
+def run_dir(tmp_path: Path, name: str) -> Path:
+    versions = sorted((tmp_path / "logs" / name).glob("version_*"))
+    assert versions, f"no run directory under {tmp_path / 'logs' / name}"
+    return versions[-1]
+
+
+@pytest.mark.slow
+def test_synthetic_protocol_end_to_end(tmp_path, capsys):
+    args = ["fit", "--config", str(ROOT / "configs/synthetic.yaml"), *TINY_DATA, *QUIET,
+            "--trainer.max_epochs=30", "--trainer.check_val_every_n_epoch=10",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.rank=3"]
+    build_cli(args)
+    out = run_dir(tmp_path, "synthetic")
+    results = json.loads((out / "protocol.json").read_text())
+    for key in ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc"):
+        assert 0.0 <= results[key] <= 1.0 and results[key + "_std"] >= 0.0
+        assert results["oracle/" + key] == 1.0
+    assert results["rank"] == 3
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "config.yaml").read_text().count("seed_everything: 0") == 1
+    table = capsys.readouterr().out
+    assert "unseen users, unseen prompts" in table and f"{results['unseen/test_acc']:.4f}" in table
+
+    # the checkpoint reloads to the same scores, and the export holds the same basis
+    model = BasisModule.load_from_checkpoint(out / "checkpoints" / "last.ckpt")
+    exported = load_basis(out / "basis.safetensors")
+    assert torch.equal(model.kept_basis()[0], exported.basis)
+    assert len(exported.user_ids) == 20
+
+    # TensorBoard holds the protocol numbers and the hparams metric
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/nll", "val/acc", "unseen/test_acc", "oracle/unseen/test_acc"} <= tags
+
+    # phase 2 alone from the exported basis, and from the checkpoint
+    for basis_path in (out / "basis.safetensors", out / "checkpoints" / "last.ckpt"):
+        build_cli(["fit", "--config", str(ROOT / "configs/fewshot.yaml"), *TINY_DATA, *QUIET,
+                   f"--model.init_args.basis_path={basis_path}", "--trainer.max_epochs=20",
+                   "--trainer.check_val_every_n_epoch=20",
+                   f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+    fewshot = run_dir(tmp_path, "fewshot")
+    assert (fewshot / "checkpoints" / "last.ckpt").is_file()
+
+    # validate / test / predict on the trained basis
+    ckpt = str(out / "checkpoints" / "last.ckpt")
+    for subcommand in ("validate", "test", "predict"):
+        build_cli([subcommand, "--config", str(ROOT / "configs/synthetic.yaml"), *TINY_DATA, *QUIET,
+                   f"--ckpt_path={ckpt}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                   "--model.init_args.rank=3"])
+
+
+@pytest.mark.slow
+def test_console_commands_are_installed_and_run(tmp_path):
+    bindir = Path(sys.executable).parent
+    for command in ([str(bindir / "lightning")], [str(bindir / "lore-pl")], [sys.executable, "-m", "lore_pl"]):
+        help_text = subprocess.run([*command, "fit", "--help"], capture_output=True, text=True, check=True).stdout
+        assert "--config" in help_text and "--model" in help_text
+    done = subprocess.run(
+        [str(bindir / "lightning"), "fit", "--config", str(ROOT / "configs/synthetic.yaml"), *TINY_DATA, *QUIET,
+         "--trainer.max_epochs=5", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "unseen users, unseen prompts" in done.stdout
+    assert (run_dir(tmp_path, "synthetic") / "protocol.json").is_file()

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from callbacks.protocol import accuracy
+from datamodules import SyntheticPopulationDataModule
+from lore_pl.preferences import PreferenceSplit
+from tests.conftest import TINY
+
+
+def test_the_four_roles_and_their_sizes(tiny_data):
+    assert tiny_data.num_users == TINY["num_seen_users"]
+    assert tiny_data.num_unseen_users == TINY["num_unseen_users"]
+    assert tiny_data.dim == TINY["dim"]
+    expected = {
+        "seen_train": TINY["train_prompts_per_user"],
+        "seen_test": TINY["test_prompts_per_user"],
+        "unseen_pool": TINY["fewshot_prompts_per_user"],
+        "unseen_test": TINY["test_prompts_per_user"],
+    }
+    for role, per_user in expected.items():
+        split = tiny_data.split(role)
+        assert split.features.shape == (split.num_users * per_user, TINY["dim"])
+        assert torch.all(split.pairs_per_user() == per_user)
+    assert set(tiny_data.seen_user_ids).isdisjoint(tiny_data.unseen_user_ids)
+    assert tiny_data.reference_head.shape == (TINY["dim"],)
+
+
+def test_fractions_of_prompts():
+    data = SyntheticPopulationDataModule(**{**TINY, "train_prompts_per_user": 0.25})
+    assert torch.all(data.split("seen_train").pairs_per_user() == 15)
+    with pytest.raises(ValueError, match="train_prompts_per_user"):
+        SyntheticPopulationDataModule(**{**TINY, "train_prompts_per_user": 61}).setup()
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a = SyntheticPopulationDataModule(**TINY).split("seen_train").features
+    b = SyntheticPopulationDataModule(**TINY).split("seen_train").features
+    c = SyntheticPopulationDataModule(**{**TINY, "seed": 1}).split("seen_train").features
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_oracle_is_exact_for_best_vs_worst_and_noisy_for_bradley_terry(tiny_data):
+    for role in ("seen_test", "unseen_test"):
+        split = tiny_data.split(role)
+        assert accuracy(tiny_data.oracle_logits(role, split), split)[0] == 1.0
+    noisy = SyntheticPopulationDataModule(**{**TINY, "labels": "bradley_terry", "noise_temperature": 0.5})
+    split = noisy.split("seen_test")
+    oracle = accuracy(noisy.oracle_logits("seen_test", split), split)[0]
+    assert 0.55 < oracle < 1.0
+
+
+def test_the_true_rank_explains_the_data(tiny_data):
+    # every pair's difference, seen through the planted directions, favours the chosen response
+    split = tiny_data.split("seen_train")
+    weights = tiny_data.true_weights["seen"][split.users]
+    assert torch.all((split.features @ tiny_data.true_directions * weights).sum(-1) > 0)
+
+
+def test_full_batch_loader_yields_the_whole_split_once(tiny_data):
+    split = tiny_data.split("seen_train")
+    batches = list(split.loader(None))
+    assert len(batches) == 1
+    assert batches[0]["features"].data_ptr() == split.features.data_ptr()  # a view, no copy
+    assert torch.equal(batches[0]["users"], split.users)
+
+
+def test_mini_batches_cover_every_pair_once(tiny_data):
+    split = tiny_data.split("seen_train")
+    loader = split.loader(batch_size=7, shuffle=True, seed=3)
+    rows = torch.cat([batch["features"] for batch in loader])
+    assert len(loader) == -(-len(split) // 7)
+    assert rows.shape == split.features.shape
+    order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731 - compare as sets of rows
+    torch.testing.assert_close(order(rows), order(split.features))
+
+
+def test_split_validation():
+    with pytest.raises(ValueError, match="users must be"):
+        PreferenceSplit(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), ["a"], name="bad")
+    with pytest.raises(ValueError, match="out of range"):
+        PreferenceSplit(torch.zeros(2, 2), torch.tensor([0, 1]), ["a"], name="bad")
+
+
+def test_missing_role_is_a_clear_error(tiny_data):
+    with pytest.raises(ValueError, match="unknown split role"):
+        tiny_data.split("validation")
+    no_unseen = SyntheticPopulationDataModule(**{**TINY, "num_unseen_users": 0})
+    assert not no_unseen.has_split("unseen_pool")
+    with pytest.raises(ValueError, match="no 'unseen_pool' split"):
+        no_unseen.split("unseen_pool")
