@@ -25,9 +25,30 @@ def simplex_weights(logits: Tensor, active_columns: Tensor | None = None) -> Ten
     return torch.softmax(logits, dim=-1)
 
 
+class _Project(torch.autograd.Function):
+    """``X V`` whose backward computes ``dV = (G^T X)^T``.
+
+    Autograd's own backward of ``X @ V`` runs ``X^T @ G``, a tall-skinny product that MKL does
+    several times slower than ``G^T @ X`` for small K (measured 3-15x on 2 CPU cores). The
+    features are data, never trained, so no gradient flows to them.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, basis: Tensor) -> Tensor:
+        ctx.save_for_backward(features)
+        return features @ basis
+
+    @staticmethod
+    def backward(ctx, grad_projected: Tensor):
+        (features,) = ctx.saved_tensors
+        return None, (grad_projected.t() @ features).t()
+
+
 def project(features: Tensor, basis: Tensor) -> Tensor:
     """``X V``: the features in basis coordinates, ``[N, K]``. With V frozen, compute it once."""
-    return features @ basis
+    if features.requires_grad:
+        return features @ basis
+    return _Project.apply(features, basis)
 
 
 def projected_logits(projected: Tensor, users: Tensor, weights: Tensor, tau: float) -> Tensor:
