@@ -46,7 +46,8 @@ def evaluate_protocol(
     shot_seed: int = 0,
     steps: int = 500,
     lr: float = 0.1,
-    weight_init: Literal["randn", "zeros"] = "randn",
+    weight_init: Literal["randn", "zeros", "population"] = "randn",
+    prior_strength: float = 0.0,
 ) -> dict[str, float | int]:
     """The four protocol accuracies (each with its std over users), and the oracle's where known.
 
@@ -67,8 +68,10 @@ def evaluate_protocol(
         generator = torch.Generator().manual_seed(shot_seed)
         shot_split = pool if shots is None else pool.subset(LF.sample_shots(pool.users, shots, generator), "unseen_shots")
         projected = LF.project(shot_split.features.to(device), basis)
-        init = LF.initial_user_logits(pool.num_users, basis.shape[1], weight_init, generator)
-        user_logits = fit_user_weights(projected, shot_split.users.to(device), init, steps=steps, lr=lr, tau=tau)
+        prior = LF.population_logits(seen_weights)
+        init = LF.initial_user_logits(pool.num_users, basis.shape[1], weight_init, generator, prior)
+        user_logits = fit_user_weights(projected, shot_split.users.to(device), init, steps=steps, lr=lr, tau=tau,
+                                       prior_logits=prior, prior_strength=prior_strength)
         unseen_weights = LF.simplex_weights(user_logits)
         evaluated["unseen_pool"] = (shot_split, LF.projected_logits(projected, shot_split.users.to(device), unseen_weights, tau))
         if datamodule.has_split("unseen_test"):
@@ -128,7 +131,9 @@ class ProtocolEvaluation(Callback):
         shot_seed: seed of the shots subsample and the initial logits.
         steps: Adam steps of the few-shot fit (500 in the reference).
         lr: Adam learning rate of the few-shot fit (0.1 in the reference).
-        weight_init: initial logits of the few-shot fit: ``randn`` (the reference) or ``zeros``.
+        weight_init: initial logits of the few-shot fit: ``randn`` (the reference), ``zeros`` or
+            ``population`` (the seen users' mean weights).
+        prior_strength: MAP pull towards the seen users' mean weights (0: the reference's plain fit).
         filename: name of the JSON file written into the run directory.
         export_basis: also write the pruned basis as ``basis.safetensors`` in the run directory.
     """
@@ -139,14 +144,16 @@ class ProtocolEvaluation(Callback):
         shot_seed: int = 0,
         steps: int = 500,
         lr: float = 0.1,
-        weight_init: Literal["randn", "zeros"] = "randn",
+        weight_init: Literal["randn", "zeros", "population"] = "randn",
+        prior_strength: float = 0.0,
         filename: str = "protocol.json",
         export_basis: bool = True,
     ) -> None:
         if shots is not None and shots <= 0:
             raise ValueError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
         self.shots, self.shot_seed, self.steps, self.lr = shots, shot_seed, steps, lr
-        self.weight_init, self.filename, self.export_basis = weight_init, filename, export_basis
+        self.weight_init, self.prior_strength = weight_init, prior_strength
+        self.filename, self.export_basis = filename, export_basis
         self.results: dict[str, float | int] | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -159,7 +166,8 @@ class ProtocolEvaluation(Callback):
         if datamodule.has_split("unseen_pool") and datamodule.num_unseen_users == 0:
             raise ValueError("few-shot evaluation was asked for, but the data module has no unseen users")
         self.results = evaluate_protocol(
-            pl_module, datamodule, self.shots, self.shot_seed, self.steps, self.lr, self.weight_init
+            pl_module, datamodule, self.shots, self.shot_seed, self.steps, self.lr, self.weight_init,
+            self.prior_strength,
         )
         if not trainer.is_global_zero:
             return

@@ -14,23 +14,33 @@ from lore_pl.module import PreferenceModule
 
 
 def fit_user_weights(
-    projected: Tensor, users: Tensor, init_logits: Tensor, *, steps: int = 500, lr: float = 0.1, tau: float = 100.0
+    projected: Tensor,
+    users: Tensor,
+    init_logits: Tensor,
+    *,
+    steps: int = 500,
+    lr: float = 0.1,
+    tau: float = 100.0,
+    prior_logits: Tensor | None = None,
+    prior_strength: float = 0.0,
 ) -> Tensor:
     """Fit every user's logits at once by full-batch Adam on the projected pairs ``X V`` ``[N, K]``.
 
-    The loss is the sum over users of each user's mean NLL (the reference's few-shot loss), so each
-    user's fit is exactly what it would be alone. Returns the fitted logits ``[C, K]``.
+    The objective is ``functional.fewshot_loss``: each user's fit is exactly what it would be alone,
+    and ``prior_strength`` > 0 makes it a MAP fit around ``prior_logits``. Returns the logits ``[C, K]``.
     """
     logits = init_logits.detach().clone().to(projected.device).requires_grad_(True)
     if logits.shape[1] <= 1:
         return logits.detach()  # a single column always has weight 1: nothing to fit
+    if prior_strength < 0:
+        raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
+    if prior_logits is not None:
+        prior_logits = prior_logits.to(logits)
     optimizer = torch.optim.Adam([logits], lr=lr)
-    num_users = logits.shape[0]
     with torch.enable_grad():  # callers often evaluate under no_grad
         for _ in range(steps):
             optimizer.zero_grad()
-            pair = LF.projected_logits(projected, users, LF.simplex_weights(logits), tau)
-            LF.preference_loss(pair, users, num_users, "user_mean").backward()
+            LF.fewshot_loss(projected, users, logits, tau, prior_logits, prior_strength).backward()
             optimizer.step()
     return logits.detach()
 
@@ -48,7 +58,10 @@ class FewShotModule(PreferenceModule):
         shots: pairs per user to fit on (``null``: all of the user's pool).
         shot_seed: seed of the shots subsample.
         lr: Adam learning rate (0.1 in the reference).
-        weight_init: initial logits: ``randn`` (the reference) or ``zeros`` (uniform weights).
+        weight_init: initial logits: ``randn`` (the reference), ``zeros`` (uniform weights) or
+            ``population`` (the seen users' mean weights; needs a basis with the seen weights).
+        prior_strength: MAP pull of each user's logits towards the seen mean (0: none; see
+            ``functional.fewshot_loss``).
         tau: logit temperature; ``null`` takes the basis file's.
         num_users: set from the data module; leave unset.
         feature_dim: set from the basis; leave unset.
@@ -63,17 +76,21 @@ class FewShotModule(PreferenceModule):
         shots: int | None = 10,
         shot_seed: int = 0,
         lr: float = 0.1,
-        weight_init: Literal["randn", "zeros"] = "randn",
+        weight_init: Literal["randn", "zeros", "population"] = "randn",
+        prior_strength: float = 0.0,
         tau: float | None = None,
         num_users: int | None = None,
         feature_dim: int | None = None,
         rank: int | None = None,
+        has_population: bool | None = None,
     ) -> None:
         super().__init__()
         if shots is not None and shots <= 0:
             raise ValueError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
-        if weight_init not in ("randn", "zeros"):
-            raise ValueError(f"weight_init must be 'randn' or 'zeros', got {weight_init!r}")
+        if weight_init not in ("randn", "zeros", "population"):
+            raise ValueError(f"weight_init must be 'randn', 'zeros' or 'population', got {weight_init!r}")
+        if prior_strength < 0:
+            raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
         if feature_dim is None or rank is None:
             if basis_path is None:
                 raise ValueError("FewShotModule needs basis_path (a BasisModule checkpoint or an exported basis file)")
@@ -82,7 +99,10 @@ class FewShotModule(PreferenceModule):
         self.save_hyperparameters()
         # The basis is read in setup, not here: LightningCLI instantiates this module in a context
         # where a nested module (the BasisModule of a checkpoint) would take our hyper-parameters.
-        self.register_buffer("basis", None if feature_dim is None or rank is None else torch.zeros(feature_dim, rank))
+        known = feature_dim is not None and rank is not None
+        self.register_buffer("basis", torch.zeros(feature_dim, rank) if known else None)
+        # logits of the seen users' mean weights: the population start and the prior's centre
+        self.register_buffer("prior_logits", torch.zeros(rank) if known and has_population else None)
         self._shots: tuple[Tensor, Tensor] | None = None
         self._built = False
         if self.basis is not None and num_users is not None:  # reloading a checkpoint: the state dict fills these
@@ -94,19 +114,28 @@ class FewShotModule(PreferenceModule):
             return
         loaded = load_basis(self.hparams.basis_path)
         self.basis = loaded.basis.clone().float()
+        if loaded.user_weights is not None:
+            self.prior_logits = LF.population_logits(loaded.user_weights.float())
         tau = self.hparams.tau if self.hparams.tau is not None else loaded.tau
-        self._record_hparams(feature_dim=loaded.dim, rank=loaded.rank, tau=tau)
+        self._record_hparams(feature_dim=loaded.dim, rank=loaded.rank, tau=tau,
+                             has_population=loaded.user_weights is not None)
 
     @classmethod
-    def from_basis(cls, basis: Tensor, tau: float = 100.0, **kwargs) -> "FewShotModule":
-        """A module around an in-memory basis ``[d, K]`` (no file)."""
-        module = cls(tau=tau, feature_dim=basis.shape[0], rank=basis.shape[1], **kwargs)
+    def from_basis(
+        cls, basis: Tensor, tau: float = 100.0, seen_weights: Tensor | None = None, **kwargs
+    ) -> "FewShotModule":
+        """A module around an in-memory basis ``[d, K]`` (no file), optionally with the seen users' weights."""
+        module = cls(tau=tau, feature_dim=basis.shape[0], rank=basis.shape[1],
+                     has_population=seen_weights is not None, **kwargs)
         module.basis.copy_(basis)
+        if seen_weights is not None:
+            module.prior_logits.copy_(LF.population_logits(seen_weights))
         return module
 
     def _build(self, num_users: int) -> None:
         if self.hparams.rank >= 2:
-            init = LF.initial_user_logits(num_users, self.hparams.rank, self.hparams.weight_init)
+            init = LF.initial_user_logits(num_users, self.hparams.rank, self.hparams.weight_init,
+                                          prior_logits=self.prior_logits)
             self.user_logits = nn.Parameter(init)
         self._build_metrics(num_users)
         self._built = True
@@ -163,11 +192,15 @@ class FewShotModule(PreferenceModule):
         if self._shots is None:  # V is frozen: subsample and project once, reuse every step
             self._shots = self._prepare_shots(batch)
         projected, users = self._shots
-        logits = LF.projected_logits(projected, users, self.user_weights(), self.hparams.tau)
-        loss = LF.preference_loss(logits, users, self.hparams.num_users, "user_mean")
-        self.metrics["train_acc"].update(logits.detach(), users)
-        self.log("train/nll", loss.detach(), on_step=True, on_epoch=False, batch_size=users.numel())
-        return loss if self.hparams.rank >= 2 else None
+        self.metrics["train_acc"].update(
+            LF.projected_logits(projected, users, self.user_weights(), self.hparams.tau).detach(), users
+        )
+        if self.hparams.rank <= 1:
+            return None
+        loss = LF.fewshot_loss(projected, users, self.user_logits, self.hparams.tau, self.prior_logits,
+                               self.hparams.prior_strength)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=users.numel())
+        return loss
 
     def configure_optimizers(self):
         if self.hparams.rank <= 1:

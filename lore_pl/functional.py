@@ -79,6 +79,32 @@ def preference_loss(
     raise ValueError(f"loss weighting must be 'pair_mean' or 'user_mean', got {weighting!r}")
 
 
+def fewshot_loss(
+    projected: Tensor,
+    users: Tensor,
+    logits: Tensor,
+    tau: float,
+    prior_logits: Tensor | None = None,
+    prior_strength: float = 0.0,
+) -> Tensor:
+    """Phase 2's objective for new users' logits ``[C, K]`` on projected pairs ``X V``.
+
+    The sum over users of each user's mean NLL (the reference's few-shot loss: a user's fit does
+    not depend on the other users), plus, for ``prior_strength`` > 0, a Gaussian prior on each
+    user's logits around ``prior_logits``: ``prior_strength / (2 m_u) * ||logits_u - prior||^2``
+    with m_u the user's pairs, i.e. the MAP objective divided by m_u. Its pull fades with more pairs.
+    """
+    num_users = logits.shape[0]
+    pair = projected_logits(projected, users, simplex_weights(logits), tau)
+    loss = preference_loss(pair, users, num_users, "user_mean")
+    if prior_strength > 0:
+        if prior_logits is None:
+            raise ValueError("a prior_strength > 0 needs prior_logits")
+        pairs = torch.bincount(users, minlength=num_users).clamp(min=1).to(logits.dtype)
+        loss = loss + ((prior_strength / (2.0 * pairs))[:, None] * (logits - prior_logits).pow(2)).sum()
+    return loss
+
+
 def basis_regularizer(basis: Tensor, reference_head: Tensor, kind: Regularizer) -> Tensor:
     """Pull of the basis columns towards the reference head ``V_ref`` (``[d]``).
 
@@ -134,14 +160,28 @@ def sample_shots(users: Tensor, shots: int, generator: torch.Generator | None = 
     return torch.sort(by_user[rank_in_user < shots]).values
 
 
+def population_logits(seen_weights: Tensor, floor: float = 1e-6) -> Tensor:
+    """Logits ``[K]`` of the seen users' mean weights: a new user's prior and starting point."""
+    return seen_weights.mean(dim=0).clamp(min=floor).log()
+
+
 def initial_user_logits(
-    num_users: int, rank: int, init: Literal["randn", "rand", "zeros"], generator: torch.Generator | None = None
+    num_users: int,
+    rank: int,
+    init: Literal["randn", "rand", "zeros", "population"],
+    generator: torch.Generator | None = None,
+    prior_logits: Tensor | None = None,
 ) -> Tensor:
-    """Free per-user logits ``[C, K]`` as the reference initialises them (``zeros``: uniform weights)."""
+    """Free per-user logits ``[C, K]``: ``randn`` / ``rand`` as the reference initialises them,
+    ``zeros`` (uniform weights), or ``population`` (every user at ``prior_logits``, the seen mean)."""
     if init == "randn":
         return torch.randn(num_users, rank, generator=generator)
     if init == "rand":
         return torch.rand(num_users, rank, generator=generator)
     if init == "zeros":
         return torch.zeros(num_users, rank)
-    raise ValueError(f"weight init must be 'randn', 'rand' or 'zeros', got {init!r}")
+    if init == "population":
+        if prior_logits is None:
+            raise ValueError("init 'population' needs the seen users' weights (a basis that has them)")
+        return prior_logits.detach().cpu().float().expand(num_users, rank).clone()
+    raise ValueError(f"weight init must be 'randn', 'rand', 'zeros' or 'population', got {init!r}")

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from lore_pl import functional as LF
+from lore_pl.fewshot import fit_user_weights
+from lore_pl.sweeps import choose_prior_strength, per_fit_accuracy, shots_sweep, stack_shots
+
+
+@pytest.fixture
+def basis(tiny_data):
+    return tiny_data.true_directions.clone()
+
+
+def test_stacking_gives_every_fit_its_own_subsample(tiny_data):
+    pool = tiny_data.split("unseen_pool")
+    stacked = stack_shots(LF.project(pool.features, torch.eye(pool.dim)), pool.users, pool.num_users, [1, 3], 2,
+                          torch.Generator().manual_seed(0))
+    counts = torch.bincount(stacked.users, minlength=4 * pool.num_users).reshape(4, pool.num_users)
+    assert torch.all(counts == torch.tensor([1, 1, 3, 3])[:, None])
+    assert stacked.num_fits == 4
+
+
+def test_the_batched_sweep_equals_each_fit_alone(tiny_data, basis):
+    pool = tiny_data.split("unseen_pool")
+    stacked = stack_shots(LF.project(pool.features, basis), pool.users, pool.num_users, [2, 5], 3,
+                          torch.Generator().manual_seed(1))
+    init = torch.randn(stacked.num_fits * pool.num_users, basis.shape[1])
+    prior = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    together = fit_user_weights(stacked.projected, stacked.users, init, steps=60, lr=0.1, tau=1.0,
+                                prior_logits=prior, prior_strength=0.5)
+    for virtual in (0, 7, stacked.num_fits * pool.num_users - 1):  # first, middle, last (trial, shots, user)
+        rows = stacked.users == virtual
+        alone = fit_user_weights(stacked.projected[rows], torch.zeros(int(rows.sum()), dtype=torch.long),
+                                 init[virtual:virtual + 1], steps=60, lr=0.1, tau=1.0,
+                                 prior_logits=prior, prior_strength=0.5)
+        torch.testing.assert_close(together[virtual], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prior_at_strength_zero_is_the_plain_fit(tiny_data, basis):
+    pool = tiny_data.split("unseen_pool")
+    projected = LF.project(pool.features, basis)
+    init = torch.randn(pool.num_users, 3)
+    plain = fit_user_weights(projected, pool.users, init, steps=30, tau=1.0)
+    zero = fit_user_weights(projected, pool.users, init, steps=30, tau=1.0, prior_logits=torch.zeros(3),
+                            prior_strength=0.0)
+    strong = fit_user_weights(projected, pool.users, init, steps=30, tau=1.0, prior_logits=torch.zeros(3),
+                              prior_strength=1e4)
+    assert torch.equal(plain, zero)
+    assert (strong - strong.mean(1, keepdim=True)).abs().max() < (plain - plain.mean(1, keepdim=True)).abs().max()
+
+
+def test_per_fit_accuracy_by_hand():
+    projected_test = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
+    users = torch.tensor([0, 0, 1])
+    weights = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],   # fit 0: user0 1/2 right, user1 wrong -> 0.25
+                            [[0.5, 0.5], [1.0, 0.0]]])  # fit 1: user0 2/2, user1 right (0 logit: no) -> 1.0
+    assert per_fit_accuracy(projected_test, users, weights, tau=1.0).tolist() == [0.25, 1.0]
+
+
+def test_more_shots_help_and_the_prior_choice_is_from_the_grid(tiny_data, basis):
+    pool, test = tiny_data.split("unseen_pool"), tiny_data.split("unseen_test")
+    accuracy = shots_sweep(basis, 1.0, pool, test, [1, 8], trials=4, steps=100, seed=0)
+    assert accuracy.shape == (2, 4)
+    assert accuracy[1].mean() > accuracy[0].mean()
+    strength = choose_prior_strength(basis, 1.0, tiny_data.split("seen_train"), tiny_data.split("seen_test"),
+                                     tiny_data.true_weights["seen"], shots=2, grid=(0.0, 1.0), steps=50)
+    assert strength in (0.0, 1.0)
+
+
+@pytest.mark.slow
+def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
+    from lore_pl import BasisFile, save_basis
+    from lore_pl.experiments import main
+    from tests.test_cli import ROOT, TINY_DATA
+
+    save_basis(tmp_path / "basis.safetensors",
+               BasisFile(tiny_data.true_directions, 1.0, tiny_data.reference_head, tiny_data.seen_user_ids,
+                         tiny_data.true_weights["seen"]))
+    main(["shots", "--config", str(ROOT / "configs/sweep_shots.yaml"), f"--basis_path={tmp_path / 'basis.safetensors'}",
+          "--shots=[1, 4]", "--trials=2", "--steps=30", "--methods=[reference, population, map]",
+          "--prior_grid=[0.0, 1.0]", "--loop_sample=2", f"--out_dir={tmp_path / 'shots'}", *TINY_DATA])
+    results = json.loads((tmp_path / "shots" / "results.json").read_text())
+    assert set(results["methods"]) == {"reference", "population", "map"}
+    assert len(results["methods"]["map"]["mean"]) == 2 and results["methods"]["reference"]["speedup"] > 0
+    assert (tmp_path / "shots" / "results.png").stat().st_size > 0
+    assert (tmp_path / "shots" / "results.csv").read_text().startswith("shots,reference_mean")
+    assert list((tmp_path / "shots").glob("events.out.tfevents.*"))
+
+    main(["rank", "--config", str(ROOT / "configs/sweep_rank.yaml"), "--ranks=[0, 2]",
+          f"--overrides=[{', '.join(TINY_DATA)}, --trainer.max_epochs=5]", f"--out_dir={tmp_path / 'rank'}"])
+    results = json.loads((tmp_path / "rank" / "results.json").read_text())
+    assert results["labels"] == ["ref", "2"]
+    assert 0.0 <= results["results"]["2"]["unseen/test_acc"] <= 1.0
+    assert (tmp_path / "rank" / "results.csv").read_text().splitlines()[1].startswith("ref,")
