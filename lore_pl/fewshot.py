@@ -29,20 +29,22 @@ def fit_user_weights(
     The objective is ``functional.fewshot_loss``: each user's fit is exactly what it would be alone,
     and ``prior_strength`` > 0 makes it a MAP fit around ``prior_logits``. Returns the logits ``[C, K]``.
     """
-    logits = init_logits.detach().clone().to(projected.device).requires_grad_(True)
+    logits = init_logits.detach().clone().to(projected.device)
     if logits.shape[1] <= 1:
-        return logits.detach()  # a single column always has weight 1: nothing to fit
+        return logits  # a single column always has weight 1: nothing to fit
     if prior_strength < 0:
         raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
     if prior_logits is not None:
         prior_logits = prior_logits.to(logits)
+    projected = projected.detach()
+    pairs_per_user = torch.bincount(users, minlength=logits.shape[0])
+    # torch's Adam on a hand-computed gradient: the reference's optimizer without autograd's overhead
     optimizer = torch.optim.Adam([logits], lr=lr)
-    with torch.enable_grad():  # callers often evaluate under no_grad
-        for _ in range(steps):
-            optimizer.zero_grad()
-            LF.fewshot_loss(projected, users, logits, tau, prior_logits, prior_strength).backward()
-            optimizer.step()
-    return logits.detach()
+    for _ in range(steps):
+        _, logits.grad = LF.fewshot_loss_and_grad(projected, users, logits, tau, prior_logits, prior_strength,
+                                                  pairs_per_user)
+        optimizer.step()
+    return logits
 
 
 class FewShotModule(PreferenceModule):

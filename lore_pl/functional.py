@@ -105,6 +105,43 @@ def fewshot_loss(
     return loss
 
 
+def fewshot_loss_and_grad(
+    projected: Tensor,
+    users: Tensor,
+    logits: Tensor,
+    tau: float,
+    prior_logits: Tensor | None = None,
+    prior_strength: float = 0.0,
+    pairs_per_user: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``fewshot_loss`` and its gradient in the logits, derived by hand (no autograd graph).
+
+    Phase 2 runs hundreds of steps on tiny tensors, where building the graph costs more than the
+    arithmetic. ``pairs_per_user`` (the bincount of ``users``) may be passed to skip recomputing it.
+    """
+    num_users = logits.shape[0]
+    if pairs_per_user is None:
+        pairs_per_user = torch.bincount(users, minlength=num_users)
+    pairs = pairs_per_user.clamp(min=1).to(logits.dtype)
+    weights = torch.softmax(logits, dim=-1)
+    margin = (projected * weights[users]).sum(dim=-1) / tau
+    row_scale = 1.0 / pairs[users]
+    loss = (F.softplus(-margin) * row_scale).sum()
+    # d loss / d margin_i = -sigmoid(-margin_i) / m_u; margin is linear in w with slope projected / tau
+    grad_margin = -torch.sigmoid(-margin) * row_scale / tau
+    grad_weights = torch.zeros_like(weights).index_add_(0, users, projected * grad_margin[:, None])
+    # back through softmax: dz = w * (dw - <w, dw>)
+    grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
+    if prior_strength > 0:
+        if prior_logits is None:
+            raise ValueError("a prior_strength > 0 needs prior_logits")
+        pull = (prior_strength / pairs)[:, None]
+        offset = logits - prior_logits
+        loss = loss + (0.5 * pull * offset.pow(2)).sum()
+        grad_logits = grad_logits + pull * offset
+    return loss, grad_logits
+
+
 def basis_regularizer(basis: Tensor, reference_head: Tensor, kind: Regularizer) -> Tensor:
     """Pull of the basis columns towards the reference head ``V_ref`` (``[d]``).
 

@@ -113,3 +113,18 @@ def test_initial_logits():
     assert not math.isclose(LF.initial_user_logits(100, 2, "randn").std().item(), 0.0)
     with pytest.raises(ValueError):
         LF.initial_user_logits(3, 2, "ones")
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.7])
+def test_hand_written_fewshot_gradient_equals_autograd(strength):
+    generator = torch.Generator().manual_seed(3)
+    projected = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    users = torch.randint(0, 6, (30,), generator=generator)
+    users[users == 2] = 1  # user 2 has no pairs: only the prior acts on it
+    logits = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    prior = torch.randn(4, generator=generator, dtype=torch.float64)
+    expected = LF.fewshot_loss(projected, users, logits, 3.0, prior, strength)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    loss, grad = LF.fewshot_loss_and_grad(projected, users, logits.detach(), 3.0, prior, strength)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
