@@ -17,7 +17,6 @@ from datamodules.base import PreferenceDataModule
 from lore_pl import functional as LF
 from lore_pl.basis import BasisModule
 from lore_pl.export import BasisFile, save_basis
-from lore_pl.fewshot import fit_user_weights
 from lore_pl.metrics import PerUserAccuracy
 from lore_pl.preferences import PreferenceSplit
 
@@ -70,7 +69,7 @@ def evaluate_protocol(
         projected = LF.project(shot_split.features.to(device), basis)
         prior = LF.population_logits(seen_weights)
         init = LF.initial_user_logits(pool.num_users, basis.shape[1], weight_init, generator, prior)
-        user_logits = fit_user_weights(projected, shot_split.users.to(device), init, steps=steps, lr=lr, tau=tau,
+        user_logits = LF.fit_user_weights(projected, shot_split.users.to(device), init, steps=steps, lr=lr, tau=tau,
                                        prior_logits=prior, prior_strength=prior_strength)
         unseen_weights = LF.simplex_weights(user_logits)
         evaluated["unseen_pool"] = (shot_split, LF.projected_logits(projected, shot_split.users.to(device), unseen_weights, tau))

@@ -1,18 +1,27 @@
-"""lore-pl: personalized reward models by low-rank reward modeling (LoRe), in PyTorch Lightning."""
+"""lore-pl: personalized reward models by low-rank reward modeling (LoRe), in PyTorch Lightning.
 
-from lore_pl.basis import BasisModule
-from lore_pl.export import BasisFile, load_basis, save_basis
-from lore_pl.fewshot import FewShotModule, fit_user_weights
-from lore_pl.metrics import PerUserAccuracy
-from lore_pl.preferences import PreferenceSplit
+Names are imported lazily, so ``lore_pl.scoring`` (and ``lore_pl.export``) work without importing
+Lightning.
+"""
 
-__all__ = [
-    "BasisFile",
-    "BasisModule",
-    "FewShotModule",
-    "PerUserAccuracy",
-    "PreferenceSplit",
-    "fit_user_weights",
-    "load_basis",
-    "save_basis",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "BasisFile": "lore_pl.export",
+    "load_basis": "lore_pl.export",
+    "save_basis": "lore_pl.export",
+    "BasisModule": "lore_pl.basis",
+    "FewShotModule": "lore_pl.fewshot",
+    "fit_user_weights": "lore_pl.functional",
+    "PerUserAccuracy": "lore_pl.metrics",
+    "PreferenceSplit": "lore_pl.preferences",
+    "PersonalRewardModel": "lore_pl.scoring",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lore_pl' has no attribute {name!r}")

@@ -16,7 +16,6 @@ import torch
 from datamodules.base import PreferenceDataModule
 from lore_pl import functional as LF
 from lore_pl.export import load_basis
-from lore_pl.fewshot import fit_user_weights
 from lore_pl.sweeps import DEFAULT_PRIOR_GRID, METHODS, choose_prior_strength, shots_sweep, stack_shots
 
 PROTOCOL_KEYS = ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc")
@@ -46,7 +45,7 @@ def _time_loop(projected, users, num_users, shots, rank, init, prior, strength, 
     for user in chosen.tolist():
         rows = stacked.users == user
         init_logits = LF.initial_user_logits(1, rank, init, generator, prior)
-        fit_user_weights(stacked.projected[rows], torch.zeros(int(rows.sum()), dtype=torch.long), init_logits,
+        LF.fit_user_weights(stacked.projected[rows], torch.zeros(int(rows.sum()), dtype=torch.long), init_logits,
                          steps=steps, lr=lr, tau=tau, prior_logits=prior, prior_strength=strength)
     return (time.perf_counter() - start) / len(chosen)
 

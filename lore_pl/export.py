@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -23,6 +22,7 @@ class BasisFile:
     reference_head: Tensor | None = None
     user_ids: list[str] = field(default_factory=list)
     user_weights: Tensor | None = None
+    embedder: str = ""  # identity of the embedder whose features the basis was trained on
 
     @property
     def dim(self) -> int:
@@ -41,7 +41,12 @@ def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:
         tensors["reference_head"] = exported.reference_head.detach().float().cpu().contiguous()
     if exported.user_weights is not None:
         tensors["user_weights"] = exported.user_weights.detach().float().cpu().contiguous()
-    metadata = {"format": "lore-pl-basis/1", "tau": repr(float(exported.tau)), "user_ids": json.dumps(list(exported.user_ids))}
+    metadata = {
+        "format": "lore-pl-basis/1",
+        "tau": repr(float(exported.tau)),
+        "user_ids": json.dumps(list(exported.user_ids)),
+        "embedder": exported.embedder,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -83,4 +88,5 @@ def load_basis(path: str | os.PathLike) -> BasisFile:
         reference_head=tensors.get("reference_head"),
         user_ids=list(user_ids),
         user_weights=tensors.get("user_weights"),
+        embedder=metadata.get("embedder", ""),
     )

@@ -13,40 +13,6 @@ from lore_pl.export import load_basis
 from lore_pl.module import PreferenceModule
 
 
-def fit_user_weights(
-    projected: Tensor,
-    users: Tensor,
-    init_logits: Tensor,
-    *,
-    steps: int = 500,
-    lr: float = 0.1,
-    tau: float = 100.0,
-    prior_logits: Tensor | None = None,
-    prior_strength: float = 0.0,
-) -> Tensor:
-    """Fit every user's logits at once by full-batch Adam on the projected pairs ``X V`` ``[N, K]``.
-
-    The objective is ``functional.fewshot_loss``: each user's fit is exactly what it would be alone,
-    and ``prior_strength`` > 0 makes it a MAP fit around ``prior_logits``. Returns the logits ``[C, K]``.
-    """
-    logits = init_logits.detach().clone().to(projected.device)
-    if logits.shape[1] <= 1:
-        return logits  # a single column always has weight 1: nothing to fit
-    if prior_strength < 0:
-        raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
-    if prior_logits is not None:
-        prior_logits = prior_logits.to(logits)
-    projected = projected.detach()
-    pairs_per_user = torch.bincount(users, minlength=logits.shape[0])
-    # torch's Adam on a hand-computed gradient: the reference's optimizer without autograd's overhead
-    optimizer = torch.optim.Adam([logits], lr=lr)
-    for _ in range(steps):
-        _, logits.grad = LF.fewshot_loss_and_grad(projected, users, logits, tau, prior_logits, prior_strength,
-                                                  pairs_per_user)
-        optimizer.step()
-    return logits
-
-
 class FewShotModule(PreferenceModule):
     """Adapt new users to a frozen basis: K free logits per user, ``w = softmax(logits)``.
 

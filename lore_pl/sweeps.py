@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from lore_pl import functional as LF
-from lore_pl.fewshot import fit_user_weights
 from lore_pl.preferences import PreferenceSplit
 
 #: Few-shot methods compared by the shots sweep: (weight init, prior strength). ``auto`` picks the
@@ -69,7 +68,7 @@ def fit_stacked(stacked: StackedFits, rank: int, init: str, prior_logits: Tensor
     if rank <= 1:
         return torch.ones(stacked.num_fits, stacked.num_users, 1)
     init_logits = LF.initial_user_logits(total, rank, init, generator, prior_logits)
-    logits = fit_user_weights(stacked.projected, stacked.users, init_logits, steps=steps, lr=lr, tau=tau,
+    logits = LF.fit_user_weights(stacked.projected, stacked.users, init_logits, steps=steps, lr=lr, tau=tau,
                               prior_logits=prior_logits, prior_strength=prior_strength)
     return LF.simplex_weights(logits).reshape(stacked.num_fits, stacked.num_users, rank)
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lore_pl import BasisFile, BasisModule, FewShotModule, fit_user_weights, load_basis, save_basis
+from lore_pl import BasisFile, BasisModule, FewShotModule, load_basis, save_basis
+from lore_pl.functional import fit_user_weights
 from lore_pl import functional as LF
 from tests.conftest import tiny_trainer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lore_pl import functional as LF
-from lore_pl.fewshot import fit_user_weights
+from lore_pl.functional import fit_user_weights
 from lore_pl.sweeps import choose_prior_strength, per_fit_accuracy, shots_sweep, stack_shots
 
 
