@@ -118,6 +118,13 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
+def _best_checkpoint_path(trainer: Trainer) -> str:
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or checkpoint.monitor is None or not checkpoint.best_model_path:
+        raise ValueError("use_best_checkpoint needs a ModelCheckpoint that monitors a metric and saved a best model")
+    return checkpoint.best_model_path
+
+
 class ProtocolEvaluation(Callback):
     """At the end of ``fit`` of a ``BasisModule``: adapt the unseen users with few-shot, then log,
     print and save the four protocol accuracies (and the oracle's, where the data know it).
@@ -135,6 +142,8 @@ class ProtocolEvaluation(Callback):
         prior_strength: MAP pull towards the seen users' mean weights (0: the reference's plain fit).
         filename: name of the JSON file written into the run directory.
         export_basis: also write the pruned basis as ``basis.safetensors`` in the run directory.
+        use_best_checkpoint: evaluate the best checkpoint of the trainer's ``ModelCheckpoint`` (one
+            that monitors a metric, e.g. ``val/acc`` on held-out pairs) instead of the last weights.
     """
 
     def __init__(
@@ -147,13 +156,22 @@ class ProtocolEvaluation(Callback):
         prior_strength: float = 0.0,
         filename: str = "protocol.json",
         export_basis: bool = True,
+        use_best_checkpoint: bool = False,
     ) -> None:
         if shots is not None and shots <= 0:
             raise ValueError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
         self.shots, self.shot_seed, self.steps, self.lr = shots, shot_seed, steps, lr
         self.weight_init, self.prior_strength = weight_init, prior_strength
-        self.filename, self.export_basis = filename, export_basis
+        self.filename, self.export_basis, self.use_best_checkpoint = filename, export_basis, use_best_checkpoint
         self.results: dict[str, float | int] | None = None
+
+    @staticmethod
+    def _restore_best(trainer: Trainer, pl_module: BasisModule) -> None:
+        path = _best_checkpoint_path(trainer)
+        state = torch.load(path, map_location=pl_module.device, weights_only=False)["state_dict"]
+        pl_module.load_state_dict(state)
+        pl_module.prune_()  # the best step is usually not the last, where pruning happens
+        pl_module.best_checkpoint_path = path
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -164,6 +182,8 @@ class ProtocolEvaluation(Callback):
             return  # a stopped run has no finished basis to report
         if datamodule.has_split("unseen_pool") and datamodule.num_unseen_users == 0:
             raise ValueError("few-shot evaluation was asked for, but the data module has no unseen users")
+        if self.use_best_checkpoint:
+            self._restore_best(trainer, pl_module)
         self.results = evaluate_protocol(
             pl_module, datamodule, self.shots, self.shot_seed, self.steps, self.lr, self.weight_init,
             self.prior_strength,
@@ -175,7 +195,7 @@ class ProtocolEvaluation(Callback):
         if self.export_basis:
             basis, weights = pl_module.kept_basis()
             exported = BasisFile(basis, float(pl_module.hparams.tau), pl_module.reference_head,
-                                 datamodule.seen_user_ids, weights)
+                                 datamodule.seen_user_ids, weights, datamodule.embedder)
             save_basis(run_dir / "basis.safetensors", exported)
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in self.results.items() if "/" in k}, step=trainer.global_step)

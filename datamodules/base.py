@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lore_pl import functional as LF
 from lore_pl.preferences import PreferenceSplit
 
 #: The protocol's four roles: seen users' train pairs and test pairs (unseen prompts), unseen
-#: users' few-shot pool and test pairs.
-ROLES = ("seen_train", "seen_test", "unseen_pool", "unseen_test")
+#: users' few-shot pool and test pairs; and ``seen_val``, pairs held out of ``seen_train`` for
+#: early stopping when ``val_fraction`` > 0.
+ROLES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
 
 
 @dataclass
@@ -31,19 +34,33 @@ class PreferenceDataModule(LightningDataModule):
     module being trained picks the users: a module whose ``population`` is ``"seen"``
     (``BasisModule``) trains on ``seen_train`` and is validated and tested on ``seen_test``; an
     ``"unseen"`` one (``FewShotModule``) trains on ``unseen_pool`` (always one full batch) and is
-    evaluated on ``unseen_test``.
+    evaluated on ``unseen_test``. With ``val_fraction`` > 0 a ``BasisModule`` is validated on
+    ``seen_val`` (its users' held-out train pairs) instead, so early stopping never sees test pairs.
 
     Args:
         batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
         eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+        val_fraction: fraction of each seen user's train pairs held out as ``seen_val`` (0: none).
+        val_seed: seed of that hold-out.
     """
 
-    def __init__(self, batch_size: int | None = None, eval_batch_size: int | None = None, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        shuffle: bool = True,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
+    ) -> None:
         super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.shuffle = shuffle
+        self.val_fraction = val_fraction
+        self.val_seed = val_seed
         self._data: PreferenceData | None = None
 
     # ----------------------------------------------------------------------- for subclasses
@@ -61,8 +78,23 @@ class PreferenceDataModule(LightningDataModule):
         if self._data is None:
             data = self.load()
             self._check(data)
-            self._data = data
+            self._data = self._hold_out_validation(data)
         return self._data
+
+    def _hold_out_validation(self, data: PreferenceData) -> PreferenceData:
+        if self.val_fraction <= 0 or "seen_train" not in data.splits:
+            return data
+        train = data.splits["seen_train"]
+        held = LF.holdout_pairs(train.users, self.val_fraction, torch.Generator().manual_seed(self.val_seed))
+        splits = dict(data.splits)
+        splits["seen_train"] = train.subset(torch.nonzero(~held)[:, 0], "seen_train")
+        splits["seen_val"] = train.subset(torch.nonzero(held)[:, 0], "seen_val")
+        return PreferenceData(splits, data.reference_head)
+
+    @property
+    def embedder(self) -> str:
+        """Identity of what made the features (a model and its settings); saved with a learned basis."""
+        return type(self).__name__
 
     def setup(self, stage: str | None = None) -> None:
         self.data  # noqa: B018 - loads once
@@ -130,8 +162,11 @@ class PreferenceDataModule(LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         return getattr(module, "population", "seen")
 
-    def _eval_loader(self) -> DataLoader:
-        role = "seen_test" if self._population() == "seen" else "unseen_test"
+    def _eval_loader(self, stage: str) -> DataLoader:
+        if self._population() == "unseen":
+            role = "unseen_test"
+        else:
+            role = "seen_val" if stage == "val" and self.has_split("seen_val") else "seen_test"
         return self.split(role).loader(self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
@@ -140,10 +175,10 @@ class PreferenceDataModule(LightningDataModule):
         return self.split("unseen_pool").loader(None)  # few-shot fits on the whole pool at once
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        return self._eval_loader("predict")

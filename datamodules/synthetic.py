@@ -43,6 +43,8 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
         eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
+        val_seed: seed of that hold-out.
     """
 
     def __init__(
@@ -65,8 +67,11 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         batch_size: int | None = None,
         eval_batch_size: int | None = None,
         shuffle: bool = True,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
+                         val_fraction=val_fraction, val_seed=val_seed)
         for name, value in (("dim", dim), ("num_directions", num_directions), ("num_train_prompts", num_train_prompts),
                             ("num_test_prompts", num_test_prompts), ("num_seen_users", num_seen_users)):
             if value < 1:
@@ -82,6 +87,12 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         self.save_hyperparameters()
         self.true_directions: Tensor | None = None
         self.true_weights: dict[str, Tensor] = {}
+
+    @property
+    def embedder(self) -> str:
+        hp = self.hparams
+        return (f"SyntheticPopulation(seed={hp.seed}, dim={hp.dim}, responses={hp.responses_per_prompt}, "
+                f"spectrum_decay={hp.spectrum_decay})")
 
     def _count(self, value: int | float, available: int, name: str) -> int:
         count = int(round(value * available)) if isinstance(value, float) else int(value)

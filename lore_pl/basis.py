@@ -32,6 +32,8 @@ class BasisModule(PreferenceModule):
         alpha: regularizer strength, ramped 0 -> alpha between 20% and 80% of the iterations.
         weight_init: initial W logits: ``randn`` (the joint reference), ``rand`` (the alternating
             reference) or ``zeros`` (uniform weights).
+        basis_weight_decay: L2 penalty on V: Adam adds this times V to V's gradient (0: none). It
+            keeps V from memorizing when d is large against the number of pairs.
         prune_threshold: at the end of fit keep column k only if some user's weight on it is at
             least this (1e-2 in the reference; 0 keeps every column).
         num_users: set from the data module; leave unset.
@@ -51,6 +53,7 @@ class BasisModule(PreferenceModule):
         regularizer: LF.Regularizer = "none",
         alpha: float = 0.0,
         weight_init: Literal["randn", "rand", "zeros"] = "randn",
+        basis_weight_decay: float = 0.0,
         prune_threshold: float = 1e-2,
         num_users: int | None = None,
         feature_dim: int | None = None,
@@ -69,6 +72,8 @@ class BasisModule(PreferenceModule):
             raise ValueError(f"regularizer must be 'none', 'cosine' or 'l2', got {regularizer!r}")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if basis_weight_decay < 0:
+            raise ValueError(f"basis_weight_decay must be >= 0, got {basis_weight_decay}")
         self.save_hyperparameters()
         # Manual optimization: the alternating schedule takes two optimizer steps per batch, and
         # K=0 trains nothing; one code path serves all three.
@@ -215,8 +220,10 @@ class BasisModule(PreferenceModule):
     def configure_optimizers(self):
         if self.rank == 0:
             return None
+        lr, decay = self.hparams.lr, self.hparams.basis_weight_decay
+        basis_group = {"params": [self.basis], "weight_decay": decay}
         if self.rank == 1:
-            return torch.optim.Adam([self.basis], lr=self.hparams.lr)
+            return torch.optim.Adam([basis_group], lr=lr)
         if self.hparams.schedule == "joint":
-            return torch.optim.Adam([self.basis, self.user_logits], lr=self.hparams.lr)
-        return [torch.optim.Adam([self.user_logits], lr=self.hparams.lr), torch.optim.Adam([self.basis], lr=self.hparams.lr)]
+            return torch.optim.Adam([basis_group, {"params": [self.user_logits]}], lr=lr)
+        return [torch.optim.Adam([self.user_logits], lr=lr), torch.optim.Adam([basis_group], lr=lr)]

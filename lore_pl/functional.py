@@ -210,25 +210,43 @@ def prune_mask(weights: Tensor, threshold: float) -> Tensor:
     return weights.max(dim=0).values >= threshold
 
 
-def sample_shots(users: Tensor, shots: int, generator: torch.Generator | None = None) -> Tensor:
-    """Indices of at most ``shots`` pairs per user, drawn uniformly without replacement.
+def random_rank_within_user(users: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random order of each user's pairs: pair i's rank among its user's pairs ``[N]``.
 
-    A user with fewer pairs keeps all of them. Vectorized: a random key per pair, a stable sort by
-    user, and each pair's rank inside its user.
+    Vectorized: a random permutation, a stable sort by user, and each pair's offset in its group.
     """
-    if shots <= 0:
-        raise ValueError(f"shots must be a positive number of pairs per user, got {shots}")
     n = users.numel()
-    if n == 0:
-        return users.new_empty(0)
     random_order = torch.randperm(n, generator=generator, device="cpu").to(users.device)
     by_user = random_order[torch.sort(users[random_order], stable=True).indices]
     sorted_users = users[by_user]
     first_of_user = torch.ones_like(sorted_users, dtype=torch.bool)
     first_of_user[1:] = sorted_users[1:] != sorted_users[:-1]
-    group_start = torch.cummax(torch.where(first_of_user, torch.arange(n, device=users.device), 0), 0).values
-    rank_in_user = torch.arange(n, device=users.device) - group_start
-    return torch.sort(by_user[rank_in_user < shots]).values
+    positions = torch.arange(n, device=users.device)
+    group_start = torch.cummax(torch.where(first_of_user, positions, 0), 0).values
+    rank = torch.empty_like(positions)
+    rank[by_user] = positions - group_start
+    return rank
+
+
+def sample_shots(users: Tensor, shots: int, generator: torch.Generator | None = None) -> Tensor:
+    """Sorted indices of at most ``shots`` pairs per user, drawn uniformly without replacement.
+
+    A user with fewer pairs keeps all of them.
+    """
+    if shots <= 0:
+        raise ValueError(f"shots must be a positive number of pairs per user, got {shots}")
+    if users.numel() == 0:
+        return users.new_empty(0)
+    return torch.nonzero(random_rank_within_user(users, generator) < shots)[:, 0]
+
+
+def holdout_pairs(users: Tensor, fraction: float, generator: torch.Generator | None = None) -> Tensor:
+    """A mask of ``floor(fraction * m_u)`` random pairs of each user u (m_u: u's pairs), to hold out."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    counts = torch.bincount(users)
+    held = torch.floor(counts.double() * fraction).long()
+    return random_rank_within_user(users, generator) < held[users]
 
 
 def population_logits(seen_weights: Tensor, floor: float = 1e-6) -> Tensor:

@@ -89,3 +89,17 @@ def test_missing_role_is_a_clear_error(tiny_data):
     assert not no_unseen.has_split("unseen_pool")
     with pytest.raises(ValueError, match="no 'unseen_pool' split"):
         no_unseen.split("unseen_pool")
+
+
+def test_validation_holds_out_a_fraction_of_each_seen_users_train_pairs():
+    whole = SyntheticPopulationDataModule(**TINY)
+    held = SyntheticPopulationDataModule(**TINY, val_fraction=0.3)
+    train, val = held.split("seen_train"), held.split("seen_val")
+    assert torch.all(val.pairs_per_user() == 3) and torch.all(train.pairs_per_user() == 7)
+    # together they are exactly the original train pairs, each once
+    rows = torch.cat([train.features, val.features])
+    order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    torch.testing.assert_close(order(rows), order(whole.split("seen_train").features))
+    assert held.seen_user_ids == whole.seen_user_ids
+    with pytest.raises(ValueError, match="val_fraction"):
+        SyntheticPopulationDataModule(**TINY, val_fraction=1.0)
