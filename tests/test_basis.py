@@ -150,3 +150,37 @@ def test_validation_and_test_log_per_user_accuracy(tiny_data):
     expected = accuracy(model(split.features, split.users), split)
     assert result["test/acc"] == pytest.approx(expected[0], abs=1e-6)
     assert result["test/acc_std"] == pytest.approx(expected[1], abs=1e-6)
+
+
+def test_basis_weight_decay_shrinks_v(tiny_data):
+    torch.manual_seed(0)
+    free = fit(BasisModule(rank=2, lr=0.1), tiny_data, epochs=40)
+    torch.manual_seed(0)
+    decayed = fit(BasisModule(rank=2, lr=0.1, basis_weight_decay=50.0), tiny_data, epochs=40)
+    assert decayed.basis.norm() < 0.5 * free.basis.norm()
+    with pytest.raises(ValueError, match="basis_weight_decay"):
+        BasisModule(basis_weight_decay=-1.0)
+
+
+def test_protocol_on_the_best_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from callbacks.protocol import ProtocolEvaluation, evaluate_protocol
+    from datamodules import SyntheticPopulationDataModule
+    from tests.conftest import TINY
+
+    data = SyntheticPopulationDataModule(**{**TINY, "labels": "bradley_terry"}, val_fraction=0.3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    protocol = ProtocolEvaluation(shots=4, steps=20, use_best_checkpoint=True, export_basis=False)
+    model = BasisModule(rank=3, lr=0.5)
+    trainer = tiny_trainer(40, limit_val_batches=1.0, check_val_every_n_epoch=2, default_root_dir=tmp_path,
+                           enable_checkpointing=True,
+                           callbacks=[checkpoint, EarlyStopping("val/acc", mode="max", patience=3), protocol])
+    trainer.fit(model, datamodule=data)
+    assert checkpoint.best_model_path and model.best_checkpoint_path == checkpoint.best_model_path
+    best = BasisModule.load_from_checkpoint(checkpoint.best_model_path)
+    best.prune_()
+    expected = evaluate_protocol(best, data, shots=4, steps=20)
+    assert protocol.results == expected
+    # the validation split, not the test split, chose it
+    assert trainer.callback_metrics["val/acc"] <= 1.0 and data.has_split("seen_val")

@@ -58,6 +58,7 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys):
     events = EventAccumulator(str(out)).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/nll", "val/acc", "unseen/test_acc", "oracle/unseen/test_acc"} <= tags
+    assert {"basis/weights", "basis/weight_histograms", "basis/column_usage"} <= set(events.Tags()["images"])
 
     # phase 2 alone from the exported basis, and from the checkpoint
     for basis_path in (out / "basis.safetensors", out / "checkpoints" / "last.ckpt"):
