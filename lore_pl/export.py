@@ -65,12 +65,7 @@ def load_basis(path: str | os.PathLike) -> BasisFile:
     if not path.is_file():
         raise FileNotFoundError(f"basis file not found: {path}")
     if path.suffix == ".ckpt":
-        from lore_pl.basis import BasisModule
-
-        module = BasisModule.load_from_checkpoint(path, map_location="cpu")
-        module.prune_()
-        basis, weights = module.kept_basis()
-        return BasisFile(basis, float(module.hparams.tau), module.reference_head, [], weights)
+        return _basis_from_checkpoint(path)
     try:
         from safetensors import safe_open
 
@@ -90,3 +85,24 @@ def load_basis(path: str | os.PathLike) -> BasisFile:
         user_weights=tensors.get("user_weights"),
         embedder=metadata.get("embedder", ""),
     )
+
+
+def _basis_from_checkpoint(path: Path) -> BasisFile:
+    """A ``BasisModule`` checkpoint (seen users, pruned basis) or a ``FewShotModule`` one (its users)."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    user_ids = list(checkpoint.get("user_ids", []))
+    if "iterations_done" in checkpoint.get("state_dict", {}):
+        from lore_pl.basis import BasisModule
+
+        module = BasisModule.load_from_checkpoint(path, map_location="cpu")
+        module.prune_()
+        basis, weights = module.kept_basis()
+        return BasisFile(basis, float(module.hparams.tau), module.reference_head, user_ids, weights)
+    from lore_pl.fewshot import FewShotModule
+
+    module = FewShotModule.load_from_checkpoint(path, map_location="cpu")
+    if module.hparams.num_users is None:
+        raise ValueError(f"{path}: this FewShotModule checkpoint holds no fitted users")
+    return BasisFile(module.basis, float(module.hparams.tau), None, user_ids, module.user_weights().detach())

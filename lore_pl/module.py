@@ -27,6 +27,13 @@ class PreferenceModule(LightningModule):
         # so the logged hyper-parameters show the real sizes, not the unset defaults.
         self._hparams_initial.update(values)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the user ids live in the data; keep them with the weights so a checkpoint can score by id
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        user_ids = getattr(datamodule, f"{self.population}_user_ids", None)
+        if user_ids:
+            checkpoint["user_ids"] = list(user_ids)
+
     def _build_metrics(self, num_users: int) -> None:
         # ModuleDict keys may not shadow nn.Module attributes (``train``), hence the suffix.
         self.metrics = nn.ModuleDict({f"{stage}_acc": PerUserAccuracy(num_users) for stage in STAGES})

@@ -69,6 +69,28 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys):
     fewshot = run_dir(tmp_path, "fewshot")
     assert (fewshot / "checkpoints" / "last.ckpt").is_file()
 
+    # lightning predict: every user's score for every candidate, from the export and both checkpoints
+    from safetensors.torch import save_file
+
+    from lore_pl import PersonalRewardModel
+
+    candidates = torch.randn(7, 16)
+    save_file({"embeddings": candidates}, str(tmp_path / "candidates.safetensors"))
+    fewshot_ckpt = fewshot / "checkpoints" / "last.ckpt"
+    for basis_path in (out / "basis.safetensors", out / "checkpoints" / "last.ckpt", fewshot_ckpt):
+        scores_csv = tmp_path / f"scores_{basis_path.stem}.csv"
+        build_cli(["predict", "--config", str(ROOT / "configs/score.yaml"), f"--model.init_args.basis_path={basis_path}",
+                   f"--data.init_args.path={tmp_path / 'candidates.safetensors'}",
+                   f"--trainer.callbacks.init_args.output={scores_csv}"])
+        rows = scores_csv.read_text().splitlines()
+        header = rows[0].split(",")
+        expected_users = 8 if basis_path == fewshot_ckpt else 20
+        assert header[0] == "candidate" and len(header) == 1 + expected_users and len(rows) == 1 + 7
+        reference = PersonalRewardModel.load(basis_path)
+        user = header[3]
+        column = torch.tensor([float(row.split(",")[3]) for row in rows[1:]])
+        torch.testing.assert_close(column, reference.score(candidates, user), rtol=1e-5, atol=1e-5)
+
     # validate / test / predict on the trained basis
     ckpt = str(out / "checkpoints" / "last.ckpt")
     for subcommand in ("validate", "test", "predict"):
