@@ -1,0 +1,191 @@
+"""Speed and memory of lore-pl against baselines run in the same process. Prints one JSON object per
+benchmark, one per line. The machine is shared and noisy: read the ratios and medians.
+
+    python benchmarks/run.py --quick          # a small subset, under 2 minutes on 2 cores
+    python benchmarks/run.py                  # the full set (the reference-loop baseline at 5000 users is slow)
+    python benchmarks/run.py --only fewshot   # one benchmark: basis_step, fewshot, lightning, memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lore_pl import functional as LF  # noqa: E402
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def population(num_users: int, pairs: int, dim: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(num_users * pairs, dim, generator=generator)
+    users = torch.arange(num_users).repeat_interleave(pairs)
+    return features, users
+
+
+def read_bandwidth(features: torch.Tensor) -> float:
+    """Bytes per second of one streaming read of ``features`` (a sum)."""
+    return features.numel() * features.element_size() / median_seconds(lambda: features.sum(), 5)
+
+
+def project_step(features, users, basis, logits, optimizer, num_users, tau=100.0):
+    optimizer.zero_grad()
+    loss = LF.preference_loss(LF.pair_logits(features, users, basis, LF.simplex_weights(logits), tau), users,
+                              num_users, "user_mean")
+    loss.backward()
+    optimizer.step()
+
+
+def reference_loop_step(per_user, basis, logits, optimizer, tau=100.0):
+    """The reference's joint class: all users' directions V softmax(W)^T, then a Python loop."""
+    optimizer.zero_grad()
+    directions = basis @ torch.softmax(logits, dim=1).T
+    loss = 0.0
+    for user, x in enumerate(per_user):
+        loss = loss - torch.log(torch.sigmoid(x @ directions[:, user] / tau)).sum() / len(x)
+    loss.backward()
+    optimizer.step()
+
+
+def bench_basis_step(cases, loop_max_users: int) -> list[dict]:
+    rows = []
+    for num_users, dim, rank in cases:
+        features, users = population(num_users, 30, dim)
+        basis = torch.randn(dim, rank, requires_grad=True)
+        logits = torch.randn(num_users, rank, requires_grad=True)
+        optimizer = torch.optim.Adam([basis, logits], lr=0.5)
+        ours = median_seconds(lambda: project_step(features, users, basis, logits, optimizer, num_users), 5)
+        bound = features.numel() * 4 / read_bandwidth(features)
+        row = {"benchmark": "basis_step", "users": num_users, "d": dim, "K": rank, "pairs": features.shape[0],
+               "step_ms": ours * 1e3, "one_read_bound_ms": bound * 1e3, "ratio_to_bound": ours / bound}
+        if num_users <= loop_max_users:
+            per_user = list(features.split(30))
+            loop = median_seconds(lambda: reference_loop_step(per_user, basis, logits, optimizer), 1 if num_users > 1000 else 3)
+            row.update(reference_loop_ms=loop * 1e3, speedup=loop / ours)
+        rows.append(row)
+    return rows
+
+
+def bench_fewshot(num_users: int = 500, shots: int = 50, rank: int = 5, steps: int = 500, loop_sample: int = 10) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    projected = torch.randn(num_users * shots, rank, generator=generator) * 30
+    users = torch.arange(num_users).repeat_interleave(shots)
+    init = torch.randn(num_users, rank, generator=generator)
+    batched = median_seconds(lambda: LF.fit_user_weights(projected, users, init, steps=steps), 3)
+    one = torch.zeros(shots, dtype=torch.long)
+    per_fit = median_seconds(lambda: [LF.fit_user_weights(projected[u * shots:(u + 1) * shots], one, init[u:u + 1],
+                                                          steps=steps) for u in range(loop_sample)], 1) / loop_sample
+    return {"benchmark": "fewshot", "users": num_users, "shots": shots, "K": rank, "steps": steps,
+            "batched_s": batched, "loop_s_estimated": per_fit * num_users, "loop_fits_timed": loop_sample,
+            "speedup": per_fit * num_users / batched}
+
+
+def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps: int = 200) -> dict:
+    from lightning import Trainer
+
+    from datamodules.base import PreferenceData, PreferenceDataModule
+    from lore_pl.basis import BasisModule
+    from lore_pl.preferences import PreferenceSplit
+
+    features, users = population(num_users, 30, dim)
+    ids = [str(u) for u in range(num_users)]
+
+    class InMemory(PreferenceDataModule):
+        def load(self):
+            return PreferenceData({"seen_train": PreferenceSplit(features, users, ids)})
+
+    def lightning_fit():
+        torch.manual_seed(0)
+        trainer = Trainer(accelerator="cpu", max_epochs=steps, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                          num_sanity_val_steps=0)
+        trainer.fit(BasisModule(rank=rank, prune_threshold=0.0), datamodule=InMemory())
+
+    def bare_loop():
+        torch.manual_seed(0)
+        basis = torch.randn(dim, rank, requires_grad=True)
+        logits = torch.randn(num_users, rank, requires_grad=True)
+        optimizer = torch.optim.Adam([basis, logits], lr=0.5)
+        metric_correct = torch.zeros(num_users, dtype=torch.long)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            pair = LF.pair_logits(features, users, basis, LF.simplex_weights(logits), 100.0)
+            LF.preference_loss(pair, users, num_users).backward()
+            optimizer.step()
+            metric_correct += torch.bincount(users[pair.detach() > 0], minlength=num_users)  # same work as the metric
+
+    bare = median_seconds(bare_loop, 3, warmup=0)
+    fit = median_seconds(lightning_fit, 3, warmup=1)
+    return {"benchmark": "lightning", "users": num_users, "d": dim, "K": rank, "steps": steps,
+            "bare_ms_per_step": bare / steps * 1e3, "lightning_ms_per_step": fit / steps * 1e3, "ratio": fit / bare}
+
+
+MEMORY_CHILD = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from lore_pl import functional as LF
+num_users, dim, rank = {num_users}, {dim}, {rank}
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+features = torch.randn(num_users * 30, dim)
+users = torch.arange(num_users).repeat_interleave(30)
+basis = torch.randn(dim, rank, requires_grad=True)
+logits = torch.randn(num_users, rank, requires_grad=True)
+optimizer = torch.optim.Adam([basis, logits], lr=0.5)
+for _ in range(5):
+    optimizer.zero_grad()
+    LF.preference_loss(LF.pair_logits(features, users, basis, LF.simplex_weights(logits), 100.0), users, num_users).backward()
+    optimizer.step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) * 1024, features.numel() * 4)
+"""
+
+
+def bench_memory(num_users: int = 1000, dim: int = 4096, rank: int = 5) -> dict:
+    code = MEMORY_CHILD.format(root=str(ROOT), num_users=num_users, dim=dim, rank=rank)
+    grown, feature_bytes = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                   check=True).stdout.split())
+    return {"benchmark": "memory", "users": num_users, "d": dim, "K": rank, "feature_bytes": feature_bytes,
+            "peak_growth_bytes": grown, "ratio": grown / feature_bytes}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small subset, under 2 minutes")
+    parser.add_argument("--only", choices=["basis_step", "fewshot", "lightning", "memory"], action="append")
+    args = parser.parse_args(argv)
+    chosen = set(args.only or ["basis_step", "fewshot", "lightning", "memory"])
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}))
+    if "basis_step" in chosen:
+        cases = [(100, 1024, 5), (1000, 1024, 5)] if args.quick else [
+            (c, d, k) for d in (1024, 4096) for k in (5, 20) for c in (100, 1000, 5000)]
+        for row in bench_basis_step(cases, loop_max_users=1000 if args.quick else 5000):
+            print(json.dumps(row), flush=True)
+    if "fewshot" in chosen:
+        print(json.dumps(bench_fewshot(steps=100 if args.quick else 500)), flush=True)
+    if "lightning" in chosen:
+        print(json.dumps(bench_lightning(steps=50 if args.quick else 200)), flush=True)
+    if "memory" in chosen:
+        print(json.dumps(bench_memory(dim=1024 if args.quick else 4096)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
