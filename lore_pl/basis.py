@@ -207,10 +207,25 @@ class BasisModule(PreferenceModule):
         nll = self._nll(logits, users, counts)
         regularizer = self._regularizer()
         optimizer.zero_grad()
-        self.manual_backward(nll + alpha * regularizer)
+        if self._reduces_gradients_itself():
+            # DDP's reducer expects a gradient for every parameter in every backward and fails on
+            # the frozen group; bypass it and average only the group being stepped (half the
+            # traffic of find_unused_parameters, which would all-reduce V and W twice per iteration).
+            with self.trainer.strategy.block_backward_sync():
+                self.manual_backward(nll + alpha * regularizer)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad.copy_(self.trainer.strategy.reduce(param.grad, reduce_op="mean"))
+        else:
+            self.manual_backward(nll + alpha * regularizer)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
         return logits.detach(), nll.detach(), regularizer.detach()
+
+    def _reduces_gradients_itself(self) -> bool:
+        """The alternating schedule under DDP averages its gradients over ranks by hand."""
+        return (self.hparams.schedule == "alternating" and self.rank >= 2 and self._trainer is not None
+                and self.trainer.world_size > 1)
 
     def on_train_end(self) -> None:
         self.prune_()

@@ -137,6 +137,8 @@ def test_ddp_fewshot_equals_one_process(tmp_path):
     def make():
         return FewShotModule.from_basis(basis.clone(), tau=1.0, shots=3, lr=0.1)
 
-    one = train(make, tmp_path / "one", 1, epochs=25, protocol=False)
-    two = train(make, tmp_path / "two", 2, epochs=25, protocol=False)
+    # 5 users x 3 shots = 15 pairs: shards of 8 and 7, user 2's shots straddle them
+    data = {"num_unseen_users": 5}
+    one = train(make, tmp_path / "one", 1, epochs=25, data_kwargs=data, protocol=False)
+    two = train(make, tmp_path / "two", 2, epochs=25, data_kwargs=data, protocol=False)
     assert_same_run(one, two, ["user_logits"])
