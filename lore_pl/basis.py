@@ -209,8 +209,9 @@ class BasisModule(PreferenceModule):
         optimizer.zero_grad()
         if self._reduces_gradients_itself():
             # DDP's reducer expects a gradient for every parameter in every backward and fails on
-            # the frozen group; bypass it and average only the group being stepped (half the
-            # traffic of find_unused_parameters, which would all-reduce V and W twice per iteration).
+            # the frozen group. Bypass it and average only the group being stepped: this works
+            # under plain strategy=ddp (find_unused_parameters would need a strategy flag, a graph
+            # search per backward, and all-reduces V and W in both steps of an iteration).
             with self.trainer.strategy.block_backward_sync():
                 self.manual_backward(nll + alpha * regularizer)
             for group in optimizer.param_groups:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from lightning import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-
-from lore_pl.preferences import PreferenceSplit
 
 from lore_pl import functional as LF
 from lore_pl.metrics import PerUserAccuracy
+from lore_pl.preferences import PreferenceSplit
 
 STAGES = ("train", "val", "test")
 
@@ -32,6 +32,18 @@ class PreferenceModule(LightningModule):
     def _build_metrics(self, num_users: int) -> None:
         # ModuleDict keys may not shadow nn.Module attributes (``train``), hence the suffix.
         self.metrics = nn.ModuleDict({f"{stage}_acc": PerUserAccuracy(num_users) for stage in STAGES})
+
+    def configure_model(self) -> None:
+        # Runs after setup, before the strategy wraps the model: DDP refuses a module with nothing
+        # to train (K=0, few-shot K<=1) with an obscure error; say what to do instead.
+        trainer = self._trainer
+        if (trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.world_size > 1
+                and not any(p.requires_grad for p in self.parameters())):
+            raise ValueError(
+                f"{type(self).__name__} with rank K={self.hparams.get('rank')} has nothing to train, and DDP cannot wrap "
+                "it: fit it on one device (--trainer.devices=1 --trainer.strategy=auto); its results do not depend "
+                "on the number of processes"
+            )
 
     def training_pairs(self, split: PreferenceSplit) -> Tensor | None:
         """Rows of the training split to train on (``None``: all). The data module calls this on

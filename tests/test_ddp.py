@@ -106,6 +106,23 @@ def test_scaled_shard_losses_average_to_the_one_process_loss(weighting):
     assert abs(float(sum(local_means) / 2 - whole)) > 1e-3  # what DDP would give without the counts
 
 
+def test_nothing_to_train_under_ddp_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=2)
+    reference = BasisModule(rank=0, num_users=3, feature_dim=4, has_reference_head=True)
+    reference._trainer = fitting
+    with pytest.raises(ValueError, match="K=0 has nothing to train.*devices=1"):
+        reference.configure_model()
+    trained = BasisModule(rank=2, num_users=3, feature_dim=4)
+    trained._trainer = fitting
+    trained.configure_model()  # has parameters: DDP wraps it
+    reference._trainer = SimpleNamespace(state=fitting.state, world_size=1)
+    reference.configure_model()  # one process: nothing to wrap
+
+
 # ------------------------------------------------------------------- 2 processes against 1
 @pytest.mark.slow
 def test_ddp_joint_full_batch_equals_one_process(tmp_path):
