@@ -123,6 +123,24 @@ def test_nothing_to_train_under_ddp_is_a_clear_error():
     reference.configure_model()  # one process: nothing to wrap
 
 
+def test_ddp_config_is_the_synthetic_protocol_under_ddp(tmp_path):
+    import yaml
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lore_pl.cli import build_cli
+    from tests.test_cli import ROOT
+
+    ddp, synthetic = (yaml.safe_load((ROOT / f"configs/{name}.yaml").read_text()) for name in ("ddp", "synthetic"))
+    for config in (ddp, synthetic):  # what may differ: the launch settings and the run directory's name
+        for key in ("devices", "num_nodes", "strategy"):
+            config["trainer"].pop(key, None)
+        config["trainer"]["logger"]["init_args"].pop("name")
+    assert ddp == synthetic
+    cli = build_cli(["--config", str(ROOT / "configs/ddp.yaml"), "--trainer.accelerator=cpu",
+                     "--trainer.devices=2", f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
+
+
 # ------------------------------------------------------------------- 2 processes against 1
 @pytest.mark.slow
 def test_ddp_joint_full_batch_equals_one_process(tmp_path):
