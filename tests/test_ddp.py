@@ -72,6 +72,8 @@ def assert_same_run(one, two, keys):
     for key, _, _ in PROTOCOL_ROWS if protocol1 else ():
         assert protocol2[key] == pytest.approx(protocol1[key], abs=1e-5), key
     diffs = {key: float((state2[key] - state1[key]).abs().max()) for key in keys}
+    diffs["logged"] = max(abs(metrics2[key] - metrics1[key]) for key in metrics1)
+    diffs["protocol"] = max((abs(protocol2[key] - protocol1[key]) for key in protocol1), default=0.0)
     print(f"max |2 processes - 1 process|: {diffs}")  # shown with pytest -s
     return diffs
 
