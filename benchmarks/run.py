@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -140,11 +139,13 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
 
 
 MEMORY_CHILD = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from lore_pl import functional as LF
 num_users, dim, rank = {num_users}, {dim}, {rank}
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):  # kB, from the kernel's view of this process
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+base = status("VmRSS")
 features = torch.randn(num_users * 30, dim)
 users = torch.arange(num_users).repeat_interleave(30)
 basis = torch.randn(dim, rank, requires_grad=True)
@@ -154,8 +155,7 @@ for _ in range(5):
     optimizer.zero_grad()
     LF.preference_loss(LF.pair_logits(features, users, basis, LF.simplex_weights(logits), 100.0), users, num_users).backward()
     optimizer.step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024, features.numel() * 4)
+print((status("VmHWM") - base) * 1024, features.numel() * 4)
 """
 
 

@@ -188,9 +188,10 @@ class ProtocolEvaluation(Callback):
             pl_module, datamodule, self.shots, self.shot_seed, self.steps, self.lr, self.weight_init,
             self.prior_strength,
         )
+        # log_dir broadcasts from rank 0: every rank must ask, or rank 0 waits forever under DDP
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         write_json_atomic(run_dir / self.filename, self.results)
         if self.export_basis:
             basis, weights = pl_module.kept_basis()

@@ -162,17 +162,36 @@ class PreferenceDataModule(LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         return getattr(module, "population", "seen")
 
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size): under DDP every loader yields only this rank's disjoint shard of
+        each batch (no padding), so each pair counts once per step and in the summed metrics."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _loader(self, split: PreferenceSplit, batch_size: int | None, shuffle: bool = False) -> DataLoader:
+        rank, world_size = self._shard()
+        return split.loader(batch_size, shuffle=shuffle, rank=rank, world_size=world_size)
+
     def _eval_loader(self, stage: str) -> DataLoader:
         if self._population() == "unseen":
             role = "unseen_test"
         else:
             role = "seen_val" if stage == "val" and self.has_split("seen_val") else "seen_test"
-        return self.split(role).loader(self.eval_batch_size)
+        return self._loader(self.split(role), self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if self._population() == "seen":
-            return self.split("seen_train").loader(self.batch_size, shuffle=self.shuffle)
-        return self.split("unseen_pool").loader(None)  # few-shot fits on the whole pool at once
+            split, batch_size, shuffle = self.split("seen_train"), self.batch_size, self.shuffle
+        else:
+            split, batch_size, shuffle = self.split("unseen_pool"), None, False  # few-shot: the whole pool at once
+        # The module may train on a subset (FewShotModule's shots): chosen from the whole split, on
+        # every rank alike, before sharding, so DDP trains on exactly the pairs one process would.
+        rows = module.training_pairs(split) if hasattr(module, "training_pairs") else None
+        if rows is not None:
+            split = split.subset(rows)
+        return self._loader(split, batch_size, shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -9,7 +9,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lore_pl.preferences import IndexBatchSampler
+from lore_pl.preferences import IndexBatchSampler, ShardIndex
 
 
 class _Rows(Dataset):
@@ -20,6 +20,8 @@ class _Rows(Dataset):
         return self.embeddings.shape[0]
 
     def __getitem__(self, index):
+        if isinstance(index, ShardIndex):
+            index = index.rows  # this rank's candidates
         rows = torch.arange(len(self))[index]
         return {"embeddings": self.embeddings[rows], "index": rows}
 

@@ -157,8 +157,8 @@ class BasisModule(PreferenceModule):
         return int(self.active_columns.sum())
 
     # --------------------------------------------------------------------------------- training
-    def _nll(self, logits: Tensor, users: Tensor) -> Tensor:
-        return LF.preference_loss(logits, users, self.hparams.num_users, self.hparams.loss_weighting)
+    def _nll(self, logits: Tensor, users: Tensor, counts: Tensor | None = None) -> Tensor:
+        return self._loss(logits, users, self.hparams.loss_weighting, counts)
 
     def _regularizer(self) -> Tensor:
         if self.hparams.regularizer == "none":
@@ -175,44 +175,63 @@ class BasisModule(PreferenceModule):
         return int(total)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        features, users = batch["features"], batch["users"]
+        features, users, counts = batch["features"], batch["users"], batch.get("counts")
         alpha = 0.0
         if self.hparams.regularizer != "none" and self.rank >= 1:
             alpha = LF.alpha_at(int(self.iterations_done), self.total_iterations(), self.hparams.alpha)
         if self.rank == 0:
             with torch.no_grad():
                 logits = self(features, users)
-                nll, regularizer = self._nll(logits, users), logits.new_zeros(())
+                nll, regularizer = self._nll(logits, users, counts), logits.new_zeros(())
         elif self.hparams.schedule == "joint" or self.rank == 1:
-            logits, nll, regularizer = self._optimize(self.optimizers(), features, users, alpha)
+            logits, nll, regularizer = self._optimize(self.optimizers(), features, users, alpha, counts)
         else:
             opt_weights, opt_basis = self.optimizers()
-            logits, nll, _ = self._optimize(opt_weights, features, users, 0.0)  # W step, V frozen
-            _, _, regularizer = self._optimize(opt_basis, features, users, alpha)  # V step, new W
+            logits, nll, _ = self._optimize(opt_weights, features, users, 0.0, counts)  # W step, V frozen
+            _, _, regularizer = self._optimize(opt_basis, features, users, alpha, counts)  # V step, new W
         self.iterations_done += 1
         if self.rank >= 2 and int(self.iterations_done) >= self.total_iterations():
             self.prune_()  # before the final checkpoint is written
         self.metrics["train_acc"].update(logits, users)
-        self.log_dict(
-            {"train/loss": nll + alpha * regularizer, "train/nll": nll, "train/regularizer": regularizer,
-             "train/alpha": alpha},
-            on_step=True, on_epoch=False, batch_size=users.numel(),
-        )
+        # nll is this rank's scaled share: sync_dist's mean over ranks is the global value. The
+        # regularizer and alpha are the same on every rank: no collective needed.
+        self.log_dict({"train/loss": nll + alpha * regularizer, "train/nll": nll},
+                      on_step=True, on_epoch=False, batch_size=users.numel(), sync_dist=True)
+        self.log_dict({"train/regularizer": regularizer, "train/alpha": alpha},
+                      on_step=True, on_epoch=False, batch_size=users.numel())
         return nll
 
-    def _optimize(self, optimizer, features: Tensor, users: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _optimize(
+        self, optimizer, features: Tensor, users: Tensor, alpha: float, counts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One Adam step of ``nll + alpha * regularizer`` on ``optimizer``'s parameters alone."""
         # toggle_optimizer freezes the other parameter group before the forward pass, so its
         # gradient is never computed (the V gradient is the expensive one).
         self.toggle_optimizer(optimizer)
         logits = self(features, users)
-        nll = self._nll(logits, users)
+        nll = self._nll(logits, users, counts)
         regularizer = self._regularizer()
         optimizer.zero_grad()
-        self.manual_backward(nll + alpha * regularizer)
+        if self._reduces_gradients_itself():
+            # DDP's reducer expects a gradient for every parameter in every backward and fails on
+            # the frozen group. Bypass it and average only the group being stepped: this works
+            # under plain strategy=ddp (find_unused_parameters would need a strategy flag, a graph
+            # search per backward, and all-reduces V and W in both steps of an iteration).
+            with self.trainer.strategy.block_backward_sync():
+                self.manual_backward(nll + alpha * regularizer)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad.copy_(self.trainer.strategy.reduce(param.grad, reduce_op="mean"))
+        else:
+            self.manual_backward(nll + alpha * regularizer)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
         return logits.detach(), nll.detach(), regularizer.detach()
+
+    def _reduces_gradients_itself(self) -> bool:
+        """The alternating schedule under DDP averages its gradients over ranks by hand."""
+        return (self.hparams.schedule == "alternating" and self.rank >= 2 and self._trainer is not None
+                and self.trainer.world_size > 1)
 
     def on_train_end(self) -> None:
         self.prune_()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lore_pl import functional as LF
 from lore_pl.export import load_basis
 from lore_pl.module import PreferenceModule
+from lore_pl.preferences import PreferenceSplit
 
 
 class FewShotModule(PreferenceModule):
@@ -71,7 +72,7 @@ class FewShotModule(PreferenceModule):
         self.register_buffer("basis", torch.zeros(feature_dim, rank) if known else None)
         # logits of the seen users' mean weights: the population start and the prior's centre
         self.register_buffer("prior_logits", torch.zeros(rank) if known and has_population else None)
-        self._shots: tuple[Tensor, Tensor] | None = None
+        self._shots: tuple[Tensor, Tensor, Tensor | None] | None = None  # (X V, users, step counts)
         self._built = False
         if self.basis is not None and num_users is not None:  # reloading a checkpoint: the state dict fills these
             self._build(num_users)
@@ -144,30 +145,29 @@ class FewShotModule(PreferenceModule):
     def on_fit_start(self) -> None:
         self._shots = None
 
-    def _prepare_shots(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        users = batch["users"]
-        if self.hparams.shots is not None:
-            generator = torch.Generator().manual_seed(self.hparams.shot_seed)
-            kept = LF.sample_shots(users, self.hparams.shots, generator)
-            features, users = batch["features"][kept], users[kept]
-        else:
-            features = batch["features"]
-        return LF.project(features, self.basis), users
+    def training_pairs(self, split: PreferenceSplit) -> Tensor | None:
+        """The shots subsample of the whole few-shot pool (``None``: all of it). The data module
+        draws it on every rank before sharding, so DDP fits the pairs one process would."""
+        if self.hparams.shots is None:
+            return None
+        return LF.sample_shots(split.users, self.hparams.shots, torch.Generator().manual_seed(self.hparams.shot_seed))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if batch_idx > 0:
             raise ValueError("FewShotModule fits on the whole few-shot pool as one batch: set data batch_size to null")
-        if self._shots is None:  # V is frozen: subsample and project once, reuse every step
-            self._shots = self._prepare_shots(batch)
-        projected, users = self._shots
+        if self._shots is None:  # V is frozen: project the shots once, reuse every step
+            self._shots = (LF.project(batch["features"], self.basis), batch["users"], batch.get("counts"))
+        projected, users, counts = self._shots
         self.metrics["train_acc"].update(
             LF.projected_logits(projected, users, self.user_weights(), self.hparams.tau).detach(), users
         )
         if self.hparams.rank <= 1:
             return None
+        scale = 1.0 if counts is None else float(self.trainer.world_size)
         loss = LF.fewshot_loss(projected, users, self.user_logits, self.hparams.tau, self.prior_logits,
-                               self.hparams.prior_strength)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=users.numel())
+                               self.hparams.prior_strength, counts, scale)
+        # loss is this rank's scaled share: sync_dist's mean over ranks is the global value
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=users.numel(), sync_dist=True)
         return loss
 
     def configure_optimizers(self):

@@ -62,21 +62,49 @@ def pair_logits(features: Tensor, users: Tensor, basis: Tensor, weights: Tensor,
 
 
 def preference_loss(
-    logits: Tensor, users: Tensor, num_users: int, weighting: LossWeighting = "pair_mean"
+    logits: Tensor,
+    users: Tensor,
+    num_users: int,
+    weighting: LossWeighting = "pair_mean",
+    counts: Tensor | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
     """Negative log-likelihood of the observed preferences (label: chosen is preferred).
 
     ``pair_mean``: the mean over all pairs. ``user_mean``: the sum over users of each user's mean
     (each pair weighted by 1 / its user's pair count), as the reference's older class; with it a
     user's gradient does not depend on which other users are in the batch.
+
+    Under data parallelism ``logits`` are one rank's shard of a step's batch: ``counts`` (``[C]``)
+    are then the per-user pair counts of the WHOLE step batch, so each shard's loss is its exact
+    share of the one-process loss (the shares sum to it), and ``scale`` (the world size) makes
+    the MEAN over ranks, which DDP takes of the gradients, equal that sum. With ``counts=None``
+    the batch is the whole step (one process).
     """
     nll = -F.logsigmoid(logits)
+    if weighting not in ("pair_mean", "user_mean"):
+        raise ValueError(f"loss weighting must be 'pair_mean' or 'user_mean', got {weighting!r}")
+    if counts is None:
+        if weighting == "pair_mean":
+            return nll.mean() * scale
+        counts = torch.bincount(users, minlength=num_users)
+    counts = counts.to(nll.dtype)
     if weighting == "pair_mean":
-        return nll.mean()
-    if weighting == "user_mean":
-        counts = torch.bincount(users, minlength=num_users).to(nll.dtype)
-        return (nll / counts[users]).sum()
-    raise ValueError(f"loss weighting must be 'pair_mean' or 'user_mean', got {weighting!r}")
+        return nll.sum() * (scale / counts.sum())
+    return (nll / counts[users]).sum() * scale
+
+
+def shard(size: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``size`` rows split over ``world_size`` ranks.
+
+    Disjoint, no padding, the union is every row; sizes differ by at most one (``torch.tensor_split``
+    rule: the first ``size % world_size`` ranks get one more). A rank may get no rows.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 def fewshot_loss(
@@ -86,6 +114,8 @@ def fewshot_loss(
     tau: float,
     prior_logits: Tensor | None = None,
     prior_strength: float = 0.0,
+    counts: Tensor | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
     """Phase 2's objective for new users' logits ``[C, K]`` on projected pairs ``X V``.
 
@@ -93,14 +123,18 @@ def fewshot_loss(
     not depend on the other users), plus, for ``prior_strength`` > 0, a Gaussian prior on each
     user's logits around ``prior_logits``: ``prior_strength / (2 m_u) * ||logits_u - prior||^2``
     with m_u the user's pairs, i.e. the MAP objective divided by m_u. Its pull fades with more pairs.
+    Under data parallelism ``counts`` and ``scale`` are as in ``preference_loss``; the prior acts
+    on every rank's full copy of the logits, so it is not scaled.
     """
     num_users = logits.shape[0]
     pair = projected_logits(projected, users, simplex_weights(logits), tau)
-    loss = preference_loss(pair, users, num_users, "user_mean")
+    loss = preference_loss(pair, users, num_users, "user_mean", counts, scale)
     if prior_strength > 0:
         if prior_logits is None:
             raise ValueError("a prior_strength > 0 needs prior_logits")
-        pairs = torch.bincount(users, minlength=num_users).clamp(min=1).to(logits.dtype)
+        if counts is None:
+            counts = torch.bincount(users, minlength=num_users)
+        pairs = counts.clamp(min=1).to(logits.dtype)
         loss = loss + ((prior_strength / (2.0 * pairs))[:, None] * (logits - prior_logits).pow(2)).sum()
     return loss
 

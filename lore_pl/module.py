@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from lightning import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lore_pl import functional as LF
 from lore_pl.metrics import PerUserAccuracy
+from lore_pl.preferences import PreferenceSplit
 
 STAGES = ("train", "val", "test")
 
@@ -38,11 +40,40 @@ class PreferenceModule(LightningModule):
         # ModuleDict keys may not shadow nn.Module attributes (``train``), hence the suffix.
         self.metrics = nn.ModuleDict({f"{stage}_acc": PerUserAccuracy(num_users) for stage in STAGES})
 
+    def configure_model(self) -> None:
+        # Runs after setup, before the strategy wraps the model: DDP refuses a module with nothing
+        # to train (K=0, few-shot K<=1) with an obscure error; say what to do instead.
+        trainer = self._trainer
+        if (trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.world_size > 1
+                and not any(p.requires_grad for p in self.parameters())):
+            raise ValueError(
+                f"{type(self).__name__} with rank K={self.hparams.get('rank')} has nothing to train, and DDP cannot wrap "
+                "it: fit it on one device (--trainer.devices=1 --trainer.strategy=auto); its results do not depend "
+                "on the number of processes"
+            )
+
+    def training_pairs(self, split: PreferenceSplit) -> Tensor | None:
+        """Rows of the training split to train on (``None``: all). The data module calls this on
+        every rank with the whole split, before sharding it."""
+        return None
+
+    def _loss(self, logits: Tensor, users: Tensor, weighting: LF.LossWeighting, counts: Tensor | None = None) -> Tensor:
+        """The NLL of this rank's batch, scaled so that its mean over ranks is the one-process loss.
+
+        A sharded batch carries ``counts``, the per-user counts of the whole step (all ranks); DDP
+        averages the ranks' gradients and ``sync_dist`` their logged values, hence ``scale``.
+        """
+        scale = 1.0 if counts is None or self._trainer is None else float(self.trainer.world_size)
+        return LF.preference_loss(logits, users, self.hparams.num_users, weighting, counts, scale)
+
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         logits = self(batch["features"], batch["users"])
         self.metrics[f"{stage}_acc"].update(logits, batch["users"])
-        nll = LF.preference_loss(logits, batch["users"], self.hparams.num_users, "pair_mean")
-        self.log(f"{stage}/nll", nll, batch_size=batch["users"].numel())
+        nll = self._loss(logits, batch["users"], "pair_mean", batch.get("counts"))
+        # The epoch value is the batch_size-weighted mean of the steps, then the mean over ranks:
+        # weighting by the whole step's size makes it the pair mean over the split.
+        step_size = int(batch["counts"].sum()) if "counts" in batch else batch["users"].numel()
+        self.log(f"{stage}/nll", nll, batch_size=step_size, sync_dist=True)
         return nll
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -55,8 +86,10 @@ class PreferenceModule(LightningModule):
         return {"logits": self(batch["features"], batch["users"]), "users": batch["users"]}
 
     def _log_accuracy(self, stage: str) -> None:
-        result = self.metrics[f"{stage}_acc"].compute()
-        self.log_dict({f"{stage}/acc": result["mean"].float(), f"{stage}/acc_std": result["std"].float()})
+        result = self.metrics[f"{stage}_acc"].compute()  # sums the per-user states over ranks
+        # identical on every rank: sync_dist averages equal values (and silences Lightning's warning)
+        self.log_dict({f"{stage}/acc": result["mean"].float(), f"{stage}/acc_std": result["std"].float()},
+                      sync_dist=True)
         self.metrics[f"{stage}_acc"].reset()
 
     def on_train_epoch_end(self) -> None:

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from lore_pl.functional import shard
+
+
+class ShardIndex(NamedTuple):
+    """What ``IndexBatchSampler`` yields: this rank's rows of one step's batch, and the whole batch.
+
+    ``rows`` and ``step`` index the split (a slice, or an index tensor); ``rows`` is part of ``step``.
+    """
+
+    rows: Tensor | slice
+    step: Tensor | slice
 
 
 @dataclass(eq=False)
@@ -39,7 +52,12 @@ class PreferenceSplit(Dataset):
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def __getitem__(self, index: Tensor | slice) -> dict[str, Tensor]:
+    def __getitem__(self, index: Tensor | slice | ShardIndex) -> dict[str, Tensor]:
+        """The batch at ``index``. A ``ShardIndex`` also gives ``counts``: the per-user pair counts
+        of the whole step's batch (all ranks), which the loss is normalized by."""
+        if isinstance(index, ShardIndex):
+            counts = torch.bincount(self.users[index.step], minlength=self.num_users)
+            return {"features": self.features[index.rows], "users": self.users[index.rows], "counts": counts}
         return {"features": self.features[index], "users": self.users[index]}
 
     @property
@@ -57,28 +75,46 @@ class PreferenceSplit(Dataset):
         """The pairs at ``index``, same user table."""
         return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name)
 
-    def loader(self, batch_size: int | None = None, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def loader(
+        self, batch_size: int | None = None, shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
         """A DataLoader of whole batches built by tensor indexing.
 
         ``batch_size=None`` gives the full split as one batch per epoch (the reference's
         full-batch optimisation). Otherwise batches of ``batch_size`` pairs, reshuffled each epoch
-        when ``shuffle``.
+        when ``shuffle``. With ``world_size > 1`` each step's batch is split into disjoint,
+        unpadded shards, and this loader yields rank ``rank``'s: the ranks together see exactly the
+        one-process batches (``batch_size`` is the global batch size).
         """
-        sampler = IndexBatchSampler(len(self), batch_size, shuffle, seed)
+        sampler = IndexBatchSampler(len(self), batch_size, shuffle, seed, rank, world_size)
         # batch_size=None: the loader does no collation; each sampled item is already a batch.
         return DataLoader(self, sampler=sampler, batch_size=None)
 
 
-class IndexBatchSampler(Sampler):
-    """Yields index tensors (or one full slice), each turned into a batch by ``PreferenceSplit``."""
+class IndexBatchSampler(DistributedSampler):
+    """Yields ``ShardIndex``es (index tensors or slices), each turned into a batch by ``PreferenceSplit``.
 
-    def __init__(self, size: int, batch_size: int | None, shuffle: bool, seed: int) -> None:
+    Every rank draws the same global order (same ``seed`` and epoch), splits it into step batches of
+    ``batch_size`` and keeps its own contiguous shard of each: no padding, no duplicate, every
+    rank has the same number of steps. It subclasses ``DistributedSampler`` only so that Lightning
+    leaves it alone under DDP (``use_distributed_sampler`` wraps any other sampler in one that pads
+    the last shard with duplicates); none of the parent's logic is used.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int | None, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size must be positive or None (full batch), got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        # No super().__init__: it would query torch.distributed and compute padded sizes.
         self.size = size
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.rank = rank
+        self.num_replicas = world_size
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -86,14 +122,19 @@ class IndexBatchSampler(Sampler):
             return 1
         return -(-self.size // self.batch_size)
 
-    def __iter__(self) -> Iterator[Tensor | slice]:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[ShardIndex]:
         if self.batch_size is None:
-            yield slice(None)
+            # contiguous shard of the whole split: a view, no copy
+            yield ShardIndex(shard(self.size, self.rank, self.num_replicas), slice(None))
             return
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
-        self.epoch += 1
-        yield from order.split(self.batch_size)
+        self.epoch += 1  # reshuffles outside Lightning too (Lightning calls set_epoch each epoch)
+        for step in order.split(self.batch_size):
+            yield ShardIndex(step[shard(step.numel(), self.rank, self.num_replicas)], step)

@@ -60,7 +60,7 @@ def test_rank_one_gets_weight_one_without_fitting(tiny_data):
 def test_shots_subsample_is_what_the_module_trains_on(tiny_data):
     module = FewShotModule.from_basis(torch.randn(tiny_data.dim, 2), shots=3)
     tiny_trainer(1).fit(module, datamodule=tiny_data)
-    _, users = module._shots
+    _, users, _ = module._shots
     assert torch.all(torch.bincount(users, minlength=tiny_data.num_unseen_users) == 3)
 
 

@@ -1,0 +1,181 @@
+"""DDP gives the one-process answer: 2 CPU processes (``ddp_spawn``) against 1, same seed.
+
+The sharded runs are compared on what they train (V, W), what they log (the global train loss,
+val accuracy) and the protocol's four accuracies, within 1e-5. The uneven sizes (99 pairs, batches
+whose last shards hold 2 and 1 pairs) make a wrong normalisation or a padded sampler visible.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning import Callback, seed_everything
+
+from callbacks.protocol import PROTOCOL_ROWS, ProtocolEvaluation
+from datamodules import SyntheticPopulationDataModule
+from lore_pl import BasisModule, FewShotModule
+from lore_pl import functional as LF
+from lore_pl.preferences import IndexBatchSampler, PreferenceSplit
+from tests.conftest import TINY, tiny_trainer
+
+# 11 seen users x 9 pairs = 99 training pairs: the full-batch shards are 50 and 49 pairs
+DATA = {**TINY, "num_seen_users": 11, "train_prompts_per_user": 9}
+TOLERANCE = dict(rtol=0, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    yield
+    if dist.is_available() and dist.is_initialized():  # a failed run must not poison the next test
+        dist.destroy_process_group()
+
+
+class SaveRankZero(Callback):
+    """ddp_spawn trains in child processes: rank 0 saves what the test compares."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        if trainer.is_global_zero:
+            state = {key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()}
+            torch.save({"state": state, "metrics": metrics}, self.path)
+
+
+def train(make_model, out, devices, epochs, data_kwargs=(), protocol=True, **trainer_kwargs):
+    """Fit with ``devices`` CPU processes; returns rank 0's state dict, logged metrics, protocol."""
+    seed_everything(0, workers=True)
+    data = SyntheticPopulationDataModule(**{**DATA, **dict(data_kwargs)})
+    model = make_model()
+    out.mkdir(parents=True)
+    callbacks = [SaveRankZero(out / "rank0.pt")]
+    if protocol:
+        callbacks.insert(0, ProtocolEvaluation(shots=4, steps=30, export_basis=False))
+    trainer = tiny_trainer(
+        epochs, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", default_root_dir=out,
+        callbacks=callbacks, limit_val_batches=1.0, check_val_every_n_epoch=epochs, **trainer_kwargs,
+    )
+    trainer.fit(model, datamodule=data)
+    saved = torch.load(out / "rank0.pt")
+    results = json.loads((out / "protocol.json").read_text()) if protocol else {}
+    return saved["state"], saved["metrics"], results
+
+
+def assert_same_run(one, two, keys):
+    (state1, metrics1, protocol1), (state2, metrics2, protocol2) = one, two
+    for key in keys:
+        torch.testing.assert_close(state2[key], state1[key], **TOLERANCE)
+    for key in ("train/nll", "train/acc", "val/acc", "val/acc_std", "val/nll"):
+        assert metrics2[key] == pytest.approx(metrics1[key], abs=1e-5), key
+    for key, _, _ in PROTOCOL_ROWS if protocol1 else ():
+        assert protocol2[key] == pytest.approx(protocol1[key], abs=1e-5), key
+    diffs = {key: float((state2[key] - state1[key]).abs().max()) for key in keys}
+    diffs["logged"] = max(abs(metrics2[key] - metrics1[key]) for key in metrics1)
+    diffs["protocol"] = max((abs(protocol2[key] - protocol1[key]) for key in protocol1), default=0.0)
+    print(f"max |2 processes - 1 process|: {diffs}")  # shown with pytest -s
+    return diffs
+
+
+# ------------------------------------------------------------------------- fast, single process
+def test_shards_are_disjoint_unpadded_and_cover_every_batch():
+    split = PreferenceSplit(torch.randn(11, 2), torch.arange(11) % 3, ["a", "b", "c"])
+    for batch_size in (None, 4):
+        per_rank = [list(split.loader(batch_size, shuffle=True, seed=1, rank=r, world_size=3)) for r in range(3)]
+        one = list(split.loader(batch_size, shuffle=True, seed=1))
+        assert len({len(batches) for batches in per_rank}) == 1  # every rank takes the same number of steps
+        for step, whole in enumerate(one):
+            shards = [batches[step] for batches in per_rank]
+            torch.testing.assert_close(torch.cat([s["features"] for s in shards]), whole["features"], rtol=0, atol=0)
+            for shard in shards:  # the counts are the whole step's, on every rank
+                assert torch.equal(shard["counts"], torch.bincount(whole["users"], minlength=3))
+    # more ranks than pairs: some shards are empty rather than padded
+    split = PreferenceSplit(torch.randn(2, 2), torch.tensor([0, 1]), ["a", "b"])
+    shards = [next(iter(IndexBatchSampler(2, None, False, 0, r, 4))) for r in range(4)]
+    assert [len(split[shard]["users"]) for shard in shards] == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("weighting", ["pair_mean", "user_mean"])
+def test_scaled_shard_losses_average_to_the_one_process_loss(weighting):
+    logits, users = torch.randn(7), torch.tensor([0, 0, 0, 1, 2, 2, 1])
+    counts = torch.bincount(users, minlength=3)
+    whole = LF.preference_loss(logits, users, 3, weighting)
+    shards = [LF.preference_loss(logits[part], users[part], 3, weighting, counts, scale=2.0)
+              for part in (slice(0, 4), slice(4, 7))]
+    torch.testing.assert_close(sum(shards) / 2, whole)
+    local_means = [LF.preference_loss(logits[part], users[part], 3, weighting) for part in (slice(0, 4), slice(4, 7))]
+    assert abs(float(sum(local_means) / 2 - whole)) > 1e-3  # what DDP would give without the counts
+
+
+def test_nothing_to_train_under_ddp_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=2)
+    reference = BasisModule(rank=0, num_users=3, feature_dim=4, has_reference_head=True)
+    reference._trainer = fitting
+    with pytest.raises(ValueError, match="K=0 has nothing to train.*devices=1"):
+        reference.configure_model()
+    trained = BasisModule(rank=2, num_users=3, feature_dim=4)
+    trained._trainer = fitting
+    trained.configure_model()  # has parameters: DDP wraps it
+    reference._trainer = SimpleNamespace(state=fitting.state, world_size=1)
+    reference.configure_model()  # one process: nothing to wrap
+
+
+def test_ddp_config_is_the_synthetic_protocol_under_ddp(tmp_path):
+    import yaml
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lore_pl.cli import build_cli
+    from tests.test_cli import ROOT
+
+    ddp, synthetic = (yaml.safe_load((ROOT / f"configs/{name}.yaml").read_text()) for name in ("ddp", "synthetic"))
+    for config in (ddp, synthetic):  # what may differ: the launch settings and the run directory's name
+        for key in ("devices", "num_nodes", "strategy"):
+            config["trainer"].pop(key, None)
+        config["trainer"]["logger"]["init_args"].pop("name")
+    assert ddp == synthetic
+    cli = build_cli(["--config", str(ROOT / "configs/ddp.yaml"), "--trainer.accelerator=cpu",
+                     "--trainer.devices=2", f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
+
+
+# ------------------------------------------------------------------- 2 processes against 1
+@pytest.mark.slow
+def test_ddp_joint_full_batch_equals_one_process(tmp_path):
+    def make():
+        return BasisModule(rank=3, lr=0.1, prune_threshold=0.0)
+
+    one = train(make, tmp_path / "one", 1, epochs=25)
+    two = train(make, tmp_path / "two", 2, epochs=25)
+    assert_same_run(one, two, ["basis", "user_logits"])
+
+
+@pytest.mark.slow
+def test_ddp_alternating_minibatch_user_mean_equals_one_process(tmp_path):
+    # 99 pairs in batches of 32: the last step's shards hold 2 and 1 pairs; eval batches are uneven too
+    def make():
+        return BasisModule(rank=3, lr=0.1, schedule="alternating", loss_weighting="user_mean",
+                           regularizer="cosine", alpha=0.5, weight_init="rand", prune_threshold=0.0)
+
+    data = {"batch_size": 32, "eval_batch_size": 25}
+    one = train(make, tmp_path / "one", 1, epochs=4, data_kwargs=data)
+    two = train(make, tmp_path / "two", 2, epochs=4, data_kwargs=data)
+    assert_same_run(one, two, ["basis", "user_logits"])
+
+
+@pytest.mark.slow
+def test_ddp_fewshot_equals_one_process(tmp_path):
+    basis = torch.randn(DATA["dim"], 3, generator=torch.Generator().manual_seed(1))
+
+    def make():
+        return FewShotModule.from_basis(basis.clone(), tau=1.0, shots=3, lr=0.1)
+
+    # 5 users x 3 shots = 15 pairs: shards of 8 and 7, user 2's shots straddle them
+    data = {"num_unseen_users": 5}
+    one = train(make, tmp_path / "one", 1, epochs=25, data_kwargs=data, protocol=False)
+    two = train(make, tmp_path / "two", 2, epochs=25, data_kwargs=data, protocol=False)
+    assert_same_run(one, two, ["user_logits"])
