@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
-
-from datamodules.base import PreferenceDataModule
-from lore_pl.module import PreferenceModule
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """The LightningCLI over any ``PreferenceModule`` and ``PreferenceDataModule`` subclass.
+    """The LightningCLI over any LightningModule and LightningDataModule subclass: the preference
+    modules (``fit``/``test``) and the embedding job (``predict`` with ``lore_pl.EmbeddingModule``).
 
     ``args`` replaces ``sys.argv[1:]`` (tests call the CLI in-process this way).
     """
     return LightningCLI(
-        PreferenceModule,
-        PreferenceDataModule,
+        LightningModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
