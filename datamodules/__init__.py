@@ -2,7 +2,10 @@
 
 from datamodules.base import ROLES, PreferenceData, PreferenceDataModule
 from datamodules.embedded import EmbeddedPreferenceDataModule
+from datamodules.personal_llm import PersonalLLMDataModule
 from datamodules.preference_file import PreferenceFileDataModule
+from datamodules.prism import PRISMDataModule
+from datamodules.reddit_tldr import RedditTLDRDataModule
 from datamodules.synthetic import SyntheticPopulationDataModule
 
 __all__ = [
@@ -10,6 +13,9 @@ __all__ = [
     "EmbeddedPreferenceDataModule",
     "PreferenceData",
     "PreferenceDataModule",
+    "PersonalLLMDataModule",
     "PreferenceFileDataModule",
+    "PRISMDataModule",
+    "RedditTLDRDataModule",
     "SyntheticPopulationDataModule",
 ]
