@@ -39,6 +39,11 @@ class CacheWriter(BasePredictionWriter):
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
 
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The shards are on disk as they finish; keeping every embedding in memory too would need
+        # the whole data set's features in RAM.
+        trainer.predict_loop.return_predictions = False
+
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices,
                            batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         trainer.datamodule.feature_cache.write_shard(prediction["shard"], prediction["embeddings"])
