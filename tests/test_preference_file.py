@@ -198,3 +198,24 @@ def test_lightning_predict_fills_the_cache(tmp_path, tiny_reward_model):
     expected, expected_head = in_process.feature_cache.load()
     torch.testing.assert_close(features, expected)
     assert torch.equal(head, expected_head)
+
+
+@pytest.mark.slow
+def test_predict_job_on_two_processes_writes_every_shard_once(tmp_path, tiny_reward_model):
+    """The embedding job under DDP (2 CPU processes): shards are split between ranks, rank 0 completes the cache."""
+    from lightning import Trainer
+
+    from lore_pl import EmbeddingModule
+
+    write_preferences(tmp_path / "prefs.jsonl")
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    trainer.predict(EmbeddingModule(), datamodule=data, return_predictions=False)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    direct = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, cache_dir=str(tmp_path / "direct"))
+    direct.prepare_data()
+    assert data.feature_cache.is_complete()
+    torch.testing.assert_close(data.feature_cache.load()[0], direct.feature_cache.load()[0])
+    assert torch.equal(data.feature_cache.load()[1], direct.feature_cache.load()[1])
