@@ -50,8 +50,8 @@ class CacheWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            cache = trainer.datamodule.feature_cache
+        cache = trainer.datamodule.feature_cache
+        if trainer.is_global_zero and pl_module.embedder is not None:  # None: the cache was complete already
             head = pl_module.embedder.reference_head
             if head is not None:
                 cache.write_reference_head(head)

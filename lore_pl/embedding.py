@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 Item = list  # [messages: list[dict[str, str]], response: str]
@@ -190,10 +191,14 @@ class EmbeddingModule(LightningModule):
         self.embedder: TextEmbedder | None = None
 
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        spec = getattr(datamodule, "embedder_spec", None)
+        if spec is None:
+            raise ValueError("EmbeddingModule needs a data module with an `embedder_spec` (an EmbeddedPreferenceDataModule)")
+        if datamodule.feature_cache.is_complete():
+            rank_zero_info(f"feature cache {datamodule.feature_cache.directory} is complete: nothing to embed")
+            return  # no need to load an 8B model to embed nothing
         if self.embedder is None:
-            spec = getattr(self.trainer.datamodule, "embedder_spec", None)
-            if spec is None:
-                raise ValueError("EmbeddingModule needs a data module with an `embedder_spec` (an EmbeddedPreferenceDataModule)")
             self.embedder = TextEmbedder(spec)
 
     def configure_callbacks(self):

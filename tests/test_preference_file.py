@@ -179,7 +179,7 @@ def test_csv_and_parquet_with_custom_columns(tmp_path, tiny_reward_model):
         torch.testing.assert_close(data.split("unseen_test").features, reference.split("unseen_test").features)
 
 
-def test_lightning_predict_fills_the_cache(tmp_path, tiny_reward_model):
+def test_lightning_predict_fills_the_cache(tmp_path, tiny_reward_model, monkeypatch):
     from lore_pl.cli import build_cli
 
     write_preferences(tmp_path / "prefs.jsonl")
@@ -198,6 +198,13 @@ def test_lightning_predict_fills_the_cache(tmp_path, tiny_reward_model):
     expected, expected_head = in_process.feature_cache.load()
     torch.testing.assert_close(features, expected)
     assert torch.equal(head, expected_head)
+
+    def no_model(self, spec):
+        raise AssertionError("the model was loaded although the cache is complete")
+
+    monkeypatch.setattr(TextEmbedder, "__init__", no_model)
+    build_cli(args)  # a second embedding job finds the cache complete: no model, nothing embedded
+    assert torch.equal(predicted.feature_cache.load()[0], features)
 
 
 @pytest.mark.slow
