@@ -93,36 +93,58 @@ def test_second_run_does_not_call_the_model(tmp_path, tiny_reward_model, counted
     assert torch.equal(first.split("seen_train").features, second.split("seen_train").features)
 
 
+KILLER = """
+import os, signal, sys
+import numpy as np
+sys.path[:0] = {paths!r}
+import lore_pl.feature_cache as feature_cache
+from conftest import tiny_spec
+from datamodules import PreferenceFileDataModule
+
+written = []
+real_save = np.save
+
+def save_then_die(stream, array):
+    if len(written) == 2:  # the third shard: half its bytes hit the disk, then the process is killed
+        stream.write(b"half a shard")
+        stream.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    written.append(array.shape)
+    real_save(stream, array)
+
+feature_cache.np.save = save_then_die
+PreferenceFileDataModule({path!r}, cache_dir={cache!r}, embedder=tiny_spec({model!r}), shard_size=10,
+                         progress=False).prepare_data()
+"""
+
+
 def test_killed_embedding_resumes_from_its_shards(tmp_path, tiny_reward_model, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
     write_preferences(tmp_path / "prefs.jsonl")
+    tests, root = Path(__file__).parent, Path(__file__).parents[1]
+    script = KILLER.format(paths=[str(tests), str(root)], path=str(tmp_path / "prefs.jsonl"),
+                           cache=str(tmp_path / "cache"), model=tiny_reward_model)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
-    original = TextEmbedder.forward
-    done = []
-
-    def dies_on_third_shard(self, items):
-        if len(done) == 2:
-            raise KeyboardInterrupt("killed")
-        done.append(len(items))
-        return original(self, items)
-
-    monkeypatch.setattr(TextEmbedder, "forward", dies_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        data.prepare_data()
     cache = data.feature_cache
     num_shards = cache.manifest()["num_shards"]
-    assert not cache.is_complete() and len(cache.missing_shards()) == num_shards - 2
-    assert not list(cache.directory.glob(".*.tmp")), "a temporary file was left behind"
+    assert not cache.is_complete() and cache.missing_shards() == list(range(2, num_shards))
+    assert list(cache.directory.glob(".shard-00002.npy.*.tmp")), "the half-written shard should be a temporary file"
 
-    monkeypatch.setattr(TextEmbedder, "forward", original)
-    resumed = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
     calls = []
+    original = TextEmbedder.forward
     monkeypatch.setattr(TextEmbedder, "forward", lambda self, items: calls.append(len(items)) or original(self, items))
-    resumed.setup("fit")
+    data.setup("fit")
     assert len(calls) == num_shards - 2  # only the missing shards were embedded
-
     fresh = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, cache_dir=str(tmp_path / "fresh"))
     fresh.setup("fit")
-    torch.testing.assert_close(resumed.feature_cache.load()[0], fresh.feature_cache.load()[0])
+    torch.testing.assert_close(cache.load()[0], fresh.feature_cache.load()[0])
 
 
 def test_cache_key_changes_with_model_settings(tmp_path, tiny_reward_model):
