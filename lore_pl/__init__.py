@@ -16,6 +16,8 @@ _EXPORTS = {
     "PerUserAccuracy": "lore_pl.metrics",
     "PreferenceSplit": "lore_pl.preferences",
     "PersonalRewardModel": "lore_pl.scoring",
+    "EmbedderSpec": "lore_pl.embedding",
+    "EmbeddingModule": "lore_pl.embedding",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,8 +7,9 @@ from lightning.pytorch.cli import LightningCLI
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """The LightningCLI over any LightningModule and LightningDataModule named by ``class_path``
-    (``lore_pl.BasisModule``, ``lore_pl.FewShotModule``, ``lore_pl.score.ScoringModule``, ...).
+    """The LightningCLI over any LightningModule and LightningDataModule named by ``class_path``:
+    the preference modules (``lore_pl.BasisModule``, ``lore_pl.FewShotModule``), the embedding job
+    (``predict`` with ``lore_pl.EmbeddingModule``) and scoring (``lore_pl.score.ScoringModule``).
 
     ``args`` replaces ``sys.argv[1:]`` (tests call the CLI in-process this way).
     """

@@ -1,0 +1,124 @@
+"""The base of the real data sets: rows of text read once, embedded into a feature cache, split.
+
+``prepare_data`` (rank 0, once) reads the source, records the texts and a JSON table of the rows in
+the cache, and embeds what is missing; ``setup``/``load`` only read the cache. Under
+``lightning predict`` with an ``EmbeddingModule`` the embedding is left to the Trainer: the predict
+loader yields the missing shards and ``CacheWriter`` stores them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules.base import PreferenceData, PreferenceDataModule
+from lore_pl.embedding import EmbedderSpec
+from lore_pl.feature_cache import FeatureCache, write_json_atomic
+
+TABLE = "table.json"
+
+
+class EmbeddedPreferenceDataModule(PreferenceDataModule):
+    """A data set of texts, embedded by ``embedder`` into ``cache_dir``.
+
+    Subclasses implement ``source_revision`` (what identifies the raw data), ``read_source`` (the
+    items to embed and a JSON table of rows) and ``build`` (the splits, from the table and the
+    embeddings). ``source_options`` lists the reading options that change the items or table.
+
+    Args:
+        cache_dir: where embeddings are cached (one subdirectory per data set revision and embedder).
+        embedder: the model that embeds the texts (see ``lore_pl.embedding.EmbedderSpec``).
+        shard_size: texts per cache shard (one predict batch; the unit an interrupted job resumes at).
+        progress: show a progress bar while embedding in-process.
+        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
+        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
+        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str = "cache/features",
+        embedder: EmbedderSpec | None = None,
+        shard_size: int = 1024,
+        progress: bool = True,
+        batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle)
+        self.cache_dir = cache_dir
+        self.embedder_spec = embedder if embedder is not None else EmbedderSpec()
+        self.shard_size = shard_size
+        self.progress = progress
+        self._cache: FeatureCache | None = None
+
+    # ----------------------------------------------------------------------- for subclasses
+    def source_revision(self) -> str:
+        """What identifies the raw data: a Hub commit or a hash of the local files."""
+        raise NotImplementedError
+
+    def source_options(self) -> dict[str, Any]:
+        """Options that change the items or the table (they key the cache)."""
+        return {}
+
+    def read_source(self) -> tuple[list[Any], dict[str, Any]]:
+        """(items to embed, each ``[messages, response]``; a JSON-able table of the rows)."""
+        raise NotImplementedError
+
+    def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
+        """The protocol's splits from the table and the items' embeddings ``[num_items, d]``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------- cache
+    @property
+    def feature_cache(self) -> FeatureCache:
+        if self._cache is None:
+            from lore_pl.embedding import template_id
+
+            key = {"dataset": type(self).__name__, "revision": self.source_revision(),
+                   "options": self.source_options(), "embedder": self.embedder_spec.cache_key(template_id(self.embedder_spec))}
+            self._cache = FeatureCache(self.cache_dir, key, name=type(self).__name__)
+        return self._cache
+
+    def _embedding_job(self) -> bool:
+        from lore_pl.embedding import EmbeddingModule
+
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return isinstance(module, EmbeddingModule)
+
+    def prepare_data(self) -> None:
+        cache = self.feature_cache
+        if cache.is_complete():
+            return
+        items, table = self.read_source()
+        cache.initialize(items, self.shard_size)
+        write_json_atomic(cache.directory / TABLE, table)
+        if self._embedding_job():
+            return  # the predict loop embeds the missing shards
+        from lore_pl.cache_writer import embed_missing
+        from lore_pl.embedding import TextEmbedder
+
+        embed_missing(cache, TextEmbedder(self.embedder_spec), progress=self.progress)
+
+    def load(self) -> PreferenceData:
+        cache = self.feature_cache
+        if not cache.is_complete():
+            self.prepare_data()  # single-process use; under a Trainer this ran on rank 0 already
+        embeddings, head = cache.load()
+        table = json.loads((cache.directory / TABLE).read_text())
+        return self.build(table, embeddings, head)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self._embedding_job():
+            return  # embedding: the cache is being filled, there are no splits to load yet
+        super().setup(stage)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self._embedding_job():
+            from lore_pl.cache_writer import MissingShards
+
+            return MissingShards(self.feature_cache).loader()
+        return super().predict_dataloader()

@@ -1,0 +1,134 @@
+"""PRISM: multi-turn conversations where each user picked one of several model replies per turn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from datamodules.base import PreferenceData
+from datamodules.embedded import EmbeddedPreferenceDataModule
+from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split_fraction
+from datamodules.sources import find_files, read_all, resolve
+from lore_pl.embedding import EmbedderSpec
+
+ROLE_NAMES = {"user": "user", "model": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def conversation_pairs(conversation: dict[str, Any]) -> list[tuple[list[dict[str, str]], str, str]]:
+    """(prompt messages, chosen reply, one rejected reply) for every rejected reply of every turn.
+
+    The prompt is the conversation so far: every earlier user turn and the reply the user chose,
+    then this turn's user message. Each rejected reply is its own pair, a plain string like the
+    chosen one (the reference embedded the list of rejected replies as one string, leaking the label).
+    """
+    turns: dict[int, list[dict[str, Any]]] = {}
+    for message in conversation["conversation_history"]:
+        turns.setdefault(int(message["turn"]), []).append(message)
+    history: list[dict[str, str]] = []
+    pairs = []
+    for turn in sorted(turns):
+        users = [m for m in turns[turn] if m["role"] == "user"]
+        replies = [m for m in turns[turn] if m["role"] == "model"]
+        chosen = [m for m in replies if m.get("if_chosen")]
+        if not users or len(chosen) != 1:
+            break  # an unfinished turn ends the usable conversation
+        history = history + [{"role": "user", "content": m["content"]} for m in users]
+        for reply in replies:
+            if not reply.get("if_chosen") and reply["content"] and reply["content"] != chosen[0]["content"]:
+                pairs.append((list(history), chosen[0]["content"], reply["content"]))
+        history = history + [{"role": "assistant", "content": chosen[0]["content"]}]
+    return pairs
+
+
+class PRISMDataModule(EmbeddedPreferenceDataModule):
+    """``HannahRoseKirk/prism-alignment``: ``survey.jsonl`` (the participants) and
+    ``conversations.jsonl`` (each conversation's ``conversation_history``: user turns and the model
+    replies of each turn, one with ``if_chosen``). ``utterances.jsonl`` holds the same replies one
+    per row and is not needed.
+
+    The split: users in the survey with a conversation and more than ``min_dialogs`` dialogs;
+    shuffled (``seed``) into ``seen_fraction`` seen and the rest unseen; each user's dialogs
+    shuffled (``seed``) and split ``train_fraction`` / rest into train (the seen users' training
+    pairs, the unseen users' few-shot pool) and test. A dialog's pairs never straddle the split.
+
+    Args:
+        source: the Hub data set id, or a local directory holding ``survey`` and ``conversations``
+            ``.jsonl`` files in the upstream schema.
+        revision: the Hub revision (a commit hash pins the data).
+        seed: seed of the user split and the dialog split (123 in the paper).
+        seen_fraction: fraction of users who train the basis (0.8 in the paper).
+        min_dialogs: users need more than this many dialogs (5 in the paper).
+        train_fraction: fraction of each user's dialogs used for training (0.5 in the paper).
+        cache_dir: where embeddings are cached.
+        embedder: the model that embeds the texts.
+        shard_size: texts per cache shard.
+        progress: show a progress bar while embedding in-process.
+        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
+        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
+        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        source: str = "HannahRoseKirk/prism-alignment",
+        revision: str = "main",
+        seed: int = 123,
+        seen_fraction: float = 0.8,
+        min_dialogs: int = 5,
+        train_fraction: float = 0.5,
+        cache_dir: str = "cache/features",
+        embedder: EmbedderSpec | None = None,
+        shard_size: int = 1024,
+        progress: bool = True,
+        batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle)
+        self.source, self.revision, self.seed = source, revision, seed
+        self.seen_fraction, self.min_dialogs, self.train_fraction = seen_fraction, min_dialogs, train_fraction
+        self._resolved: tuple[Path, str] | None = None
+
+    def _root(self) -> tuple[Path, str]:
+        if self._resolved is None:
+            self._resolved = resolve(self.source, self.revision, allow_patterns=["survey.jsonl", "conversations.jsonl"])
+        return self._resolved
+
+    def source_revision(self) -> str:
+        return self._root()[1]
+
+    def read_source(self) -> tuple[list[Any], dict[str, Any]]:
+        root = self._root()[0]
+        participants = {str(row["user_id"]) for row in read_all(find_files(root, "survey"))}
+        items, table = ItemIndex(), PairTable()
+        for conversation in read_all(find_files(root, "conversations")):
+            user = str(conversation["user_id"])
+            if user not in participants:
+                continue
+            for messages, chosen, rejected in conversation_pairs(conversation):
+                table.append(user, items.add(messages, chosen), items.add(messages, rejected),
+                             str(conversation["conversation_id"]))
+        return items.items, table.to_json()
+
+    def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
+        users = np.asarray(table["user"], dtype=object)
+        dialogs = np.asarray(table["group"], dtype=object)
+        dialogs_of: dict[str, set[str]] = {}
+        for user, dialog in zip(users, dialogs):
+            dialogs_of.setdefault(user, set()).add(dialog)
+        eligible = [u for u, d in dialogs_of.items() if len(d) > self.min_dialogs]
+        seen, unseen = split_fraction(eligible, self.seen_fraction, self.seed)
+        train_dialogs = []
+        for user in eligible:
+            train, _ = split_fraction(dialogs_of[user], self.train_fraction, self.seed)
+            train_dialogs += train
+        is_train = np.isin(dialogs, train_dialogs)
+        is_seen, is_unseen = np.isin(users, seen), np.isin(users, unseen)
+        role_rows = {
+            "seen_train": np.flatnonzero(is_seen & is_train), "seen_test": np.flatnonzero(is_seen & ~is_train),
+            "unseen_pool": np.flatnonzero(is_unseen & is_train), "unseen_test": np.flatnonzero(is_unseen & ~is_train),
+        }
+        return build_preference_data(table, embeddings, reference_head, role_rows)
