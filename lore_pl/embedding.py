@@ -106,7 +106,7 @@ class TextEmbedder(nn.Module):
 
     def __init__(self, spec: EmbedderSpec) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification
 
         self.spec = spec
         path = resolve_model_path(spec.model)
