@@ -36,6 +36,8 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
         eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
+        val_seed: seed of that hold-out.
     """
 
     def __init__(
@@ -47,8 +49,11 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         batch_size: int | None = None,
         eval_batch_size: int | None = None,
         shuffle: bool = True,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
+                         val_fraction=val_fraction, val_seed=val_seed)
         self.cache_dir = cache_dir
         self.embedder_spec = embedder if embedder is not None else EmbedderSpec()
         self.shard_size = shard_size
@@ -71,6 +76,11 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
         """The protocol's splits from the table and the items' embeddings ``[num_items, d]``."""
         raise NotImplementedError
+
+    @property
+    def embedder(self) -> str:
+        spec = self.embedder_spec
+        return f"{spec.kind}:{spec.model}@{spec.revision} (max_length={spec.max_length}, dtype={spec.dtype})"
 
     # ------------------------------------------------------------------------------- cache
     @property

@@ -60,6 +60,8 @@ class PersonalLLMDataModule(EmbeddedPreferenceDataModule):
         batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
         eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
+        val_seed: seed of that hold-out.
     """
 
     def __init__(
@@ -80,8 +82,11 @@ class PersonalLLMDataModule(EmbeddedPreferenceDataModule):
         batch_size: int | None = None,
         eval_batch_size: int | None = None,
         shuffle: bool = True,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
     ) -> None:
-        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle)
+        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle,
+                         val_fraction, val_seed)
         if dirichlet_alpha <= 0 or num_seen_users < 1 or num_unseen_users < 0:
             raise ValueError("dirichlet_alpha must be positive, num_seen_users >= 1 and num_unseen_users >= 0")
         self.source, self.revision, self.seed = source, revision, seed

@@ -68,6 +68,8 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
         eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
+        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
+        val_seed: seed of that hold-out.
     """
 
     def __init__(
@@ -87,8 +89,11 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         batch_size: int | None = None,
         eval_batch_size: int | None = None,
         shuffle: bool = True,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
     ) -> None:
-        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle)
+        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle,
+                         val_fraction, val_seed)
         for name, value in (("seen_fraction", seen_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")

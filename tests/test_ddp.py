@@ -67,7 +67,7 @@ def assert_same_run(one, two, keys):
     (state1, metrics1, protocol1), (state2, metrics2, protocol2) = one, two
     for key in keys:
         torch.testing.assert_close(state2[key], state1[key], **TOLERANCE)
-    for key in ("train/nll", "train/acc", "val/acc", "val/acc_std", "val/nll"):
+    for key in ("train/loss", "train/acc", "val/acc", "val/acc_std", "val/nll"):
         assert metrics2[key] == pytest.approx(metrics1[key], abs=1e-5), key
     for key, _, _ in PROTOCOL_ROWS if protocol1 else ():
         assert protocol2[key] == pytest.approx(protocol1[key], abs=1e-5), key
