@@ -125,6 +125,22 @@ def test_hand_written_fewshot_gradient_equals_autograd(strength):
     prior = torch.randn(4, generator=generator, dtype=torch.float64)
     expected = LF.fewshot_loss(projected, users, logits, 3.0, prior, strength)
     (expected_grad,) = torch.autograd.grad(expected, logits)
-    loss, grad = LF.fewshot_loss_and_grad(projected, users, logits.detach(), 3.0, prior, strength)
+    padded = LF.PaddedPairs.from_flat(projected, users, 6)
+    loss, grad = LF.fewshot_loss_and_grad(padded, logits.detach(), 3.0, prior, strength)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_hand_written_adam_follows_torch_adam():
+    generator = torch.Generator().manual_seed(4)
+    projected = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    users = torch.randint(0, 5, (40,), generator=generator)
+    init = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    logits = init.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(50):
+        optimizer.zero_grad()
+        LF.fewshot_loss(projected, users, logits, 2.0).backward()
+        optimizer.step()
+    fitted = LF.fit_user_weights(projected, users, init, steps=50, lr=0.1, tau=2.0)
+    torch.testing.assert_close(fitted, logits.detach(), rtol=1e-9, atol=1e-10)
