@@ -31,7 +31,7 @@ def conversation_pairs(conversation: dict[str, Any]) -> list[tuple[list[dict[str
     pairs = []
     for turn in sorted(turns):
         users = [m for m in turns[turn] if m["role"] == "user"]
-        replies = [m for m in turns[turn] if m["role"] == "model"]
+        replies = [m for m in turns[turn] if m["role"] != "user"]  # every non-user turn is a model reply
         chosen = [m for m in replies if m.get("if_chosen")]
         if not users or len(chosen) != 1:
             break  # an unfinished turn ends the usable conversation
