@@ -3,6 +3,7 @@
 from datamodules.base import ROLES, PreferenceData, PreferenceDataModule
 from datamodules.candidates import CandidateFileDataModule
 from datamodules.embedded import EmbeddedPreferenceDataModule
+from datamodules.memmap import MemmapPreferenceDataModule, write_memmap_dataset
 from datamodules.personal_llm import PersonalLLMDataModule
 from datamodules.preference_file import PreferenceFileDataModule
 from datamodules.prism import PRISMDataModule
@@ -13,6 +14,7 @@ __all__ = [
     "ROLES",
     "CandidateFileDataModule",
     "EmbeddedPreferenceDataModule",
+    "MemmapPreferenceDataModule",
     "PreferenceData",
     "PreferenceDataModule",
     "PersonalLLMDataModule",
@@ -20,4 +22,5 @@ __all__ = [
     "PRISMDataModule",
     "RedditTLDRDataModule",
     "SyntheticPopulationDataModule",
+    "write_memmap_dataset",
 ]

@@ -1,0 +1,87 @@
+"""Preference splits larger than memory: features in memory-mapped ``.npy`` files, trained in mini-batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules.base import ROLES, PreferenceData, PreferenceDataModule
+from lore_pl.preferences import PreferenceSplit
+
+USERS_FILE = "users.json"
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
+    os.close(handle)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_memmap_dataset(directory: str | os.PathLike, data: PreferenceData) -> Path:
+    """Write ``data`` in the layout ``MemmapPreferenceDataModule`` reads: per role
+    ``<role>.features.npy`` (float32 ``[N, d]``) and ``<role>.users.npy`` (int64 ``[N]``), the user
+    tables in ``users.json``, and ``reference_head.npy`` when there is one."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    users = {}
+    for role, split in data.splits.items():
+        _atomic_save(directory / f"{role}.features.npy", split.features.float().numpy())
+        _atomic_save(directory / f"{role}.users.npy", split.users.long().numpy())
+        users[role] = list(split.user_ids)
+    if data.reference_head is not None:
+        _atomic_save(directory / "reference_head.npy", data.reference_head.float().numpy())
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{USERS_FILE}.")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(users, stream)
+    os.replace(tmp, directory / USERS_FILE)
+    return directory
+
+
+class MemmapPreferenceDataModule(PreferenceDataModule):
+    """Splits whose features stay on disk: ``<role>.features.npy`` files are memory-mapped, so a
+    data set larger than RAM trains in mini-batches with bounded memory (the page cache holds what
+    the kernel can keep; the process itself holds one batch). Write the layout with
+    ``write_memmap_dataset``, or produce it chunk by chunk with ``numpy.lib.format.open_memmap``.
+
+    Args:
+        directory: the folder of ``.npy`` files and ``users.json``.
+        batch_size: pairs per training batch (a full batch would read the whole file into memory).
+        eval_batch_size: pairs per evaluation batch.
+        shuffle: reshuffle the training pairs each epoch.
+    """
+
+    def __init__(self, directory: str, batch_size: int | None = 65536, eval_batch_size: int | None = 65536,
+                 shuffle: bool = True) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle)
+        self.directory = Path(directory)
+
+    def load(self) -> PreferenceData:
+        users_file = self.directory / USERS_FILE
+        if not users_file.is_file():
+            raise FileNotFoundError(f"{users_file} not found: write the layout with write_memmap_dataset")
+        user_tables = json.loads(users_file.read_text())
+        splits = {}
+        for role in ROLES:
+            path = self.directory / f"{role}.features.npy"
+            if role not in user_tables or not path.is_file():
+                continue
+            # copy-on-write mapping: a writable array for torch, pages read on demand, file untouched
+            features = torch.from_numpy(np.load(path, mmap_mode="c"))
+            if features.dtype != torch.float32 or features.ndim != 2:
+                raise ValueError(f"{path}: features must be a float32 [N, d] array, got {features.dtype} "
+                                 f"{tuple(features.shape)}")
+            users = torch.from_numpy(np.load(self.directory / f"{role}.users.npy"))
+            splits[role] = PreferenceSplit(features, users, user_tables[role], name=role)
+        head_path = self.directory / "reference_head.npy"
+        head = torch.from_numpy(np.load(head_path)) if head_path.is_file() else None
+        return PreferenceData(splits, head)
