@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +14,7 @@ from datamodules.base import PreferenceDataModule
 from lore_pl import functional as LF
 from lore_pl.basis import BasisModule
 from lore_pl.export import BasisFile, save_basis
+from lore_pl.feature_cache import write_json_atomic
 from lore_pl.metrics import PerUserAccuracy
 from lore_pl.preferences import PreferenceSplit
 
@@ -47,14 +45,15 @@ def evaluate_protocol(
     lr: float = 0.1,
     weight_init: Literal["randn", "zeros", "population"] = "randn",
     prior_strength: float = 0.0,
+    device: torch.device | str | None = None,
 ) -> dict[str, float | int]:
     """The four protocol accuracies (each with its std over users), and the oracle's where known.
 
     The unseen users are adapted to the pruned basis with ``fit_user_weights`` on ``shots`` pairs
     each (drawn with ``shot_seed``); their few-shot accuracy is measured on those pairs.
     """
-    device = module.device
-    basis, seen_weights = module.kept_basis()
+    device = torch.device(device) if device is not None else module.device
+    basis, seen_weights = (tensor.to(device) for tensor in module.kept_basis())
     tau = float(module.hparams.tau)
     evaluated: dict[str, tuple[PreferenceSplit, Tensor]] = {}
     for role in ("seen_train", "seen_test"):
@@ -104,18 +103,6 @@ def format_table(results: dict[str, float | int]) -> str:
         lines.append(row)
     lines.append("(mean over users ± plain std over users)")
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _best_checkpoint_path(trainer: Trainer) -> str:
@@ -187,6 +174,9 @@ class ProtocolEvaluation(Callback):
         self.results = evaluate_protocol(
             pl_module, datamodule, self.shots, self.shot_seed, self.steps, self.lr, self.weight_init,
             self.prior_strength,
+            # on_fit_end runs after the strategy moved the module back to the CPU: evaluate on the
+            # training device instead
+            device=trainer.strategy.root_device,
         )
         # log_dir broadcasts from rank 0: every rank must ask, or rank 0 waits forever under DDP
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)

@@ -58,11 +58,15 @@ class MemmapPreferenceDataModule(PreferenceDataModule):
         batch_size: pairs per training batch (a full batch would read the whole file into memory).
         eval_batch_size: pairs per evaluation batch.
         shuffle: reshuffle the training pairs each epoch.
+        val_fraction: fraction of each seen user's train pairs held out for validation (0: none; the
+            hold-out is copied into memory).
+        val_seed: seed of that hold-out.
     """
 
     def __init__(self, directory: str, batch_size: int | None = 65536, eval_batch_size: int | None = 65536,
-                 shuffle: bool = True) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle)
+                 shuffle: bool = True, val_fraction: float = 0.0, val_seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
+                         val_fraction=val_fraction, val_seed=val_seed)
         self.directory = Path(directory)
 
     def load(self) -> PreferenceData:

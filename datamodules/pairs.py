@@ -53,11 +53,11 @@ def shuffled(values: Iterable[str], seed: int) -> list[str]:
 
 
 def split_fraction(values: Iterable[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle ``values`` by ``seed``; the first ``round(fraction * n)`` and the rest."""
+    """Shuffle ``values`` by ``seed``; the first ``floor(fraction * n)`` and the rest (as the reference cuts)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     order = shuffled(values, seed)
-    cut = int(round(fraction * len(order)))
+    cut = int(fraction * len(order))
     return order[:cut], order[cut:]
 
 

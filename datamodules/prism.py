@@ -14,7 +14,6 @@ from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split
 from datamodules.sources import find_files, read_all, resolve
 from lore_pl.embedding import EmbedderSpec
 
-ROLE_NAMES = {"user": "user", "model": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def conversation_pairs(conversation: dict[str, Any]) -> list[tuple[list[dict[str, str]], str, str]]:
@@ -124,8 +123,11 @@ class PRISMDataModule(EmbeddedPreferenceDataModule):
         dialogs_of: dict[str, set[str]] = {}
         for user, dialog in zip(users, dialogs):
             dialogs_of.setdefault(user, set()).add(dialog)
-        eligible = [u for u, d in dialogs_of.items() if len(d) > self.min_dialogs]
-        seen, unseen = split_fraction(eligible, self.seen_fraction, self.seed)
+        # the reference's order: split every user 80/20 first, then keep those with enough dialogs
+        seen_all, unseen_all = split_fraction(list(dialogs_of), self.seen_fraction, self.seed)
+        eligible = [u for u in dialogs_of if len(dialogs_of[u]) > self.min_dialogs]
+        seen = [u for u in seen_all if u in set(eligible)]
+        unseen = [u for u in unseen_all if u in set(eligible)]
         train_dialogs = []
         for user in eligible:
             train, _ = split_fraction(dialogs_of[user], self.train_fraction, self.seed)

@@ -158,14 +158,14 @@ class PaddedPairs:
     pairs: Tensor  # [C]: m_u, at least 1 (users with no pairs feel only the prior)
 
     @classmethod
-    def from_flat(cls, projected: Tensor, users: Tensor, num_users: int, counts: Tensor | None = None) -> "PaddedPairs":
+    def from_flat(cls, projected: Tensor, users: Tensor, num_users: int) -> "PaddedPairs":
         rank = rank_within_user(users)
         per_user = torch.bincount(users, minlength=num_users)
         width = max(int(per_user.max()) if users.numel() else 0, 1)
         padded = projected.new_zeros(num_users, width, projected.shape[1])
         padded[users, rank] = projected
         padded = padded.transpose(1, 2).contiguous()
-        pairs = (per_user if counts is None else counts).clamp(min=1).to(projected.dtype)
+        pairs = per_user.clamp(min=1).to(projected.dtype)
         row_scale = projected.new_zeros(num_users, width)
         row_scale[users, rank] = 1.0 / pairs[users]
         return cls(padded, row_scale, pairs)

@@ -28,7 +28,8 @@ def run_dir(tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_synthetic_protocol_end_to_end(tmp_path, capsys):
+def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs without a logger save their config.yaml in the working directory
     args = ["fit", "--config", str(ROOT / "configs/synthetic.yaml"), *TINY_DATA, *QUIET,
             "--trainer.max_epochs=30", "--trainer.check_val_every_n_epoch=10",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--trainer.default_root_dir={tmp_path}",
