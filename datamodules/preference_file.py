@@ -46,6 +46,11 @@ def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str
             texts[field] = value
         if texts["chosen"] == texts["rejected"]:
             raise LoreDataError(f"{where}: fields {columns['chosen']!r} and {columns['rejected']!r} are identical")
+        for text in [user, texts["chosen"], texts["rejected"]] + [turn[key] for turn in messages for key in turn]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a JSON "\ud800" escape: a lone surrogate the cache could not store
+                raise LoreDataError(f"{where}: a field holds text that is not valid Unicode ({text!r:.60})") from None
         group = repr(messages)  # the prompt itself: pairs on one prompt stay on one side of train/test
         table.append(user, items.add(messages, texts["chosen"]), items.add(messages, texts["rejected"]), group)
     if not table.columns["user"]:
