@@ -6,6 +6,17 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 
+class LoreCLI(LightningCLI):
+    """``LightningCLI`` whose Trainer writes its checkpoints atomically (``AtomicCheckpointIO``)."""
+
+    def instantiate_trainer(self, **kwargs):
+        from lore_pl.checkpoint_io import use_atomic_checkpoints
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """The LightningCLI over any LightningModule and LightningDataModule named by ``class_path``:
     the preference modules (``lore_pl.BasisModule``, ``lore_pl.FewShotModule``), the embedding job
@@ -13,7 +24,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
     ``args`` replaces ``sys.argv[1:]`` (tests call the CLI in-process this way).
     """
-    return LightningCLI(
+    return LoreCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
