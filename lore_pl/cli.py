@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -37,7 +39,15 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``lightning``, ``lore-pl``, ``python -m lore_pl``)."""
-    build_cli(args)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        build_cli(args)
+    except SIGTERMException:
+        # Lightning stops a fit on SIGTERM with a SystemExit of status 0, which tells a scheduler the
+        # job finished; exit as a process killed by SIGTERM would (128 + 15).
+        print("stopped by SIGTERM; resume with --ckpt_path last (or the path of last.ckpt)", file=sys.stderr, flush=True)
+        sys.exit(143)
 
 
 if __name__ == "__main__":
