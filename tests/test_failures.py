@@ -67,6 +67,13 @@ def test_a_reference_head_of_another_dimension_is_an_error():
         ArrayData(splits, torch.ones(5)).setup("fit")
 
 
+def test_a_non_finite_reference_head_is_an_error():
+    splits, head = population()
+    head[1] = float("nan")
+    with pytest.raises(LoreDataError, match="reference head V_ref has NaN or Inf entries"):
+        ArrayData(splits, head).setup("fit")
+
+
 @pytest.mark.parametrize("role, what", [("seen_train", "train pairs"), ("unseen_pool", "few-shot pool pairs")])
 def test_users_without_the_pairs_their_split_needs_are_named(role, what):
     splits, head = population()
