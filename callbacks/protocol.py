@@ -13,6 +13,7 @@ from torch import Tensor
 from datamodules.base import PreferenceDataModule
 from lore_pl import functional as LF
 from lore_pl.basis import BasisModule
+from lore_pl.errors import LoreDataError
 from lore_pl.export import BasisFile, save_basis
 from lore_pl.feature_cache import write_json_atomic
 from lore_pl.metrics import PerUserAccuracy
@@ -146,11 +147,22 @@ class ProtocolEvaluation(Callback):
         use_best_checkpoint: bool = False,
     ) -> None:
         if shots is not None and shots <= 0:
-            raise ValueError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
+            raise LoreDataError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
         self.shots, self.shot_seed, self.steps, self.lr = shots, shot_seed, steps, lr
         self.weight_init, self.prior_strength = weight_init, prior_strength
         self.filename, self.export_basis, self.use_best_checkpoint = filename, export_basis, use_best_checkpoint
         self.results: dict[str, float | int] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Check before training, not after it: the few-shot half of the protocol needs unseen users.
+        datamodule = trainer.datamodule
+        if stage != "fit" or not isinstance(pl_module, BasisModule) or not isinstance(datamodule, PreferenceDataModule):
+            return
+        if not datamodule.has_split("unseen_pool") or len(datamodule.split("unseen_pool")) == 0:
+            raise LoreDataError(
+                f"ProtocolEvaluation adapts unseen users few-shot, but {type(datamodule).__name__} has no unseen users "
+                "with few-shot pool pairs (unseen_pool is empty); give the data unseen users or drop the callback"
+            )
 
     @staticmethod
     def _restore_best(trainer: Trainer, pl_module: BasisModule) -> None:
@@ -168,7 +180,7 @@ class ProtocolEvaluation(Callback):
         if trainer.interrupted:
             return  # a stopped run has no finished basis to report
         if datamodule.has_split("unseen_pool") and datamodule.num_unseen_users == 0:
-            raise ValueError("few-shot evaluation was asked for, but the data module has no unseen users")
+            raise LoreDataError("few-shot evaluation was asked for, but the data module has no unseen users")
         if self.use_best_checkpoint:
             self._restore_best(trainer, pl_module)
         self.results = evaluate_protocol(

@@ -6,16 +6,22 @@ from dataclasses import dataclass
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lore_pl import functional as LF
+from lore_pl.errors import LoreDataError, LoreDataWarning
 from lore_pl.preferences import PreferenceSplit
 
 #: The protocol's four roles: seen users' train pairs and test pairs (unseen prompts), unseen
 #: users' few-shot pool and test pairs; and ``seen_val``, pairs held out of ``seen_train`` for
 #: early stopping when ``val_fraction`` > 0.
 ROLES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
+
+#: Roles where every user of the split's user table needs pairs: a seen user without train pairs
+#: keeps its random initial weights, an unseen user without a pool gets no few-shot fit.
+NEEDS_EVERY_USER = {"seen_train": "train pairs", "unseen_pool": "few-shot pool pairs"}
 
 
 @dataclass
@@ -103,25 +109,50 @@ class PreferenceDataModule(LightningDataModule):
     def _check(data: PreferenceData) -> None:
         unknown = set(data.splits) - set(ROLES)
         if unknown:
-            raise ValueError(f"unknown split roles {sorted(unknown)}; expected some of {ROLES}")
+            raise LoreDataError(f"unknown split roles {sorted(unknown)}; expected some of {ROLES}")
         dims = {role: split.dim for role, split in data.splits.items()}
         if len(set(dims.values())) > 1:
-            raise ValueError(f"the splits' feature dimensions differ: {dims}")
+            raise LoreDataError(f"the splits' feature dimensions differ: {dims}")
         for first, second in (("seen_train", "seen_test"), ("unseen_pool", "unseen_test")):
             if first in data.splits and second in data.splits:
                 if data.splits[first].user_ids != data.splits[second].user_ids:
-                    raise ValueError(f"splits {first} and {second} must index the same user table")
+                    raise LoreDataError(f"splits {first} and {second} must index the same user table")
         if data.reference_head is not None and dims and data.reference_head.shape != (next(iter(dims.values())),):
-            raise ValueError(f"reference head has shape {tuple(data.reference_head.shape)}, features have d={dims}")
+            raise LoreDataError(
+                f"reference head V_ref has shape {tuple(data.reference_head.shape)}, but the features have d={dims}"
+            )
+        if data.reference_head is not None and not bool(torch.isfinite(data.reference_head).all()):
+            raise LoreDataError("reference head V_ref has NaN or Inf entries")
+        for role, what in NEEDS_EVERY_USER.items():
+            if role in data.splits:
+                split = data.splits[role]
+                empty = [split.user_ids[i] for i in torch.nonzero(split.pairs_per_user() == 0)[:, 0].tolist()]
+                if empty:
+                    shown = ", ".join(repr(user) for user in empty[:5]) + (", ..." if len(empty) > 5 else "")
+                    raise LoreDataError(
+                        f"split {role!r}: {len(empty)} of its {split.num_users} users have no {what}: {shown}; "
+                        "drop them from the data (or give them pairs)"
+                    )
+        for role, split in data.splits.items():
+            duplicates = split.duplicate_rows()
+            if len(duplicates):
+                first, later = duplicates[0].tolist()
+                # a warning, not an error: a judgment given twice is real data; it just counts twice
+                rank_zero_warn(
+                    f"split {role!r}: {len(duplicates)} duplicate pair(s) (same user, identical features), e.g. rows "
+                    f"{first} and {later} of user {split.user_ids[int(split.users[first])]!r}; each counts as a "
+                    "separate pair in the loss and the accuracy",
+                    category=LoreDataWarning,
+                )
 
     def has_split(self, role: str) -> bool:
         return role in self.data.splits
 
     def split(self, role: str) -> PreferenceSplit:
         if role not in ROLES:
-            raise ValueError(f"unknown split role {role!r}; expected one of {ROLES}")
+            raise LoreDataError(f"unknown split role {role!r}; expected one of {ROLES}")
         if role not in self.data.splits:
-            raise ValueError(f"{type(self).__name__} has no {role!r} split")
+            raise LoreDataError(f"{type(self).__name__} has no {role!r} split")
         return self.data.splits[role]
 
     def _users_of(self, population: str) -> list[str]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.base import PreferenceData, PreferenceDataModule
 from lore_pl.embedding import EmbedderSpec
+from lore_pl.errors import LoreDataWarning
 from lore_pl.feature_cache import FeatureCache, write_json_atomic
 
 TABLE = "table.json"
@@ -102,7 +104,14 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
     def prepare_data(self) -> None:
         cache = self.feature_cache
         if cache.is_complete():
-            return
+            damaged = cache.verify(checksums=True)
+            if not damaged:
+                return
+            # rebuild rather than stop: the items are known, only the damaged shards are embedded again
+            rank_zero_warn(f"feature cache {cache.directory}: re-embedding {len(damaged)} damaged shard(s): "
+                           + "; ".join(f"{cache.shard_path(i).name}: {what}" for i, what in list(damaged.items())[:3]),
+                           category=LoreDataWarning)
+            cache.invalidate(list(damaged))
         items, table = self.read_source()
         cache.initialize(items, self.shard_size)
         write_json_atomic(cache.directory / TABLE, table)
@@ -115,8 +124,10 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
     def load(self) -> PreferenceData:
         cache = self.feature_cache
-        if not cache.is_complete():
-            self.prepare_data()  # single-process use; under a Trainer this ran on rank 0 already
+        if self.trainer is None or not cache.is_complete():
+            # single-process use (which also checks and repairs the cache); under a Trainer this
+            # ran on rank 0 already
+            self.prepare_data()
         embeddings, head = cache.load()
         table = json.loads((cache.directory / TABLE).read_text())
         return self.build(table, embeddings, head)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,32 +15,46 @@ from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, drop_users_without, split_fraction
 from datamodules.sources import file_digest, read_records
 from lore_pl.embedding import EmbedderSpec, as_messages
+from lore_pl.errors import LoreDataError
 
 
 def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str]) -> tuple[list[Any], dict[str, Any]]:
-    """Validated rows -> (items, pair table). Bad rows raise ``ValueError`` naming file, row and field."""
+    """Validated rows -> (items, pair table). Bad rows raise ``LoreDataError`` naming file, row and field."""
     items, table = ItemIndex(), PairTable()
     for number, record in enumerate(records, 1):
         where = f"{path}: row {number}"
+        if not isinstance(record, dict):
+            raise LoreDataError(f"{where}: a row must be an object with fields {sorted(columns.values())}, "
+                                f"got {type(record).__name__}")
         for field, column in columns.items():
             if record.get(column) is None:
-                raise ValueError(f"{where}: field {column!r} ({field}) is missing")
-        user = str(record[columns["user_id"]]).strip()
+                raise LoreDataError(f"{where}: field {column!r} ({field}) is missing")
+        value = record[columns["user_id"]]
+        # an id is a string or a number; a list, dict, bool or NaN is a broken row, not a user
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise LoreDataError(f"{where}: field {columns['user_id']!r} must be a string or a number, got {value!r:.60}")
+        user = str(value).strip()
         if not user:
-            raise ValueError(f"{where}: field {columns['user_id']!r} is empty")
+            raise LoreDataError(f"{where}: field {columns['user_id']!r} is empty")
         messages = as_messages(record[columns["prompt"]], where=f"{where}: field {columns['prompt']!r}")
         texts = {}
         for field in ("chosen", "rejected"):
             value = record[columns[field]]
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: field {columns[field]!r} must be a non-empty string, got {value!r:.60}")
+                raise LoreDataError(f"{where}: field {columns[field]!r} must be a non-empty string, got {value!r:.60}")
             texts[field] = value
         if texts["chosen"] == texts["rejected"]:
-            raise ValueError(f"{where}: fields {columns['chosen']!r} and {columns['rejected']!r} are identical")
+            raise LoreDataError(f"{where}: fields {columns['chosen']!r} and {columns['rejected']!r} are identical")
+        for text in [user, texts["chosen"], texts["rejected"]] + [turn[key] for turn in messages for key in turn]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a JSON "\ud800" escape: a lone surrogate the cache could not store
+                raise LoreDataError(f"{where}: a field holds text that is not valid Unicode ({text!r:.60})") from None
         group = repr(messages)  # the prompt itself: pairs on one prompt stay on one side of train/test
         table.append(user, items.add(messages, texts["chosen"]), items.add(messages, texts["rejected"]), group)
     if not table.columns["user"]:
-        raise ValueError(f"{path}: no rows")
+        raise LoreDataError(f"{path}: no rows")
     return items.items, table.to_json()
 
 

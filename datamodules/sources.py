@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lore_pl.errors import LoreDataError
+
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -56,8 +58,24 @@ def _clean(value: Any) -> Any:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``), ``.parquet`` or ``.csv`` file."""
+    """The rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``), ``.parquet`` or ``.csv`` file.
+
+    A file that cannot be parsed raises ``LoreDataError`` naming it (and the line, for JSONL).
+    """
     suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise LoreDataError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
+    try:
+        return _read_records(path, suffix)
+    except LoreDataError:
+        raise
+    except (OSError, MemoryError):
+        raise  # the disk, not the data
+    except Exception as error:  # the parsers' own types (JSONDecodeError, ArrowInvalid, ParserError, ...)
+        raise LoreDataError(f"{path}: not a readable {suffix} file ({type(error).__name__}: {error})") from error
+
+
+def _read_records(path: Path, suffix: str) -> list[dict[str, Any]]:
     if suffix == ".jsonl":
         records = []
         with open(path, encoding="utf-8") as stream:
@@ -66,24 +84,25 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+                        raise LoreDataError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
         return records
     if suffix == ".json":
         payload = json.loads(path.read_text(encoding="utf-8"))
         payload = payload.get("data", payload) if isinstance(payload, dict) else payload
         if not isinstance(payload, list):
-            raise ValueError(f"{path}: expected a JSON list of rows")
+            raise LoreDataError(f"{path}: expected a JSON list of rows")
         return payload
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()  # nested lists/structs stay Python lists/dicts
-    if suffix == ".csv":
-        import pandas as pd
+    import pandas as pd
 
+    try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        return [{key: _clean(value) for key, value in row.items()} for row in frame.to_dict(orient="records")]
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
+    except pd.errors.EmptyDataError:
+        return []  # an empty file: "no rows", said by the caller with its context
+    return [{key: _clean(value) for key, value in row.items()} for row in frame.to_dict(orient="records")]
 
 
 def read_all(paths: list[Path]) -> list[dict[str, Any]]:

@@ -18,6 +18,8 @@ _EXPORTS = {
     "PersonalRewardModel": "lore_pl.scoring",
     "EmbedderSpec": "lore_pl.embedding",
     "EmbeddingModule": "lore_pl.embedding",
+    "LoreDataError": "lore_pl.errors",
+    "LoreDataWarning": "lore_pl.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lore_pl import functional as LF
+from lore_pl.errors import LoreDataError
 from lore_pl.module import PreferenceModule
 
 
@@ -61,7 +62,7 @@ class BasisModule(PreferenceModule):
     ) -> None:
         super().__init__()
         if rank < 0:
-            raise ValueError(f"rank must be >= 0, got {rank}")
+            raise LoreDataError(f"rank must be >= 0, got {rank}")
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
         if schedule not in ("joint", "alternating"):
@@ -88,11 +89,11 @@ class BasisModule(PreferenceModule):
     def _build(self, num_users: int, dim: int, reference_head: Tensor | None) -> None:
         rank = self.hparams.rank
         if rank > dim:
-            raise ValueError(f"rank K={rank} exceeds the feature dimension d={dim}")
+            raise LoreDataError(f"rank K={rank} exceeds the feature dimension d={dim}: V is [d, K] with K <= d")
         needs_reference = rank == 0 or self.hparams.regularizer != "none"
         if needs_reference and reference_head is None:
             what = "rank K=0 (the reference model)" if rank == 0 else f"regularizer={self.hparams.regularizer!r}"
-            raise ValueError(f"{what} needs a reference head V_ref, and the data module provides none")
+            raise LoreDataError(f"{what} needs a reference head V_ref, and the data module provides none")
         self.register_buffer("reference_head", None if reference_head is None else reference_head.clone().float())
         if rank >= 1:
             self.basis = nn.Parameter(torch.randn(dim, rank))
@@ -114,7 +115,7 @@ class BasisModule(PreferenceModule):
             raise ValueError(f"{type(datamodule).__name__} has no seen users for BasisModule")
         if self._built:
             if (num_users, dim) != (self.hparams.num_users, self.hparams.feature_dim):
-                raise ValueError(
+                raise LoreDataError(
                     f"this BasisModule was built for {self.hparams.num_users} users x d={self.hparams.feature_dim}, "
                     f"but {type(datamodule).__name__} has {num_users} seen users x d={dim}"
                 )
@@ -122,6 +123,17 @@ class BasisModule(PreferenceModule):
         reference = datamodule.reference_head
         self._record_hparams(num_users=num_users, feature_dim=dim, has_reference_head=reference is not None)
         self._build(num_users, dim, reference)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming (--ckpt_path) builds the module from the data first; a checkpoint of another
+        # shape would fail deep in load_state_dict with a bare "size mismatch": say which file and why.
+        saved = checkpoint.get("hyper_parameters", {})
+        here = {"feature_dim": self.hparams.feature_dim, "rank": self.hparams.rank, "num_users": self.hparams.num_users}
+        differ = {k: (saved.get(k), v) for k, v in here.items() if k in saved and v is not None and saved.get(k) != v}
+        if differ:
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            what = ", ".join(f"{k}: checkpoint {a}, data/model {b}" for k, (a, b) in differ.items())
+            raise LoreDataError(f"checkpoint {path or ''} does not match this run ({what})".replace("  ", " "))
 
     # ------------------------------------------------------------------------------------ model
     @property

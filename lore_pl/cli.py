@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+
+
+class LoreCLI(LightningCLI):
+    """``LightningCLI`` whose Trainer writes its checkpoints atomically (``AtomicCheckpointIO``)."""
+
+    def instantiate_trainer(self, **kwargs):
+        from lore_pl.checkpoint_io import use_atomic_checkpoints
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -13,7 +26,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
     ``args`` replaces ``sys.argv[1:]`` (tests call the CLI in-process this way).
     """
-    return LightningCLI(
+    return LoreCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -26,7 +39,15 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``lightning``, ``lore-pl``, ``python -m lore_pl``)."""
-    build_cli(args)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        build_cli(args)
+    except SIGTERMException:
+        # Lightning stops a fit on SIGTERM with a SystemExit of status 0, which tells a scheduler the
+        # job finished; exit as a process killed by SIGTERM would (128 + 15).
+        print("stopped by SIGTERM; resume with --ckpt_path last (or the path of last.ckpt)", file=sys.stderr, flush=True)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

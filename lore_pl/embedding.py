@@ -20,6 +20,8 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lore_pl.errors import LoreDataError
+
 Item = list  # [messages: list[dict[str, str]], response: str]
 
 #: how the ``encoder`` kind renders an item (it has no chat template); part of the cache key
@@ -77,16 +79,16 @@ def as_messages(prompt: Any, where: str = "prompt") -> list[dict[str, str]]:
     """A prompt as a chat list: a string becomes one user turn; a chat list is checked and kept."""
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError(f"{where}: the prompt is empty")
+            raise LoreDataError(f"{where}: the prompt is empty")
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, (list, tuple)) and prompt:
         messages = []
         for turn in prompt:
             if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
-                raise ValueError(f"{where}: every chat turn needs string 'role' and 'content', got {turn!r}")
+                raise LoreDataError(f"{where}: every chat turn needs string 'role' and 'content', got {turn!r:.80}")
             messages.append({"role": turn["role"], "content": turn["content"]})
         return messages
-    raise ValueError(f"{where}: the prompt must be a non-empty string or chat list, got {type(prompt).__name__}")
+    raise LoreDataError(f"{where}: the prompt must be a non-empty string or chat list, got {type(prompt).__name__}")
 
 
 def render_plain(messages: list[dict[str, str]], response: str) -> str:

@@ -16,6 +16,7 @@ import torch
 from datamodules.base import PreferenceDataModule
 from lore_pl import functional as LF
 from lore_pl.export import load_basis
+from lore_pl.feature_cache import write_atomic
 from lore_pl.sweeps import DEFAULT_PRIOR_GRID, METHODS, choose_prior_strength, shots_sweep, stack_shots
 
 PROTOCOL_KEYS = ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc")
@@ -25,11 +26,14 @@ def _write_outputs(out: Path, payload: dict, header: list[str], rows: list[list]
     from torch.utils.tensorboard import SummaryWriter
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
-    with open(out / "results.csv", "w", newline="") as stream:
+    # atomic (temporary file, then rename): a killed sweep leaves the previous results whole
+    write_atomic(out / "results.json", lambda stream: json.dump(payload, stream, indent=2))
+    def write_csv(stream) -> None:
         writer = csv.writer(stream)
         writer.writerow(header)
         writer.writerows(rows)
+
+    write_atomic(out / "results.csv", write_csv)
     figure.savefig(out / "results.png", dpi=120, bbox_inches="tight")
     tensorboard = SummaryWriter(str(out))
     tensorboard.add_figure(f"sweeps/{out.name}", figure)

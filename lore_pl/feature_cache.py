@@ -2,7 +2,9 @@
 
 One cache directory per key (data set revision, model, template, max length, ...). Every file is
 written to a temporary name and renamed into place, so a killed job leaves only whole shards; a
-rerun embeds just the shards that are missing, and a complete cache embeds nothing.
+rerun embeds just the shards that are missing, and a complete cache embeds nothing. The completed
+manifest records each shard's rows, byte size and sha256, so a shard truncated or changed later is
+detected (``verify``): ``load`` reports it, ``EmbeddedPreferenceDataModule.prepare_data`` re-embeds it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lore_pl.errors import LoreDataError
+
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
 REFERENCE_HEAD = "reference_head.npy"
@@ -26,6 +30,14 @@ REFERENCE_HEAD = "reference_head.npy"
 def stable_hash(payload: Any) -> str:
     """sha256 of the canonical JSON form of ``payload``."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
@@ -123,24 +135,81 @@ class FeatureCache:
         write_npy_atomic(self.directory / REFERENCE_HEAD, head.detach().float().cpu().numpy())
 
     def finalize(self) -> None:
-        """Mark the cache complete once every shard is on disk (dimensions checked)."""
+        """Mark the cache complete once every shard is on disk: dimensions checked, and each shard's
+        rows, size and sha256 recorded so later damage is detected."""
         missing = self.missing_shards()
         if missing:
             raise RuntimeError(f"feature cache {self.directory}: shards {missing[:5]}... are missing")
         manifest = self._require_manifest()
-        dims = {np.load(self.shard_path(i), mmap_mode="r").shape[1] for i in range(manifest["num_shards"])}
+        shards, dims = [], {}
+        for i in range(manifest["num_shards"]):
+            path = self.shard_path(i)
+            array = np.load(path, mmap_mode="r")
+            dims.setdefault(array.shape[1], path.name)
+            shards.append({"rows": int(array.shape[0]), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
         if len(dims) > 1:
-            raise RuntimeError(f"feature cache {self.directory}: shards have different dimensions {sorted(dims)}")
-        manifest.update(dim=dims.pop() if dims else None, complete=True,
+            raise LoreDataError(f"feature cache {self.directory}: shards have different embedding dimensions "
+                                f"{ {d: name for d, name in sorted(dims.items())} } (dimension: first shard with it)")
+        manifest.update(dim=next(iter(dims)) if dims else None, complete=True, shards=shards,
                         has_reference_head=(self.directory / REFERENCE_HEAD).is_file())
         write_json_atomic(self.manifest_path, manifest)
 
+    def verify(self, checksums: bool = True) -> dict[int, str]:
+        """Damaged shards of a complete cache: ``{shard: what is wrong}`` (empty: all good).
+
+        Checks every shard against the manifest: present, byte size, a readable ``.npy`` of
+        ``[rows, dim]`` float32 and, with ``checksums``, its sha256 (reads every byte).
+        """
+        manifest = self._require_manifest()
+        recorded = manifest.get("shards") or [None] * manifest["num_shards"]  # caches from before: no record
+        problems = {}
+        for i, record in enumerate(recorded):
+            path = self.shard_path(i)
+            start, stop = self.shard_range(i)
+            if not path.is_file():
+                problems[i] = "missing"
+                continue
+            if record is not None and path.stat().st_size != record["bytes"]:
+                problems[i] = f"{path.stat().st_size} bytes, the manifest says {record['bytes']} (truncated?)"
+                continue
+            try:
+                array = np.load(path, mmap_mode="r")
+            except Exception as error:  # a truncated or garbled .npy header
+                problems[i] = f"not a readable .npy file ({error})"
+                continue
+            expected = (stop - start, manifest["dim"]) if manifest.get("dim") is not None else None
+            if array.dtype != np.float32 or array.ndim != 2 or (expected and array.shape != expected):
+                problems[i] = f"holds {array.dtype} {array.shape}, the manifest says float32 {expected}"
+            elif checksums and record is not None and file_sha256(path) != record["sha256"]:
+                problems[i] = "its sha256 differs from the manifest's (the file changed after it was written)"
+        return problems
+
+    def invalidate(self, shards: list[int]) -> None:
+        """Delete ``shards`` and mark the cache incomplete, so the next run embeds them again."""
+        manifest = self._require_manifest()
+        for shard in shards:
+            self.shard_path(shard).unlink(missing_ok=True)
+        manifest.update(complete=False)
+        manifest.pop("shards", None)
+        write_json_atomic(self.manifest_path, manifest)
+
     # ------------------------------------------------------------------------------- reading
-    def load(self) -> tuple[Tensor, Tensor | None]:
-        """(embeddings ``[num_items, d]``, reference head ``[d]`` or None) of a complete cache."""
+    def load(self, checksums: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(embeddings ``[num_items, d]``, reference head ``[d]`` or None) of a complete cache.
+
+        Each shard is first checked against the manifest (size and shape; sha256 too with
+        ``checksums``): a damaged shard raises ``LoreDataError`` naming it.
+        """
         manifest = self._require_manifest()
         if not manifest.get("complete"):
             raise RuntimeError(f"feature cache {self.directory} is incomplete: run prepare_data (or the embed job) first")
+        problems = self.verify(checksums)
+        if problems:
+            shard, what = next(iter(problems.items()))
+            raise LoreDataError(
+                f"feature cache {self.directory}: {len(problems)} damaged shard(s), e.g. {self.shard_path(shard).name}: "
+                f"{what}; run prepare_data (fit does) to re-embed them, or delete the directory"
+            )
         shards = [np.load(self.shard_path(i), mmap_mode="r") for i in range(manifest["num_shards"])]
         features = torch.from_numpy(np.concatenate(shards)) if shards else torch.zeros(0, 0)
         head_path = self.directory / REFERENCE_HEAD

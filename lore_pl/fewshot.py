@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lore_pl import functional as LF
+from lore_pl.errors import LoreDataError
 from lore_pl.export import load_basis
 from lore_pl.module import PreferenceModule
 from lore_pl.preferences import PreferenceSplit
@@ -55,7 +56,7 @@ class FewShotModule(PreferenceModule):
     ) -> None:
         super().__init__()
         if shots is not None and shots <= 0:
-            raise ValueError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
+            raise LoreDataError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
         if weight_init not in ("randn", "zeros", "population"):
             raise ValueError(f"weight_init must be 'randn', 'zeros' or 'population', got {weight_init!r}")
         if prior_strength < 0:
@@ -117,10 +118,11 @@ class FewShotModule(PreferenceModule):
                 return
             raise ValueError("FewShotModule needs a PreferenceDataModule with unseen users")
         num_users, dim = datamodule.num_unseen_users, datamodule.dim
-        if num_users == 0:
-            raise ValueError(f"{type(datamodule).__name__} has no unseen users to adapt")
+        if num_users == 0 or not datamodule.has_split("unseen_pool") or len(datamodule.split("unseen_pool")) == 0:
+            raise LoreDataError(f"{type(datamodule).__name__} has no unseen users with few-shot pool pairs to adapt")
         if dim != self.hparams.feature_dim:
-            raise ValueError(f"the basis has d={self.hparams.feature_dim} but {type(datamodule).__name__} has d={dim}")
+            raise LoreDataError(f"the basis {self.hparams.basis_path or '(in memory)'} has d={self.hparams.feature_dim} "
+                                f"but {type(datamodule).__name__} has d={dim}")
         if self._built:
             if num_users != self.hparams.num_users:
                 raise ValueError(

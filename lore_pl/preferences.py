@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from lore_pl.errors import LoreDataError
 from lore_pl.functional import shard
 
 
@@ -39,15 +40,56 @@ class PreferenceSplit(Dataset):
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
-            raise ValueError(f"{self.name}: features must be [N, d], got shape {tuple(self.features.shape)}")
+            raise LoreDataError(f"{self.name}: features must be [N, d], got shape {tuple(self.features.shape)}")
         if self.users.shape != (self.features.shape[0],):
-            raise ValueError(
+            raise LoreDataError(
                 f"{self.name}: users must be [N] with N = {self.features.shape[0]}, got {tuple(self.users.shape)}"
             )
         self.users = self.users.long()
         self.user_ids = list(self.user_ids)
         if self.users.numel() and (int(self.users.min()) < 0 or int(self.users.max()) >= len(self.user_ids)):
-            raise ValueError(f"{self.name}: user index out of range for {len(self.user_ids)} user ids")
+            raise LoreDataError(f"{self.name}: user index out of range for {len(self.user_ids)} user ids")
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """NaN or Inf in a feature row would turn the whole loss into NaN: name the first bad row."""
+        if not self.features.is_floating_point() or self.features.numel() == 0:
+            return
+        # A row sum is non-finite if any entry is (or, rarely, if it overflows): O(N) extra memory
+        # instead of an [N, d] mask; the candidates are then checked entry by entry.
+        suspects = torch.nonzero(~torch.isfinite(self.features.sum(dim=1)))[:, 0]
+        for row in suspects.tolist():
+            bad = torch.nonzero(~torch.isfinite(self.features[row]))[:, 0]
+            if bad.numel():
+                value = float(self.features[row, bad[0]])
+                count = sum(int((~torch.isfinite(self.features[r])).any()) for r in suspects.tolist())
+                raise LoreDataError(
+                    f"split {self.name!r}: row {row} (user {self.user_ids[int(self.users[row])]!r}) has a non-finite "
+                    f"feature ({value} at dimension {int(bad[0])}); {count} row(s) of {len(self)} have NaN or Inf"
+                )
+
+    def duplicate_rows(self) -> Tensor:
+        """``[M, 2]`` pairs (first row, later row) with the same user and bit-identical features.
+
+        Rows are hashed exactly (the float bits as integers, times random odd weights, summed with
+        int64 wrap-around), so identical rows always collide; collisions are then confirmed.
+        """
+        if len(self) < 2 or not self.features.is_floating_point():
+            return torch.zeros(0, 2, dtype=torch.long)
+        features = self.features.detach().cpu().float().contiguous()
+        weights = torch.randint(1, 2**31, (features.shape[1],), generator=torch.Generator().manual_seed(0)) * 2 + 1
+        hashes = torch.cat([(chunk.view(torch.int32).long() * weights).sum(dim=1)
+                            for chunk in features.split(4096)])  # chunks bound the int64 copy
+        keys = torch.stack([self.users.cpu(), hashes], dim=1)
+        _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+        rows = torch.nonzero(counts[inverse] > 1)[:, 0]
+        rows = rows[torch.argsort(inverse[rows], stable=True)]  # each group's rows together, in row order
+        duplicates, firsts = [], {}
+        for row, group in zip(rows.tolist(), inverse[rows].tolist()):
+            first = firsts.setdefault(group, row)
+            if first != row and torch.equal(features[first], features[row]):
+                duplicates.append((first, row))
+        return torch.tensor(duplicates, dtype=torch.long).reshape(-1, 2)
 
     def __len__(self) -> int:
         return self.features.shape[0]

@@ -1,0 +1,286 @@
+"""Every row of the README's "Failure behaviour" table: the error (or warning) type, and that the
+message names the culprit (split, row, user, file, field)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, tiny_trainer
+from datamodules import PreferenceData, PreferenceDataModule, SyntheticPopulationDataModule
+from datamodules.preference_file import parse_rows
+from datamodules.sources import read_records
+from lore_pl import BasisModule, FewShotModule, LoreDataError, LoreDataWarning
+from lore_pl.export import BasisFile, save_basis
+from lore_pl.feature_cache import FeatureCache
+from lore_pl.preferences import PreferenceSplit
+
+COLUMNS = {"user_id": "user_id", "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+
+
+class ArrayData(PreferenceDataModule):
+    """Splits given as tensors: the smallest data module that reaches the base class's checks."""
+
+    def __init__(self, splits, reference_head=None):
+        super().__init__()
+        self._splits, self._head = splits, reference_head
+
+    def load(self):
+        built = {role: PreferenceSplit(x, u, ids, name=role) for role, (x, u, ids) in self._splits.items()}
+        return PreferenceData(built, self._head)
+
+
+def population(d=6, users=3, pairs=4, seed=0, unseen=True, head=True):
+    generator = torch.Generator().manual_seed(seed)
+    seen_ids, unseen_ids = [f"u{i}" for i in range(users)], [f"new{i}" for i in range(users)]
+    per_user = torch.arange(users).repeat_interleave(pairs)
+    splits = {role: (torch.randn(users * pairs, d, generator=generator), per_user.clone(), ids)
+              for role, ids in (("seen_train", seen_ids), ("seen_test", seen_ids),
+                                ("unseen_pool", unseen_ids), ("unseen_test", unseen_ids))
+              if unseen or role.startswith("seen")}
+    return splits, (torch.randn(d, generator=generator) if head else None)
+
+
+# ------------------------------------------------------------------------------------- features
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_features_name_the_split_row_and_user(bad):
+    splits, head = population()
+    splits["seen_train"][0][5, 2] = bad  # row 5 is user u1's (4 pairs per user)
+    with pytest.raises(LoreDataError, match=r"split 'seen_train': row 5 \(user 'u1'\) has a non-finite feature "
+                                            rf"\({bad} at dimension 2\); 1 row\(s\) of 12"):
+        ArrayData(splits, head).setup("fit")
+
+
+def test_feature_dimensions_that_differ_between_splits_name_the_splits():
+    splits, head = population()
+    x, u, ids = splits["seen_test"]
+    splits["seen_test"] = (x[:, :4], u, ids)
+    with pytest.raises(LoreDataError, match=r"feature dimensions differ: \{'seen_train': 6, 'seen_test': 4"):
+        ArrayData(splits, head).setup("fit")
+
+
+def test_a_reference_head_of_another_dimension_is_an_error():
+    splits, _ = population()
+    with pytest.raises(LoreDataError, match=r"V_ref has shape \(5,\), but the features have d="):
+        ArrayData(splits, torch.ones(5)).setup("fit")
+
+
+def test_a_non_finite_reference_head_is_an_error():
+    splits, head = population()
+    head[1] = float("nan")
+    with pytest.raises(LoreDataError, match="reference head V_ref has NaN or Inf entries"):
+        ArrayData(splits, head).setup("fit")
+
+
+@pytest.mark.parametrize("role, what", [("seen_train", "train pairs"), ("unseen_pool", "few-shot pool pairs")])
+def test_users_without_the_pairs_their_split_needs_are_named(role, what):
+    splits, head = population()
+    x, u, ids = splits[role]
+    keep = u != 2  # the third user loses every pair of this split
+    splits[role] = (x[keep], u[keep], ids)
+    prefix = "u" if role.startswith("seen") else "new"
+    with pytest.raises(LoreDataError, match=rf"split '{role}': 1 of its 3 users have no {what}: '{prefix}2'"):
+        ArrayData(splits, head).setup("fit")
+
+
+def test_duplicate_pairs_warn_with_the_rows_and_the_user():
+    splits, head = population()
+    x, u, ids = splits["seen_train"]
+    x[7] = x[6]  # user u1 judged the same pair twice
+    x[9] = x[2]  # same features, other users (u2 and u0): not a duplicate of one user's
+    with pytest.warns(LoreDataWarning, match=r"split 'seen_train': 1 duplicate pair\(s\).*rows 6 and 7 of user 'u1'"):
+        data = ArrayData(splits, head)
+        data.setup("fit")
+    assert len(data.split("seen_train")) == 12  # kept: a warning, not an error
+
+
+def test_clean_data_gives_no_warning():
+    splits, head = population()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoreDataWarning)
+        ArrayData(splits, head).setup("fit")
+
+
+# ------------------------------------------------------------------------------------- settings
+def test_rank_above_the_dimension_names_both(tiny_data):
+    with pytest.raises(LoreDataError, match="rank K=17 exceeds the feature dimension d=16"):
+        tiny_trainer(max_epochs=1).fit(BasisModule(rank=17), datamodule=tiny_data)
+
+
+@pytest.mark.parametrize("model, what", [
+    (lambda: BasisModule(rank=0), "rank K=0 \\(the reference model\\)"),
+    (lambda: BasisModule(rank=2, regularizer="l2", alpha=1.0), "regularizer='l2'"),
+])
+def test_k0_or_a_regularizer_without_a_reference_head(model, what):
+    splits, _ = population(head=False)
+    with pytest.raises(LoreDataError, match=f"{what} needs a reference head V_ref, and the data module provides none"):
+        tiny_trainer(max_epochs=1).fit(model(), datamodule=ArrayData(splits))
+
+
+@pytest.mark.parametrize("shots", [0, -3])
+def test_shots_must_be_positive(shots, tmp_path):
+    from callbacks import ProtocolEvaluation
+
+    with pytest.raises(LoreDataError, match=f"shots must be a positive number of pairs per user .*got {shots}"):
+        ProtocolEvaluation(shots=shots)
+    with pytest.raises(LoreDataError, match=f"shots must be a positive number of pairs per user .*got {shots}"):
+        FewShotModule.from_basis(torch.randn(16, 3), shots=shots)
+
+
+def test_protocol_without_unseen_users_stops_before_training():
+    from callbacks import ProtocolEvaluation
+
+    splits, head = population(unseen=False)
+    model = BasisModule(rank=2)
+    with pytest.raises(LoreDataError, match="ProtocolEvaluation adapts unseen users few-shot, but ArrayData has no "
+                                            "unseen users"):
+        tiny_trainer(max_epochs=5, callbacks=[ProtocolEvaluation(shots=2, steps=5)]).fit(
+            model, datamodule=ArrayData(splits, head))
+    assert int(model.iterations_done) == 0  # stopped in setup, nothing trained
+
+
+def test_fewshot_without_unseen_users(tmp_path):
+    splits, head = population(unseen=False)
+    with pytest.raises(LoreDataError, match="ArrayData has no unseen users with few-shot pool pairs"):
+        tiny_trainer(max_epochs=1).fit(FewShotModule.from_basis(torch.randn(6, 2)), datamodule=ArrayData(splits, head))
+
+
+# ------------------------------------------------------------------------------ basis files, ckpts
+def test_a_basis_file_of_another_dimension_names_the_file(tiny_data, tmp_path):
+    path = save_basis(tmp_path / "other.safetensors", BasisFile(torch.randn(8, 3), 100.0))
+    with pytest.raises(LoreDataError, match=rf"the basis {path} has d=8 but SyntheticPopulationDataModule has d=16"):
+        tiny_trainer(max_epochs=1).fit(FewShotModule(basis_path=str(path)), datamodule=tiny_data)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    data = SyntheticPopulationDataModule(**TINY)
+    trainer = tiny_trainer(max_epochs=2, enable_checkpointing=True,
+                           default_root_dir=str(tmp_path_factory.mktemp("ckpt")))
+    trainer.fit(BasisModule(rank=3), datamodule=data)
+    return trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+
+
+@pytest.mark.parametrize("change, what", [
+    (dict(rank=2), "rank: checkpoint 3, data/model 2"),
+    (dict(dim=12), "feature_dim: checkpoint 16, data/model 12"),
+])
+def test_resuming_from_a_checkpoint_of_another_shape_names_the_file(tiny_checkpoint, change, what):
+    data = SyntheticPopulationDataModule(**{**TINY, **{k: v for k, v in change.items() if k == "dim"}})
+    model = BasisModule(rank=change.get("rank", 3))
+    with pytest.raises(LoreDataError, match=rf"checkpoint {tiny_checkpoint} does not match this run \({what}\)"):
+        tiny_trainer(max_epochs=4).fit(model, datamodule=data, ckpt_path=tiny_checkpoint)
+
+
+def test_a_loaded_checkpoint_on_other_data(tiny_checkpoint):
+    model = BasisModule.load_from_checkpoint(tiny_checkpoint)
+    data = SyntheticPopulationDataModule(**{**TINY, "dim": 12})
+    with pytest.raises(LoreDataError, match="built for 12 users x d=16, but SyntheticPopulationDataModule has 12 seen "
+                                            "users x d=12"):
+        tiny_trainer().test(model, datamodule=data)
+
+
+# -------------------------------------------------------------------------------- preference file
+GOOD = {"user_id": "a", "prompt": "hello", "chosen": "yes", "rejected": "no"}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"user_id": "a", "prompt": "hello", "chosen": "yes"}, "row 2: field 'rejected' \\(rejected\\) is missing"),
+    ({**GOOD, "user_id": None}, "row 2: field 'user_id' \\(user_id\\) is missing"),
+    ({**GOOD, "user_id": "  "}, "row 2: field 'user_id' is empty"),
+    ({**GOOD, "user_id": ["a"]}, "row 2: field 'user_id' must be a string or a number"),
+    ({**GOOD, "chosen": ""}, "row 2: field 'chosen' must be a non-empty string"),
+    ({**GOOD, "rejected": 3}, "row 2: field 'rejected' must be a non-empty string"),
+    ({**GOOD, "chosen": "no"}, "row 2: fields 'chosen' and 'rejected' are identical"),
+    ({**GOOD, "prompt": " "}, "row 2: field 'prompt': the prompt is empty"),
+    ({**GOOD, "prompt": {"role": "user"}}, "row 2: field 'prompt': the prompt must be a non-empty string or chat list"),
+    ({**GOOD, "prompt": [{"role": "user", "content": 5}]}, "row 2: field 'prompt': every chat turn needs string"),
+    (["a", "hello", "yes", "no"], "row 2: a row must be an object"),
+])
+def test_malformed_rows_name_the_file_row_and_field(tmp_path, row, message):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(LoreDataError, match=f"prefs.jsonl: {message}"):
+        parse_rows(path, read_records(path), COLUMNS)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"user_id": "a"}\n{not json\n', "bad.jsonl: line 2 is not valid JSON"),
+    ("bad.json", "[1, 2", "bad.json: not a readable .json file"),
+    ("bad.json", '{"rows": 3}', "bad.json: expected a JSON list of rows"),
+    ("bad.parquet", "not parquet", "bad.parquet: not a readable .parquet file"),
+    ("bad.txt", "", "bad.txt: unsupported file type '.txt'"),
+])
+def test_unreadable_files_name_the_file(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(LoreDataError, match=message):
+        read_records(tmp_path / name)
+
+
+def test_an_empty_file_has_no_rows(tmp_path):
+    for name in ("empty.jsonl", "empty.csv"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(LoreDataError, match=f"{name}: no rows"):
+            parse_rows(tmp_path / name, read_records(tmp_path / name), COLUMNS)
+
+
+# ----------------------------------------------------------------------------------- feature cache
+def filled_cache(tmp_path, dims=(4, 4, 4)):
+    cache = FeatureCache(tmp_path / "cache", {"test": 1})
+    cache.initialize([f"item {i}" for i in range(3 * len(dims))], shard_size=3)
+    for shard, d in enumerate(dims):
+        cache.write_shard(shard, np.random.default_rng(shard).standard_normal((3, d)).astype(np.float32))
+    return cache
+
+
+def test_shards_of_different_dimensions_are_named(tmp_path):
+    cache = filled_cache(tmp_path, dims=(4, 5, 4))
+    with pytest.raises(LoreDataError, match=r"shards have different embedding dimensions \{4: 'shard-00000.npy', "
+                                            r"5: 'shard-00001.npy'\}"):
+        cache.finalize()
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-7]), r"\d+ bytes, the manifest says \d+ \(truncated\?\)"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-4] + b"\x00\x00\x80\x7f"), "its sha256 differs"),
+    (lambda p: p.unlink(), "missing"),
+])
+def test_a_damaged_shard_is_detected_by_the_manifest(tmp_path, damage, what):
+    cache = filled_cache(tmp_path)
+    cache.finalize()
+    expected = cache.load()[0].clone()
+    damage(cache.shard_path(1))
+    assert list(cache.verify()) == [1]
+    with pytest.raises(LoreDataError, match=f"1 damaged shard\\(s\\), e.g. shard-00001.npy: {what}"):
+        cache.load(checksums=True)
+    cache.invalidate([1])  # what prepare_data does before re-embedding
+    assert not cache.is_complete() and cache.missing_shards() == [1]
+    cache.write_shard(1, expected[3:6])
+    cache.finalize()
+    assert torch.equal(cache.load(checksums=True)[0], expected)
+
+
+def test_a_damaged_shard_is_re_embedded_by_the_data_module(tmp_path, tiny_reward_model, monkeypatch):
+    from test_preference_file import make, write_preferences
+
+    from lore_pl.embedding import TextEmbedder
+
+    write_preferences(tmp_path / "prefs.jsonl")
+    first = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
+    first.setup("fit")
+    cache = first.feature_cache
+    expected = cache.load()[0].clone()
+    shard = cache.shard_path(2)
+    shard.write_bytes(shard.read_bytes()[:-40] + bytes(40))  # same size, other bytes: only the sha256 sees it
+    calls = []
+    original = TextEmbedder.forward
+    monkeypatch.setattr(TextEmbedder, "forward", lambda self, items: calls.append(len(items)) or original(self, items))
+    second = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
+    with pytest.warns(LoreDataWarning, match="re-embedding 1 damaged shard\\(s\\): shard-00002.npy: its sha256 differs"):
+        second.setup("fit")
+    assert len(calls) == 1  # only the damaged shard
+    torch.testing.assert_close(cache.load(checksums=True)[0], expected)
+    assert torch.equal(second.split("seen_train").features, first.split("seen_train").features)

@@ -1,0 +1,189 @@
+"""Resume and determinism: a fit killed with SIGKILL and resumed ends bit-identical to an unbroken
+one; checkpoints and exports are written atomically; the same seed gives the same results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lore_pl.cli import build_cli
+from test_cli import ROOT, TINY_DATA
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  deterministic: true
+  max_epochs: {epochs}
+  logger: false
+  default_root_dir: {root}
+  check_val_every_n_epoch: 1000
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        dirpath: {root}/checkpoints      # fixed, so that --ckpt_path last finds it after a restart
+        every_n_epochs: 1
+        save_on_train_epoch_end: true   # validation (which would trigger saving) never runs here
+        save_last: true
+    - class_path: callbacks.ProtocolEvaluation
+      init_args:
+        shots: 4
+        steps: 50
+model:
+  class_path: lore_pl.BasisModule
+  init_args:
+    rank: 3
+    lr: 0.1
+data:
+  class_path: datamodules.SyntheticPopulationDataModule
+"""
+
+
+def write_config(directory: Path, epochs: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yaml"
+    path.write_text(CONFIG.format(epochs=epochs, root=directory))
+    return path
+
+
+def fit_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lore_pl", "fit", "--config", str(config), *TINY_DATA, *extra]
+
+
+def env() -> dict:
+    # one thread: the same float summation order in every run, and no fight for the shared cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def checkpoint_epoch(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    except Exception:  # not there yet
+        return -1
+
+
+def final_state(directory: Path) -> dict:
+    state = torch.load(directory / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill):
+    epochs = 400
+    unbroken_dir, killed_dir = tmp_path / "unbroken", tmp_path / "killed"
+    unbroken = subprocess.Popen(fit_command(write_config(unbroken_dir, epochs)), env=env(), cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The killed run: SIGKILL (no cleanup at all) or SIGTERM (Lightning stops the fit) well into training.
+    victim = subprocess.Popen(fit_command(write_config(killed_dir, epochs)), env=env(), cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = killed_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while checkpoint_epoch(last) <= 20:
+        assert victim.poll() is None, victim.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached epoch 20"
+        time.sleep(0.02)
+    os.kill(victim.pid, kill)
+    victim.wait(timeout=120)
+    # SIGKILL: killed outright; SIGTERM: Lightning stops the fit, our CLI exits 143 (not Lightning's 0)
+    assert victim.returncode == (-signal.SIGKILL if kill == signal.SIGKILL else 143), victim.returncode
+    killed_at = checkpoint_epoch(last)
+    assert 20 < killed_at < epochs - 1, f"killed at epoch {killed_at}: not mid-run"
+    assert not (killed_dir / "protocol.json").exists()
+
+    resumed = subprocess.run(fit_command(killed_dir / "config.yaml", "--ckpt_path", "last"), env=env(), cwd=tmp_path,
+                             capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    # a restart from scratch would also end equal (same seed): check that it really resumed
+    assert f"Restored all states from the checkpoint at {last}" in (resumed.stdout + resumed.stderr).decode()
+    assert unbroken.wait(timeout=300) == 0, unbroken.stderr.read().decode()[-3000:]
+
+    expected, got = final_state(unbroken_dir), final_state(killed_dir)
+    assert got["epoch"] == expected["epoch"] == epochs - 1
+    assert int(got["state_dict"]["iterations_done"]) == epochs
+    for name in ("basis", "user_logits", "active_columns", "iterations_done"):
+        assert torch.equal(got["state_dict"][name], expected["state_dict"][name]), name
+    # the optimizer state too, so the equality is not an accident of the last steps
+    for a, b in zip(got["optimizer_states"][0]["state"].values(), expected["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert json.loads((killed_dir / "protocol.json").read_text()) == json.loads((unbroken_dir / "protocol.json").read_text())
+    from lore_pl import load_basis
+
+    assert torch.equal(load_basis(killed_dir / "basis.safetensors").basis, load_basis(unbroken_dir / "basis.safetensors").basis)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    import lore_pl.checkpoint_io as checkpoint_io
+
+    io = checkpoint_io.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def die_half_way(obj, stream):
+        stream.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # stands for a kill between the first and the last byte
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", die_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}  # the old checkpoint, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_basis_exports_are_atomic(tmp_path, monkeypatch):
+    import lore_pl.export as export
+
+    path = tmp_path / "basis.safetensors"
+    export.save_basis(path, export.BasisFile(torch.ones(4, 2), 100.0))
+    real_save_file = export.save_file
+
+    def die_half_way(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_file", die_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export.save_basis(path, export.BasisFile(torch.zeros(4, 2), 1.0))
+    monkeypatch.setattr(export, "save_file", real_save_file)
+    assert torch.equal(export.load_basis(path).basis, torch.ones(4, 2))
+    assert [p.name for p in tmp_path.iterdir()] == ["basis.safetensors"]
+
+
+def run_in_process(directory: Path, *extra: str):
+    cli = build_cli(["fit", "--config", str(write_config(directory, 30)), *TINY_DATA, *extra])
+    return cli
+
+
+def test_the_same_seed_gives_identical_results_and_the_seed_is_saved(tmp_path):
+    from lore_pl.checkpoint_io import AtomicCheckpointIO
+
+    first, second = run_in_process(tmp_path / "a"), run_in_process(tmp_path / "b")
+    assert isinstance(first.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the CLI installs it
+    for name in ("basis", "user_logits"):
+        assert torch.equal(getattr(first.model, name), getattr(second.model, name)), name
+    results = [json.loads((d / "protocol.json").read_text()) for d in (tmp_path / "a", tmp_path / "b")]
+    assert results[0] == results[1]
+    assert "seed_everything: 0\n" in (tmp_path / "a" / "config.yaml").read_text()
+
+    other = run_in_process(tmp_path / "c", "--seed_everything=1")
+    assert not torch.equal(other.model.basis, first.model.basis)  # the seed matters: V's start is drawn from it
+
+
+def test_a_random_seed_is_written_into_the_saved_config(tmp_path):
+    cli = run_in_process(tmp_path / "r", "--seed_everything=true", "--trainer.max_epochs=2")
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    seed = [line for line in saved.splitlines() if line.startswith("seed_everything:")]
+    assert len(seed) == 1 and seed[0].split(":")[1].strip().isdigit(), seed  # an int, not "true"
+    rerun = run_in_process(tmp_path / "r2", f"--seed_everything={seed[0].split(':')[1].strip()}", "--trainer.max_epochs=2")
+    assert torch.equal(rerun.model.basis, cli.model.basis)  # the saved seed reproduces the run
