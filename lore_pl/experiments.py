@@ -15,7 +15,7 @@ import torch
 
 from datamodules.base import PreferenceDataModule
 from lore_pl import functional as LF
-from lore_pl.export import load_basis
+from lore_pl.export import check_embedder, load_basis
 from lore_pl.feature_cache import write_atomic
 from lore_pl.sweeps import DEFAULT_PRIOR_GRID, METHODS, choose_prior_strength, shots_sweep, stack_shots
 
@@ -96,6 +96,7 @@ def shots(
         raise ValueError(f"unknown few-shot methods {sorted(unknown)}; choose from {sorted(METHODS)}")
     loaded = load_basis(basis_path)
     basis, tau = loaded.basis.float(), loaded.tau
+    check_embedder(loaded.embedder, data.embedder, basis_path)
     pool, test = data.split("unseen_pool"), data.split("unseen_test")
     prior = None if loaded.user_weights is None else LF.population_logits(loaded.user_weights.float())
     payload: dict = {"basis_path": str(basis_path), "rank": basis.shape[1], "shots": shots, "trials": trials,

@@ -99,10 +99,26 @@ def _basis_from_checkpoint(path: Path) -> BasisFile:
         module = BasisModule.load_from_checkpoint(path, map_location="cpu")
         module.prune_()
         basis, weights = module.kept_basis()
-        return BasisFile(basis, float(module.hparams.tau), module.reference_head, user_ids, weights)
+        return BasisFile(basis, float(module.hparams.tau), module.reference_head, user_ids, weights,
+                         checkpoint.get("embedder", ""))
     from lore_pl.fewshot import FewShotModule
 
     module = FewShotModule.load_from_checkpoint(path, map_location="cpu")
     if module.hparams.num_users is None:
         raise ValueError(f"{path}: this FewShotModule checkpoint holds no fitted users")
-    return BasisFile(module.basis, float(module.hparams.tau), None, user_ids, module.user_weights().detach())
+    return BasisFile(module.basis, float(module.hparams.tau), None, user_ids, module.user_weights().detach(),
+                     checkpoint.get("embedder", ""))
+
+
+def check_embedder(basis_embedder: str, data_embedder: str, basis_path: object) -> None:
+    """A basis only scores features from the embedder it was trained on: refuse other data's.
+
+    Either identity may be unknown (empty), e.g. an in-memory basis; then nothing is checked.
+    """
+    if basis_embedder and data_embedder and basis_embedder != data_embedder:
+        from lore_pl.errors import LoreDataError
+
+        raise LoreDataError(
+            f"the basis {basis_path} was trained on features of {basis_embedder!r}, but the data are "
+            f"embedded by {data_embedder!r}: embed the data with the basis's embedder"
+        )

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lore_pl import functional as LF
 from lore_pl.errors import LoreDataError
-from lore_pl.export import load_basis
+from lore_pl.export import check_embedder, load_basis
 from lore_pl.module import PreferenceModule
 from lore_pl.preferences import PreferenceSplit
 
@@ -74,6 +74,7 @@ class FewShotModule(PreferenceModule):
         # logits of the seen users' mean weights: the population start and the prior's centre
         self.register_buffer("prior_logits", torch.zeros(rank) if known and has_population else None)
         self._shots: tuple[Tensor, Tensor, Tensor | None] | None = None  # (X V, users, step counts)
+        self.basis_embedder = ""  # identity of the features the basis was trained on (from its file)
         self._built = False
         if self.basis is not None and num_users is not None:  # reloading a checkpoint: the state dict fills these
             self._build(num_users)
@@ -84,6 +85,7 @@ class FewShotModule(PreferenceModule):
             return
         loaded = load_basis(self.hparams.basis_path)
         self.basis = loaded.basis.clone().float()
+        self.basis_embedder = loaded.embedder
         if loaded.user_weights is not None:
             self.prior_logits = LF.population_logits(loaded.user_weights.float())
         tau = self.hparams.tau if self.hparams.tau is not None else loaded.tau
@@ -117,6 +119,7 @@ class FewShotModule(PreferenceModule):
             if self._built:
                 return
             raise ValueError("FewShotModule needs a PreferenceDataModule with unseen users")
+        check_embedder(self.basis_embedder, getattr(datamodule, "embedder", ""), self.hparams.basis_path)
         num_users, dim = datamodule.num_unseen_users, datamodule.dim
         if num_users == 0 or not datamodule.has_split("unseen_pool") or len(datamodule.split("unseen_pool")) == 0:
             raise LoreDataError(f"{type(datamodule).__name__} has no unseen users with few-shot pool pairs to adapt")

@@ -35,6 +35,9 @@ class PreferenceModule(LightningModule):
         user_ids = getattr(datamodule, f"{self.population}_user_ids", None)
         if user_ids:
             checkpoint["user_ids"] = list(user_ids)
+        embedder = getattr(datamodule, "embedder", "")
+        if isinstance(embedder, str) and embedder:
+            checkpoint["embedder"] = embedder  # checked when the basis is used on other data
 
     def _build_metrics(self, num_users: int) -> None:
         # ModuleDict keys may not shadow nn.Module attributes (``train``), hence the suffix.

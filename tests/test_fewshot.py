@@ -125,3 +125,22 @@ def test_the_pool_trains_as_one_batch_whatever_batch_size_says(tiny_data):
     trainer.fit(module, datamodule=tiny_data)
     assert trainer.num_training_batches == 1
     assert module._shots[1].numel() == len(tiny_data.split("unseen_pool"))
+
+
+def test_a_basis_from_another_embedder_is_refused(tiny_data, tmp_path):
+    from lore_pl.errors import LoreDataError
+
+    save_basis(tmp_path / "basis.safetensors", BasisFile(torch.randn(tiny_data.dim, 2), 100.0, embedder="other-model"))
+    module = FewShotModule(basis_path=str(tmp_path / "basis.safetensors"))
+    with pytest.raises(LoreDataError, match="'other-model'.*SyntheticPopulation"):
+        tiny_trainer(1).fit(module, datamodule=tiny_data)
+    # the same embedder, or an unknown one, is accepted
+    save_basis(tmp_path / "same.safetensors", BasisFile(torch.randn(tiny_data.dim, 2), 100.0, embedder=tiny_data.embedder))
+    tiny_trainer(1).fit(FewShotModule(basis_path=str(tmp_path / "same.safetensors")), datamodule=tiny_data)
+
+
+def test_checkpoints_carry_the_embedder(tiny_data, tmp_path):
+    trainer = tiny_trainer(1)
+    trainer.fit(BasisModule(rank=2), datamodule=tiny_data)
+    trainer.save_checkpoint(tmp_path / "basis.ckpt")
+    assert load_basis(tmp_path / "basis.ckpt").embedder == tiny_data.embedder
