@@ -27,23 +27,38 @@ def simplex_weights(logits: Tensor, active_columns: Tensor | None = None) -> Ten
     return torch.softmax(logits, dim=-1)
 
 
-class _Project(torch.autograd.Function):
-    """``X V`` whose backward computes ``dV = (G^T X)^T``.
+GRAD_CHUNK_BYTES = 1 << 21  # block of X per step of the V gradient on CPU: 2 MiB stays in cache
 
-    Autograd's own backward of ``X @ V`` runs ``X^T @ G``, a tall-skinny product that MKL does
-    several times slower than ``G^T @ X`` for small K (measured 3-15x on 2 CPU cores). The
-    features are data, never trained, so no gradient flows to them.
+
+class _Project(torch.autograd.Function):
+    """``X V`` with both products laid out the way MKL runs them fast on a CPU.
+
+    Measured on 2 cores (N=30000, d=1024, K=5): ``X @ V`` with V row-major 41 ms, with V
+    column-major 15 ms; the V gradient as autograd computes it (``X^T G``) 563 ms, as ``G^T X`` 45 ms,
+    as ``G^T X`` accumulated over 2 MiB blocks of rows 19-21 ms (d=4096: 202 ms at once, 88 ms in
+    blocks). The features are data, never trained, so no gradient flows to them.
     """
 
     @staticmethod
     def forward(ctx, features: Tensor, basis: Tensor) -> Tensor:
         ctx.save_for_backward(features)
+        if features.device.type == "cpu":
+            basis = basis.t().contiguous().t()  # column-major [d, K]: a d x K copy, negligible
         return features @ basis
 
     @staticmethod
     def backward(ctx, grad_projected: Tensor):
         (features,) = ctx.saved_tensors
-        return None, (grad_projected.t() @ features).t()
+        grad_t = grad_projected.t()
+        rows = max(64, GRAD_CHUNK_BYTES // (features.element_size() * features.shape[1]))
+        if features.device.type != "cpu" or features.shape[0] <= rows:
+            return None, (grad_t @ features).t()
+        grad_t = grad_t.contiguous()  # row-major [K, N]: its column blocks feed MKL's fast path
+        grad_basis_t = features.new_zeros(grad_t.shape[0], features.shape[1])
+        for start in range(0, features.shape[0], rows):
+            stop = start + rows
+            grad_basis_t.addmm_(grad_t[:, start:stop], features[start:stop])
+        return None, grad_basis_t.t()
 
 
 def project(features: Tensor, basis: Tensor) -> Tensor:
