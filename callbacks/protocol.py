@@ -15,7 +15,7 @@ from lore_pl import functional as LF
 from lore_pl.basis import BasisModule
 from lore_pl.errors import LoreDataError
 from lore_pl.export import BasisFile, save_basis
-from lore_pl.feature_cache import write_json_atomic
+from lore_pl.atomic import write_json_atomic
 from lore_pl.metrics import PerUserAccuracy
 from lore_pl.preferences import PreferenceSplit
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from lore_pl.atomic import write_atomic
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -27,16 +27,12 @@ class ScoreWriter(BasePredictionWriter):
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         index = torch.cat([batch["index"] for batch in batches]).cpu()
         scores = torch.cat([batch["scores"] for batch in batches]).cpu()[torch.argsort(index)]
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", newline="") as stream:
-                writer = csv.writer(stream)
-                writer.writerow(["candidate", *pl_module.user_ids])
-                for row, values in zip(torch.sort(index).values.tolist(), scores.tolist()):
-                    writer.writerow([row, *(f"{value:.6g}" for value in values)])
-            os.replace(tmp, self.output)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        rows = zip(torch.sort(index).values.tolist(), scores.tolist())
+
+        def write_csv(stream) -> None:
+            writer = csv.writer(stream)
+            writer.writerow(["candidate", *pl_module.user_ids])
+            writer.writerows([row, *(f"{value:.6g}" for value in values)] for row, values in rows)
+
+        write_atomic(self.output, write_csv)
         print(f"wrote {scores.shape[0]} candidates x {scores.shape[1]} users: {self.output}", flush=True)

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from datamodules.base import PreferenceData, PreferenceDataModule
 from lore_pl.embedding import EmbedderSpec
 from lore_pl.errors import LoreDataWarning
-from lore_pl.feature_cache import FeatureCache, write_json_atomic
+from lore_pl.atomic import write_json_atomic
+from lore_pl.feature_cache import FeatureCache
 
 TABLE = "table.json"
 
@@ -35,11 +36,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         embedder: the model that embeds the texts (see ``lore_pl.embedding.EmbedderSpec``).
         shard_size: texts per cache shard (one predict batch; the unit an interrupted job resumes at).
         progress: show a progress bar while embedding in-process.
-        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
-        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
-        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
-        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
-        val_seed: seed of that hold-out.
+        **kwargs: the loading arguments of ``PreferenceDataModule`` (batch sizes, shuffling, validation hold-out).
     """
 
     def __init__(
@@ -48,14 +45,9 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         embedder: EmbedderSpec | None = None,
         shard_size: int = 1024,
         progress: bool = True,
-        batch_size: int | None = None,
-        eval_batch_size: int | None = None,
-        shuffle: bool = True,
-        val_fraction: float = 0.0,
-        val_seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
-                         val_fraction=val_fraction, val_seed=val_seed)
+        super().__init__(**kwargs)
         self.cache_dir = cache_dir
         self.embedder_spec = embedder if embedder is not None else EmbedderSpec()
         self.shard_size = shard_size

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from datamodules.base import ROLES, PreferenceData, PreferenceDataModule
+from lore_pl.atomic import write_json_atomic, write_npy_atomic
 from lore_pl.preferences import PreferenceSplit
 
 USERS_FILE = "users.json"
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    os.close(handle)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_memmap_dataset(directory: str | os.PathLike, data: PreferenceData) -> Path:
@@ -35,15 +24,12 @@ def write_memmap_dataset(directory: str | os.PathLike, data: PreferenceData) -> 
     directory.mkdir(parents=True, exist_ok=True)
     users = {}
     for role, split in data.splits.items():
-        _atomic_save(directory / f"{role}.features.npy", split.features.float().numpy())
-        _atomic_save(directory / f"{role}.users.npy", split.users.long().numpy())
+        write_npy_atomic(directory / f"{role}.features.npy", split.features.float().numpy())
+        write_npy_atomic(directory / f"{role}.users.npy", split.users.long().numpy())
         users[role] = list(split.user_ids)
     if data.reference_head is not None:
-        _atomic_save(directory / "reference_head.npy", data.reference_head.float().numpy())
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{USERS_FILE}.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(users, stream)
-    os.replace(tmp, directory / USERS_FILE)
+        write_npy_atomic(directory / "reference_head.npy", data.reference_head.float().numpy())
+    write_json_atomic(directory / USERS_FILE, users)
     return directory
 
 

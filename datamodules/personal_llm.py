@@ -13,7 +13,6 @@ from datamodules.base import PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex
 from datamodules.sources import find_files, read_all, resolve
-from lore_pl.embedding import EmbedderSpec
 from lore_pl.preferences import PreferenceSplit
 
 REWARD_MODELS = (
@@ -53,15 +52,7 @@ class PersonalLLMDataModule(EmbeddedPreferenceDataModule):
         unseen_train_prompts: train prompts per unseen user: a fraction (0.001 in the paper) or a count.
         test_prompts: test prompts per user: null for all (the paper), a fraction or a count.
         dirichlet_alpha: concentration of the users' weights (0.1 in the paper).
-        cache_dir: where embeddings are cached.
-        embedder: the model that embeds the texts.
-        shard_size: texts per cache shard.
-        progress: show a progress bar while embedding in-process.
-        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
-        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
-        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
-        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
-        val_seed: seed of that hold-out.
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
     """
 
     def __init__(
@@ -75,18 +66,9 @@ class PersonalLLMDataModule(EmbeddedPreferenceDataModule):
         unseen_train_prompts: int | float = 0.001,
         test_prompts: int | float | None = None,
         dirichlet_alpha: float = 0.1,
-        cache_dir: str = "cache/features",
-        embedder: EmbedderSpec | None = None,
-        shard_size: int = 1024,
-        progress: bool = True,
-        batch_size: int | None = None,
-        eval_batch_size: int | None = None,
-        shuffle: bool = True,
-        val_fraction: float = 0.0,
-        val_seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle,
-                         val_fraction, val_seed)
+        super().__init__(**kwargs)
         if dirichlet_alpha <= 0 or num_seen_users < 1 or num_unseen_users < 0:
             raise ValueError("dirichlet_alpha must be positive, num_seen_users >= 1 and num_unseen_users >= 0")
         self.source, self.revision, self.seed = source, revision, seed

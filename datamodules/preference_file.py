@@ -14,7 +14,7 @@ from datamodules.base import PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, drop_users_without, split_fraction
 from datamodules.sources import file_digest, read_records
-from lore_pl.embedding import EmbedderSpec, as_messages
+from lore_pl.embedding import as_messages
 from lore_pl.errors import LoreDataError
 
 
@@ -76,15 +76,7 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         seen_fraction: fraction of users who train the basis (the rest are adapted few-shot).
         test_fraction: fraction of prompts held out for testing.
         seed: seed of both splits.
-        cache_dir: where embeddings are cached.
-        embedder: the model that embeds the texts.
-        shard_size: texts per cache shard.
-        progress: show a progress bar while embedding in-process.
-        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
-        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
-        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
-        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
-        val_seed: seed of that hold-out.
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
     """
 
     def __init__(
@@ -97,18 +89,9 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         seen_fraction: float = 0.5,
         test_fraction: float = 0.5,
         seed: int = 0,
-        cache_dir: str = "cache/features",
-        embedder: EmbedderSpec | None = None,
-        shard_size: int = 1024,
-        progress: bool = True,
-        batch_size: int | None = None,
-        eval_batch_size: int | None = None,
-        shuffle: bool = True,
-        val_fraction: float = 0.0,
-        val_seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle,
-                         val_fraction, val_seed)
+        super().__init__(**kwargs)
         for name, value in (("seen_fraction", seen_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")

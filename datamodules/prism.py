@@ -12,7 +12,6 @@ from datamodules.base import PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split_fraction
 from datamodules.sources import find_files, read_all, resolve
-from lore_pl.embedding import EmbedderSpec
 
 
 
@@ -61,15 +60,7 @@ class PRISMDataModule(EmbeddedPreferenceDataModule):
         seen_fraction: fraction of users who train the basis (0.8 in the paper).
         min_dialogs: users need more than this many dialogs (5 in the paper).
         train_fraction: fraction of each user's dialogs used for training (0.5 in the paper).
-        cache_dir: where embeddings are cached.
-        embedder: the model that embeds the texts.
-        shard_size: texts per cache shard.
-        progress: show a progress bar while embedding in-process.
-        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
-        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
-        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
-        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
-        val_seed: seed of that hold-out.
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
     """
 
     def __init__(
@@ -80,18 +71,9 @@ class PRISMDataModule(EmbeddedPreferenceDataModule):
         seen_fraction: float = 0.8,
         min_dialogs: int = 5,
         train_fraction: float = 0.5,
-        cache_dir: str = "cache/features",
-        embedder: EmbedderSpec | None = None,
-        shard_size: int = 1024,
-        progress: bool = True,
-        batch_size: int | None = None,
-        eval_batch_size: int | None = None,
-        shuffle: bool = True,
-        val_fraction: float = 0.0,
-        val_seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle,
-                         val_fraction, val_seed)
+        super().__init__(**kwargs)
         self.source, self.revision, self.seed = source, revision, seed
         self.seen_fraction, self.min_dialogs, self.train_fraction = seen_fraction, min_dialogs, train_fraction
         self._resolved: tuple[Path, str] | None = None

@@ -13,7 +13,6 @@ from datamodules.base import PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, cap_per_user, leak_free, shuffled
 from datamodules.sources import find_files, read_all, resolve
-from lore_pl.embedding import EmbedderSpec
 
 
 class RedditTLDRDataModule(EmbeddedPreferenceDataModule):
@@ -35,15 +34,7 @@ class RedditTLDRDataModule(EmbeddedPreferenceDataModule):
         seen_train_cap: train pairs per seen worker (150 in the paper).
         unseen_train_cap: few-shot pool per unseen worker (50 in the paper; 100 in the shots sweep).
         drop_fewest: how many workers with the fewest pairs are dropped (2 in the paper).
-        cache_dir: where embeddings are cached.
-        embedder: the model that embeds the texts.
-        shard_size: texts per cache shard.
-        progress: show a progress bar while embedding in-process.
-        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
-        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
-        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
-        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
-        val_seed: seed of that hold-out.
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
     """
 
     def __init__(
@@ -54,18 +45,9 @@ class RedditTLDRDataModule(EmbeddedPreferenceDataModule):
         seen_train_cap: int | None = 150,
         unseen_train_cap: int | None = 50,
         drop_fewest: int = 2,
-        cache_dir: str = "cache/features",
-        embedder: EmbedderSpec | None = None,
-        shard_size: int = 1024,
-        progress: bool = True,
-        batch_size: int | None = None,
-        eval_batch_size: int | None = None,
-        shuffle: bool = True,
-        val_fraction: float = 0.0,
-        val_seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(cache_dir, embedder, shard_size, progress, batch_size, eval_batch_size, shuffle,
-                         val_fraction, val_seed)
+        super().__init__(**kwargs)
         self.source, self.revision, self.seed = source, revision, seed
         self.seen_train_cap, self.unseen_train_cap, self.drop_fewest = seen_train_cap, unseen_train_cap, drop_fewest
         self._resolved: tuple[Path, str] | None = None

@@ -40,11 +40,7 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         spectrum_decay: embedding variance of coordinate i is proportional to ``i^-spectrum_decay``
             (0: isotropic; about 1 resembles real embeddings' decaying spectrum).
         seed: seed of everything generated.
-        batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
-        eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
-        shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
-        val_fraction: fraction of each seen user's train pairs held out for validation (0: none).
-        val_seed: seed of that hold-out.
+        **kwargs: the loading arguments of ``PreferenceDataModule`` (batch sizes, shuffling, validation hold-out).
     """
 
     def __init__(
@@ -64,14 +60,9 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         noise_temperature: float = 1.0,
         spectrum_decay: float = 0.0,
         seed: int = 0,
-        batch_size: int | None = None,
-        eval_batch_size: int | None = None,
-        shuffle: bool = True,
-        val_fraction: float = 0.0,
-        val_seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
-                         val_fraction=val_fraction, val_seed=val_seed)
+        super().__init__(**kwargs)
         for name, value in (("dim", dim), ("num_directions", num_directions), ("num_train_prompts", num_train_prompts),
                             ("num_test_prompts", num_test_prompts), ("num_seen_users", num_seen_users)):
             if value < 1:

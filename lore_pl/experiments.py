@@ -16,7 +16,7 @@ import torch
 from datamodules.base import PreferenceDataModule
 from lore_pl import functional as LF
 from lore_pl.export import check_embedder, load_basis
-from lore_pl.feature_cache import write_atomic
+from lore_pl.atomic import write_atomic
 from lore_pl.sweeps import DEFAULT_PRIOR_GRID, METHODS, choose_prior_strength, shots_sweep, stack_shots
 
 PROTOCOL_KEYS = ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc")

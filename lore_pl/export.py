@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from safetensors.torch import load_file, save_file
+
+from lore_pl.atomic import write_atomic_path
 from torch import Tensor
 
 
@@ -47,16 +48,7 @@ def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:
         "user_ids": json.dumps(list(exported.user_ids)),
         "embedder": exported.embedder,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic_path(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_basis(path: str | os.PathLike) -> BasisFile:

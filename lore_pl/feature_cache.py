@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lore_pl.atomic import write_json_atomic, write_npy_atomic
 from lore_pl.errors import LoreDataError
 
 MANIFEST = "manifest.json"
@@ -38,27 +37,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write ``path`` through ``write(stream)`` into a temporary file, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb" if binary else "w") as stream:
-            write(stream)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_atomic(path, lambda stream: json.dump(payload, stream, ensure_ascii=False))
-
-
-def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    write_atomic(path, lambda stream: np.save(stream, array), binary=True)
 
 
 class FeatureCache:

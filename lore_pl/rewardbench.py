@@ -20,7 +20,8 @@ from torch import Tensor
 
 from lore_pl.embedding import EmbedderSpec, as_messages, template_id
 from lore_pl.export import load_basis
-from lore_pl.feature_cache import FeatureCache, write_json_atomic
+from lore_pl.atomic import write_json_atomic
+from lore_pl.feature_cache import FeatureCache
 
 TABLE = "table.json"
 
