@@ -37,6 +37,8 @@ class BasisModule(PreferenceModule):
             keeps V from memorizing when d is large against the number of pairs.
         prune_threshold: at the end of fit keep column k only if some user's weight on it is at
             least this (1e-2 in the reference; 0 keeps every column).
+        cpu_kernel: train on the CPU with the fused C kernel, which reads the features once per step
+            (compiled on first use; without a C compiler the PyTorch path, same results).
         num_users: set from the data module; leave unset.
         feature_dim: set from the data module; leave unset.
         has_reference_head: set from the data module; leave unset.
@@ -56,6 +58,7 @@ class BasisModule(PreferenceModule):
         weight_init: Literal["randn", "rand", "zeros"] = "randn",
         basis_weight_decay: float = 0.0,
         prune_threshold: float = 1e-2,
+        cpu_kernel: bool = True,
         num_users: int | None = None,
         feature_dim: int | None = None,
         has_reference_head: bool | None = None,
@@ -220,8 +223,9 @@ class BasisModule(PreferenceModule):
         # toggle_optimizer freezes the other parameter group before the forward pass, so its
         # gradient is never computed (the V gradient is the expensive one).
         self.toggle_optimizer(optimizer)
-        logits = self(features, users)
-        nll = self._nll(logits, users, counts)
+        nll, logits = LF.pair_loss(features, users, self.current_basis(), self.user_weights(), self.hparams.tau,
+                                   self.hparams.loss_weighting, counts, self._loss_scale(counts),
+                                   fused=self.hparams.cpu_kernel)
         regularizer = self._regularizer()
         optimizer.zero_grad()
         if self._reduces_gradients_itself():
@@ -238,7 +242,7 @@ class BasisModule(PreferenceModule):
             self.manual_backward(nll + alpha * regularizer)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
-        return logits.detach(), nll.detach(), regularizer.detach()
+        return logits, nll.detach(), regularizer.detach()
 
     def _reduces_gradients_itself(self) -> bool:
         """The alternating schedule under DDP averages its gradients over ranks by hand."""

@@ -66,8 +66,11 @@ class PreferenceModule(LightningModule):
         A sharded batch carries ``counts``, the per-user counts of the whole step (all ranks); DDP
         averages the ranks' gradients and ``sync_dist`` their logged values, hence ``scale``.
         """
-        scale = 1.0 if counts is None or self._trainer is None else float(self.trainer.world_size)
-        return LF.preference_loss(logits, users, self.hparams.num_users, weighting, counts, scale)
+        return LF.preference_loss(logits, users, self.hparams.num_users, weighting, counts, self._loss_scale(counts))
+
+    def _loss_scale(self, counts: Tensor | None) -> float:
+        """The world size for a sharded batch (it carries ``counts``), else 1: see ``_loss``."""
+        return 1.0 if counts is None or self._trainer is None else float(self.trainer.world_size)
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         logits = self(batch["features"], batch["users"])

@@ -184,3 +184,15 @@ def test_protocol_on_the_best_checkpoint(tmp_path):
     assert protocol.results == expected
     # the validation split, not the test split, chose it
     assert trainer.callback_metrics["val/acc"] <= 1.0 and data.has_split("seen_val")
+
+
+@pytest.mark.parametrize("schedule", ["joint", "alternating"])
+def test_the_fused_cpu_kernel_trains_as_the_pytorch_path(tiny_data, schedule):
+    trained = []
+    for kernel in (True, False):
+        torch.manual_seed(0)
+        model = fit(BasisModule(rank=3, lr=0.1, schedule=schedule, prune_threshold=0.0, cpu_kernel=kernel),
+                    tiny_data, epochs=15)
+        trained.append((model.basis.detach(), model.user_logits.detach()))
+    for fused, plain in zip(*trained):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,117 @@
+"""The fused CPU kernel against the PyTorch autograd path: same loss, logits and gradients."""
+
+import shutil
+
+import pytest
+import torch
+
+from lore_pl import cpu_kernel
+from lore_pl import functional as LF
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+def problem(num_users=6, rows=40, dim=37, rank=3, seed=0, sorted_users=False, empty_user=True):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(rows, dim, generator=generator)
+    users = torch.randint(0, num_users - int(empty_user), (rows,), generator=generator)
+    if sorted_users:
+        users = users.sort().values
+    basis = torch.randn(dim, rank, generator=generator)
+    logits = torch.randn(num_users, rank, generator=generator)
+    return features, users, basis, logits
+
+
+def loss_and_grads(features, users, basis, user_logits, fused, weighting="pair_mean", counts=None, scale=1.0,
+                   train_basis=True, tau=2.0):
+    basis = basis.clone().requires_grad_(train_basis)
+    user_logits = user_logits.clone().requires_grad_()
+    loss, logits = LF.pair_loss(features, users, basis, LF.simplex_weights(user_logits), tau, weighting, counts,
+                                scale, fused=fused)
+    loss.backward()
+    return loss.detach(), logits, basis.grad, user_logits.grad
+
+
+@needs_compiler
+def test_the_kernel_builds_where_a_compiler_is():
+    # CI has a compiler: if the build broke, every other kernel test would silently test PyTorch twice
+    assert cpu_kernel.available()
+
+
+@needs_compiler
+@pytest.mark.parametrize("weighting", ["pair_mean", "user_mean"])
+@pytest.mark.parametrize("rank,dim,sorted_users", [(1, 8, True), (3, 37, False), (7, 64, False), (5, 130, True)])
+def test_kernel_matches_autograd(weighting, rank, dim, sorted_users):
+    features, users, basis, user_logits = problem(dim=dim, rank=rank, sorted_users=sorted_users)
+    fused = loss_and_grads(features, users, basis, user_logits, True, weighting)
+    plain = loss_and_grads(features, users, basis, user_logits, False, weighting)
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    assert fused[3][-1].abs().sum() == 0  # the user with no pairs gets no gradient
+
+
+@needs_compiler
+def test_kernel_takes_ddp_counts_and_scale():
+    features, users, basis, user_logits = problem()
+    counts = torch.bincount(users, minlength=6) * 2 + 1  # a shard of a bigger step batch
+    for weighting in ("pair_mean", "user_mean"):
+        fused = loss_and_grads(features, users, basis, user_logits, True, weighting, counts, scale=2.0)
+        plain = loss_and_grads(features, users, basis, user_logits, False, weighting, counts, scale=2.0)
+        for got, want in zip(fused, plain):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_frozen_basis_gets_no_gradient_and_weights_still_do():
+    features, users, basis, user_logits = problem()
+    fused = loss_and_grads(features, users, basis, user_logits, True, train_basis=False)
+    plain = loss_and_grads(features, users, basis, user_logits, False, train_basis=False)
+    assert fused[2] is None
+    torch.testing.assert_close(fused[3], plain[3], rtol=2e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_result_does_not_depend_on_the_number_of_threads():
+    features, users, basis, user_logits = problem(num_users=9, rows=300)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = loss_and_grads(features, users, basis, user_logits, True)
+        torch.set_num_threads(3)
+        three = loss_and_grads(features, users, basis, user_logits, True)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(three, one):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_switched_off_it_falls_back_to_pytorch(monkeypatch):
+    monkeypatch.setenv("LORE_PL_CPU_KERNEL", "0")
+    features, users, basis, user_logits = problem()
+    assert not cpu_kernel.applies(features, basis)
+    loss, logits, _, _ = loss_and_grads(features, users, basis, user_logits, True)
+    torch.testing.assert_close(logits, LF.pair_logits(features, users, basis, LF.simplex_weights(user_logits), 2.0))
+
+
+def test_no_compiler_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LORE_PL_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+        assert not cpu_kernel.available()
+    features, users, basis, user_logits = problem()
+    fused = loss_and_grads(features, users, basis, user_logits, True)
+    plain = loss_and_grads(features, users, basis, user_logits, False)
+    torch.testing.assert_close(fused[0], plain[0])
+    assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+@needs_compiler
+def test_the_build_is_cached_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORE_PL_CACHE_DIR", str(tmp_path))
+    built = cpu_kernel._compile("cc")
+    assert built.parent == tmp_path and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert cpu_kernel._compile("cc") == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no partial files left behind
