@@ -19,31 +19,115 @@ typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline lanes_t load(const float *p) { lanes_t v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, lanes_t v) { memcpy(p, &v, sizeof v); }
+#define INLINE static inline __attribute__((always_inline))
+#define BLOCK_ROWS 4 /* rows per block: the direction and y are loaded once per block, not per row */
+#define BLOCK_COLS 5 /* basis columns per pass over y */
 
-static float dot(const float *a, const float *b, int64_t n) {
-    /* four independent accumulators keep the multiply-add units busy */
-    lanes_t s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    int64_t j = 0;
-    for (; j + 4 * LANES <= n; j += 4 * LANES) {
-        s0 += load(a + j) * load(b + j);
-        s1 += load(a + j + LANES) * load(b + j + LANES);
-        s2 += load(a + j + 2 * LANES) * load(b + j + 2 * LANES);
-        s3 += load(a + j + 3 * LANES) * load(b + j + 3 * LANES);
-    }
-    lanes_t sum = (s0 + s1) + (s2 + s3);
+INLINE float total(lanes_t v) {
     float s = 0.0f;
-    for (int l = 0; l < LANES; l++) s += sum[l];
-    for (; j < n; j++) s += a[j] * b[j];
+    for (int l = 0; l < LANES; l++) s += v[l];
     return s;
 }
 
-static void axpy(float *y, float g, const float *x, int64_t n) { /* y += g x */
+/* out[r] = x[r] . direction for R rows */
+INLINE void dot_rows(const int R, const float *const *x, const float *direction, int64_t n, float *out) {
+    lanes_t s0[BLOCK_ROWS], s1[BLOCK_ROWS];
+    for (int r = 0; r < R; r++) s0[r] = s1[r] = (lanes_t){0};
     int64_t j = 0;
     for (; j + 2 * LANES <= n; j += 2 * LANES) {
-        store(y + j, load(y + j) + g * load(x + j));
-        store(y + j + LANES, load(y + j + LANES) + g * load(x + j + LANES));
+        lanes_t d0 = load(direction + j), d1 = load(direction + j + LANES);
+        for (int r = 0; r < R; r++) {
+            s0[r] += load(x[r] + j) * d0;
+            s1[r] += load(x[r] + j + LANES) * d1;
+        }
     }
-    for (; j < n; j++) y[j] += g * x[j];
+    for (int r = 0; r < R; r++) {
+        float s = total(s0[r] + s1[r]);
+        for (int64_t t = j; t < n; t++) s += x[r][t] * direction[t];
+        out[r] = s;
+    }
+}
+
+/* y += sum_r g[r] x[r] for R rows */
+INLINE void axpy_rows(const int R, float *y, const float *g, const float *const *x, int64_t n) {
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        lanes_t acc = load(y + j);
+        for (int r = 0; r < R; r++) acc += g[r] * load(x[r] + j);
+        store(y + j, acc);
+    }
+    for (; j < n; j++)
+        for (int r = 0; r < R; r++) y[j] += g[r] * x[r][j];
+}
+
+/* R rows of one user: logits, loss and their share of y. Returns the rows' loss. */
+INLINE double rows_pass(const int R, const float *X, int64_t d, const int64_t *order, int64_t p,
+                        const float *direction, const float *row_weight, float *logits, float *y) {
+    const float *x[BLOCK_ROWS];
+    int64_t index[BLOCK_ROWS];
+    float logit[BLOCK_ROWS], g[BLOCK_ROWS];
+    double loss = 0.0;
+    for (int r = 0; r < R; r++) {
+        index[r] = order ? order[p + r] : p + r;
+        x[r] = X + index[r] * d;
+    }
+    dot_rows(R, x, direction, d, logit);
+    for (int r = 0; r < R; r++) {
+        int64_t i = index[r];
+        logits[i] = logit[r];
+        /* softplus(-logit) = -log sigmoid(logit), in a form that never overflows */
+        float m = -logit[r];
+        float nll = m > 0.0f ? m + log1pf(expf(-m)) : log1pf(expf(m));
+        loss += (double)row_weight[i] * nll;
+        g[r] = -row_weight[i] / (1.0f + expf(logit[r])); /* d loss / d logit = -c_i sigmoid(-logit) */
+    }
+    axpy_rows(R, y, g, x, d);
+    return loss;
+}
+
+/* direction = sum_k a_k Vt[k], one pass */
+static void combine(float *direction, const float *a, const float *Vt, int64_t K, int64_t d) {
+    memset(direction, 0, d * sizeof(float));
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK_COLS) {
+        int64_t k1 = k0 + BLOCK_COLS < K ? k0 + BLOCK_COLS : K;
+        int64_t j = 0;
+        for (; j + LANES <= d; j += LANES) {
+            lanes_t acc = load(direction + j);
+            for (int64_t k = k0; k < k1; k++) acc += a[k] * load(Vt + k * d + j);
+            store(direction + j, acc);
+        }
+        for (; j < d; j++)
+            for (int64_t k = k0; k < k1; k++) direction[j] += a[k] * Vt[k * d + j];
+    }
+}
+
+/* q[k] = Vt[k] . y and, when grad_basis_t, grad_basis_t[k] += a_k y: one pass over y per 5 columns */
+static void spread(const float *y, const float *a, const float *Vt, int64_t K, int64_t d, float *q,
+                   float *grad_basis_t) {
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK_COLS) {
+        int64_t width = K - k0 < BLOCK_COLS ? K - k0 : BLOCK_COLS;
+        lanes_t acc[BLOCK_COLS];
+        for (int64_t k = 0; k < width; k++) acc[k] = (lanes_t){0};
+        int64_t j = 0;
+        for (; j + LANES <= d; j += LANES) {
+            lanes_t yv = load(y + j);
+            for (int64_t k = 0; k < width; k++) {
+                acc[k] += load(Vt + (k0 + k) * d + j) * yv;
+                if (grad_basis_t) {
+                    float *out = grad_basis_t + (k0 + k) * d + j;
+                    store(out, load(out) + a[k0 + k] * yv);
+                }
+            }
+        }
+        for (int64_t k = 0; k < width; k++) {
+            float s = total(acc[k]);
+            for (int64_t t = j; t < d; t++) {
+                s += Vt[(k0 + k) * d + t] * y[t];
+                if (grad_basis_t) grad_basis_t[(k0 + k) * d + t] += a[k0 + k] * y[t];
+            }
+            q[k0 + k] = s;
+        }
+    }
 }
 
 /*
@@ -62,23 +146,17 @@ double lore_user_pass(const float *X, int64_t d, const int64_t *order, const int
     float *direction = work, *y = work + d;
     for (int64_t u = first; u < last; u++) {
         const float *a = coef + u * K;
-        memset(direction, 0, d * sizeof(float));
-        for (int64_t k = 0; k < K; k++) axpy(direction, a[k], Vt + k * d, d);
+        combine(direction, a, Vt, K, d);
         memset(y, 0, d * sizeof(float));
-        for (int64_t p = starts[u]; p < starts[u + 1]; p++) {
-            int64_t i = order ? order[p] : p;
-            const float *x = X + i * d;
-            float logit = dot(x, direction, d);
-            logits[i] = logit;
-            /* softplus(-logit) = -log sigmoid(logit), in a form that never overflows */
-            float m = -logit;
-            float nll = m > 0.0f ? m + log1pf(expf(-m)) : log1pf(expf(m));
-            loss += (double)row_weight[i] * nll;
-            axpy(y, -row_weight[i] / (1.0f + expf(logit)), x, d); /* g_i = -c_i sigmoid(-logit) */
+        int64_t p = starts[u], end = starts[u + 1];
+        for (; p + BLOCK_ROWS <= end; p += BLOCK_ROWS)
+            loss += rows_pass(BLOCK_ROWS, X, d, order, p, direction, row_weight, logits, y);
+        switch (end - p) { /* constant row counts, so each block's loops unroll */
+        case 3: loss += rows_pass(3, X, d, order, p, direction, row_weight, logits, y); break;
+        case 2: loss += rows_pass(2, X, d, order, p, direction, row_weight, logits, y); break;
+        case 1: loss += rows_pass(1, X, d, order, p, direction, row_weight, logits, y); break;
         }
-        for (int64_t k = 0; k < K; k++) grad_coef[u * K + k] = dot(Vt + k * d, y, d);
-        if (with_basis_grad)
-            for (int64_t k = 0; k < K; k++) axpy(grad_basis_t + k * d, a[k], y, d);
+        spread(y, a, Vt, K, d, grad_coef + u * K, with_basis_grad ? grad_basis_t : NULL);
     }
     return loss;
 }
