@@ -204,16 +204,20 @@ class BasisModule(PreferenceModule):
             opt_weights, opt_basis = self.optimizers()
             logits, nll, _ = self._optimize(opt_weights, features, users, 0.0, counts)  # W step, V frozen
             _, _, regularizer = self._optimize(opt_basis, features, users, alpha, counts)  # V step, new W
+        iteration, total = int(self.iterations_done), self.total_iterations()
         self.iterations_done += 1
-        if self.rank >= 2 and int(self.iterations_done) >= self.total_iterations():
+        if self.rank >= 2 and iteration + 1 >= total:
             self.prune_()  # before the final checkpoint is written
-        self.metrics["train_acc"].update(logits, users)
-        # nll is this rank's scaled share: sync_dist's mean over ranks is the global value. The
-        # regularizer and alpha are the same on every rank: no collective needed.
-        self.log_dict({"train/loss": nll + alpha * regularizer, "train/nll": nll},
-                      on_step=True, on_epoch=False, batch_size=users.numel(), sync_dist=True)
-        self.log_dict({"train/regularizer": regularizer, "train/alpha": alpha},
-                      on_step=True, on_epoch=False, batch_size=users.numel())
+        logged = self._logs_step(iteration, total)
+        if self._train_accuracy_counts(logged):
+            self.metrics["train_acc"].update(logits, users)
+        if logged:
+            # nll is this rank's scaled share: sync_dist's mean over ranks is the global value. The
+            # regularizer and alpha are the same on every rank: no collective needed.
+            self.log_dict({"train/loss": nll + alpha * regularizer, "train/nll": nll},
+                          on_step=True, on_epoch=False, batch_size=users.numel(), sync_dist=True)
+            self.log_dict({"train/regularizer": regularizer, "train/alpha": alpha},
+                          on_step=True, on_epoch=False, batch_size=users.numel())
         return nll
 
     def _optimize(

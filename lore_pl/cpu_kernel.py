@@ -28,6 +28,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "user_pass.c"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+OPENMP = ("-fopenmp",)  # tried first; without it the ranges run on a Python thread pool
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 
 _lock = threading.Lock()
@@ -50,9 +51,10 @@ def _cpu_identity() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
-def _compile(compiler: str) -> Path:
+def _compile(compiler: str, extra: tuple[str, ...] = OPENMP) -> Path:
+    flags = (*FLAGS, *extra)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_identity()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_identity()]).encode())
     target = cache_dir() / f"user_pass-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -61,13 +63,20 @@ def _compile(compiler: str) -> Path:
     handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, "-lm"], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _build(compiler: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(_compile(compiler)))
+    except (OSError, subprocess.SubprocessError):
+        return ctypes.CDLL(str(_compile(compiler, extra=())))  # a compiler without OpenMP
 
 
 def _load() -> ctypes.CDLL | None:
@@ -78,7 +87,7 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         compiler = os.environ.get("CC", "cc")
         try:
-            library = ctypes.CDLL(str(_compile(compiler)))
+            library = _build(compiler)
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", "") or str(error)
             warnings.warn(f"lore_pl: could not build the fused CPU kernel with {compiler!r} ({detail.strip()[-300:]}); "
@@ -88,6 +97,10 @@ def _load() -> ctypes.CDLL | None:
         function.restype = ctypes.c_double
         function.argtypes = [_POINTER, _INT, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER, _POINTER,
                              _POINTER, _POINTER, _POINTER, ctypes.c_int, _POINTER]
+        library.lore_user_pass_ranges.restype = None
+        library.lore_user_pass_ranges.argtypes = [_POINTER, _INT, _POINTER, _POINTER, _POINTER, _INT, _POINTER, _INT,
+                                                  _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_int,
+                                                  _POINTER, _POINTER]
         _library = library
         return library
 
@@ -147,17 +160,25 @@ def user_pass(features: Tensor, users: Tensor, basis: Tensor, coefficients: Tens
     bounds = list(zip([0, *cuts], [*cuts, num_users]))
     grad_basis_t = features.new_zeros(workers, rank, dim)
     work = features.new_empty(workers, 2 * dim)
-    pointer = (lambda t: None if t is None else t.data_ptr())
+    order_pointer = None if order is None else order.data_ptr()
 
     def run(worker: int) -> float:
         first, last = bounds[worker]
         return library.lore_user_pass(
-            features.data_ptr(), dim, pointer(order), starts.data_ptr(), first, last, basis_t.data_ptr(), rank,
+            features.data_ptr(), dim, order_pointer, starts.data_ptr(), first, last, basis_t.data_ptr(), rank,
             coefficients.data_ptr(), row_weights.data_ptr(), logits.data_ptr(), grad_coefficients.data_ptr(),
             grad_basis_t[worker].data_ptr(), int(with_basis_grad), work[worker].data_ptr())
 
     if workers == 1:
         loss = run(0)
+    elif library.lore_has_openmp():  # on PyTorch's own OpenMP threads
+        edges = torch.tensor([0, *cuts, num_users], dtype=torch.long)
+        losses = torch.zeros(workers, dtype=torch.float64)
+        library.lore_user_pass_ranges(
+            features.data_ptr(), dim, order_pointer, starts.data_ptr(), edges.data_ptr(), workers, basis_t.data_ptr(),
+            rank, coefficients.data_ptr(), row_weights.data_ptr(), logits.data_ptr(), grad_coefficients.data_ptr(),
+            grad_basis_t.data_ptr(), int(with_basis_grad), work.data_ptr(), losses.data_ptr())
+        loss = float(losses.sum())
     else:  # ctypes releases the GIL during the call, so the workers run in parallel
         loss = sum(_executor(workers).map(run, range(workers)))
     grad_basis = grad_basis_t.sum(0).t().contiguous() if with_basis_grad else None

@@ -163,16 +163,19 @@ class FewShotModule(PreferenceModule):
         if self._shots is None:  # V is frozen: project the shots once, reuse every step
             self._shots = (LF.project(batch["features"], self.basis), batch["users"], batch.get("counts"))
         projected, users, counts = self._shots
-        self.metrics["train_acc"].update(
-            LF.projected_logits(projected, users, self.user_weights(), self.hparams.tau).detach(), users
-        )
+        logged = self._logs_step(self.trainer.global_step, int(self.trainer.estimated_stepping_batches))
+        if self._train_accuracy_counts(logged):
+            self.metrics["train_acc"].update(
+                LF.projected_logits(projected, users, self.user_weights(), self.hparams.tau).detach(), users
+            )
         if self.hparams.rank <= 1:
             return None
         scale = 1.0 if counts is None else float(self.trainer.world_size)
         loss = LF.fewshot_loss(projected, users, self.user_logits, self.hparams.tau, self.prior_logits,
                                self.hparams.prior_strength, counts, scale)
-        # loss is this rank's scaled share: sync_dist's mean over ranks is the global value
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=users.numel(), sync_dist=True)
+        if logged:  # loss is this rank's scaled share: sync_dist's mean over ranks is the global value
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=users.numel(),
+                     sync_dist=True)
         return loss
 
     def configure_optimizers(self):

@@ -115,3 +115,24 @@ def test_the_build_is_cached_and_reused(monkeypatch, tmp_path):
     stamp = built.stat().st_mtime_ns
     assert cpu_kernel._compile("cc") == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no partial files left behind
+
+
+@needs_compiler
+def test_without_openmp_a_thread_pool_gives_the_same_result(monkeypatch, tmp_path):
+    features, users, basis, user_logits = problem(num_users=9, rows=300)
+    with_openmp = loss_and_grads(features, users, basis, user_logits, True)
+    monkeypatch.setenv("LORE_PL_CACHE_DIR", str(tmp_path))
+    library = cpu_kernel.ctypes.CDLL(str(cpu_kernel._compile("cc", extra=())))
+    assert library.lore_has_openmp() == 0
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_build", lambda compiler: library)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pooled = loss_and_grads(features, users, basis, user_logits, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu_kernel._library is library
+    for got, want in zip(pooled, with_openmp):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
