@@ -94,6 +94,18 @@ def bench_basis_step(cases, loop_max_users: int, repeats: int = 9) -> list[dict]
                "fused_kernel": cpu_kernel.applies(features, basis), "step_ms": ours * 1e3,
                "one_read_bound_ms": bound * 1e3, "ratio_to_bound": ratio, "pytorch_path_ms": pytorch * 1e3,
                "speedup_vs_pytorch_path": pytorch / ours}
+        # bfloat16 storage: half the bytes, so its bound is half the float32 read
+        narrow = features.to(torch.bfloat16)
+        narrow_step, wide_step, speedup = interleaved(
+            lambda: training_step(narrow, users, basis, logits, optimizer),
+            lambda: training_step(features, users, basis, logits, optimizer), repeats)
+        with torch.no_grad():
+            weights = LF.simplex_weights(logits)
+            exact = LF.pair_loss(features, users, basis, weights, 100.0, "user_mean")[0]
+            rounded = LF.pair_loss(narrow, users, basis, weights, 100.0, "user_mean")[0]
+        row.update(bf16_step_ms=narrow_step * 1e3, bf16_speedup_vs_float32=1 / speedup,
+                   bf16_ratio_to_bound=narrow_step / (bound / 2), bf16_loss_rel_error=float(abs(rounded / exact - 1)))
+        del narrow
         if num_users <= loop_max_users:
             per_user = list(features.split(30))
             slow = num_users > 1000  # ~3 minutes a step at 5000 users: time one, no warm-up

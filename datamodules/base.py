@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from lightning import LightningDataModule
@@ -22,6 +23,8 @@ ROLES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
 #: Roles where every user of the split's user table needs pairs: a seen user without train pairs
 #: keeps its random initial weights, an unseen user without a pool gets no few-shot fit.
 NEEDS_EVERY_USER = {"seen_train": "train pairs", "unseen_pool": "few-shot pool pairs"}
+
+FEATURE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -49,6 +52,8 @@ class PreferenceDataModule(LightningDataModule):
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
         val_fraction: fraction of each seen user's train pairs held out as ``seen_val`` (0: none).
         val_seed: seed of that hold-out.
+        feature_dtype: how the features are kept in memory: ``float32``, or ``bfloat16`` (half the
+            memory and, on the CPU kernel, half the bytes read per step; all arithmetic stays float32).
     """
 
     def __init__(
@@ -58,10 +63,14 @@ class PreferenceDataModule(LightningDataModule):
         shuffle: bool = True,
         val_fraction: float = 0.0,
         val_seed: int = 0,
+        feature_dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
+        self.feature_dtype = feature_dtype
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.shuffle = shuffle
@@ -83,9 +92,17 @@ class PreferenceDataModule(LightningDataModule):
     def data(self) -> PreferenceData:
         if self._data is None:
             data = self.load()
-            self._check(data)
-            self._data = self._hold_out_validation(data)
+            self._check(data)  # on the data as loaded, before any narrowing
+            self._data = self._store(self._hold_out_validation(data))
         return self._data
+
+    def _store(self, data: PreferenceData) -> PreferenceData:
+        dtype = FEATURE_DTYPES[self.feature_dtype]
+        if all(split.features.dtype == dtype for split in data.splits.values()):
+            return data
+        splits = {role: PreferenceSplit(split.features.to(dtype), split.users, split.user_ids, split.name)
+                  for role, split in data.splits.items()}
+        return PreferenceData(splits, data.reference_head)
 
     def _hold_out_validation(self, data: PreferenceData) -> PreferenceData:
         if self.val_fraction <= 0 or "seen_train" not in data.splits:

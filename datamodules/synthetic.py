@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from datamodules.base import PreferenceData, PreferenceDataModule
+from lore_pl import functional as LF
 from lore_pl.preferences import PreferenceSplit
 
 
@@ -146,4 +147,4 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
     def oracle_logits(self, role: str, split: PreferenceSplit) -> Tensor | None:
         self.data  # noqa: B018 - the truth exists once the data are generated
         weights = self.true_weights[role.split("_")[0]]
-        return (split.features @ self.true_directions * weights[split.users]).sum(-1)
+        return (LF.project(split.features, self.true_directions) * weights[split.users]).sum(-1)

@@ -95,10 +95,10 @@ def _load() -> ctypes.CDLL | None:
             return None
         function = library.lore_user_pass
         function.restype = ctypes.c_double
-        function.argtypes = [_POINTER, _INT, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER, _POINTER,
-                             _POINTER, _POINTER, _POINTER, ctypes.c_int, _POINTER]
+        function.argtypes = [_POINTER, ctypes.c_int, _INT, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER,
+                             _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_int, _POINTER]
         library.lore_user_pass_ranges.restype = None
-        library.lore_user_pass_ranges.argtypes = [_POINTER, _INT, _POINTER, _POINTER, _POINTER, _INT, _POINTER, _INT,
+        library.lore_user_pass_ranges.argtypes = [_POINTER, ctypes.c_int, _INT, _POINTER, _POINTER, _POINTER, _INT, _POINTER, _INT,
                                                   _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_int,
                                                   _POINTER, _POINTER]
         _library = library
@@ -116,8 +116,10 @@ def available() -> bool:
 
 
 def applies(features: Tensor, basis: Tensor) -> bool:
-    """The kernel can take this step: float32 contiguous features on the CPU, and it is available."""
-    return (features.device.type == "cpu" and basis.device.type == "cpu" and features.dtype == torch.float32
+    """The kernel can take this step: float32 or bfloat16 contiguous features on the CPU, a float32
+    basis, and the kernel is available."""
+    return (features.device.type == "cpu" and basis.device.type == "cpu"
+            and features.dtype in (torch.float32, torch.bfloat16)
             and basis.dtype == torch.float32 and features.dim() == 2 and features.is_contiguous()
             and not features.requires_grad and available())
 
@@ -136,7 +138,8 @@ def user_pass(features: Tensor, users: Tensor, basis: Tensor, coefficients: Tens
     """Loss ``sum_i c_i softplus(-x_i . V a_{u_i})``, the logits, and the gradients in ``a`` and ``V``.
 
     ``coefficients`` are ``a`` ``[C, K]`` (the users' weights over tau); ``row_weights`` are ``c``
-    ``[N]``. Returns ``(loss, logits [N], grad_coefficients [C, K], grad_basis [d, K] or None)``.
+    ``[N]``. Features may be float32 or bfloat16 (widened on load; the arithmetic is float32).
+    Returns ``(loss, logits [N], grad_coefficients [C, K], grad_basis [d, K] or None)``.
     Runs on ``torch.get_num_threads()`` threads, each on a contiguous range of users.
     """
     library = _load()
@@ -152,20 +155,21 @@ def user_pass(features: Tensor, users: Tensor, basis: Tensor, coefficients: Tens
     basis_t = basis.detach().t().contiguous()
     coefficients = coefficients.detach().float().contiguous()
     row_weights = row_weights.detach().float().contiguous()
-    logits = features.new_empty(num_rows)
-    grad_coefficients = features.new_zeros(num_users, rank)
+    logits = torch.empty(num_rows)
+    grad_coefficients = torch.zeros(num_users, rank)
     workers = max(1, min(torch.get_num_threads(), num_users))
     # contiguous ranges of users with about the same number of rows each
     cuts = torch.searchsorted(starts, torch.linspace(0, num_rows, workers + 1)[1:-1].round().long()).tolist()
     bounds = list(zip([0, *cuts], [*cuts, num_users]))
-    grad_basis_t = features.new_zeros(workers, rank, dim)
-    work = features.new_empty(workers, 2 * dim)
+    grad_basis_t = torch.zeros(workers, rank, dim)
+    work = torch.empty(workers, 2 * dim)
     order_pointer = None if order is None else order.data_ptr()
+    bf16 = int(features.dtype == torch.bfloat16)
 
     def run(worker: int) -> float:
         first, last = bounds[worker]
         return library.lore_user_pass(
-            features.data_ptr(), dim, order_pointer, starts.data_ptr(), first, last, basis_t.data_ptr(), rank,
+            features.data_ptr(), bf16, dim, order_pointer, starts.data_ptr(), first, last, basis_t.data_ptr(), rank,
             coefficients.data_ptr(), row_weights.data_ptr(), logits.data_ptr(), grad_coefficients.data_ptr(),
             grad_basis_t[worker].data_ptr(), int(with_basis_grad), work[worker].data_ptr())
 
@@ -175,11 +179,11 @@ def user_pass(features: Tensor, users: Tensor, basis: Tensor, coefficients: Tens
         edges = torch.tensor([0, *cuts, num_users], dtype=torch.long)
         losses = torch.zeros(workers, dtype=torch.float64)
         library.lore_user_pass_ranges(
-            features.data_ptr(), dim, order_pointer, starts.data_ptr(), edges.data_ptr(), workers, basis_t.data_ptr(),
+            features.data_ptr(), bf16, dim, order_pointer, starts.data_ptr(), edges.data_ptr(), workers, basis_t.data_ptr(),
             rank, coefficients.data_ptr(), row_weights.data_ptr(), logits.data_ptr(), grad_coefficients.data_ptr(),
             grad_basis_t.data_ptr(), int(with_basis_grad), work.data_ptr(), losses.data_ptr())
         loss = float(losses.sum())
     else:  # ctypes releases the GIL during the call, so the workers run in parallel
         loss = sum(_executor(workers).map(run, range(workers)))
     grad_basis = grad_basis_t.sum(0).t().contiguous() if with_basis_grad else None
-    return features.new_tensor(loss), logits, grad_coefficients, grad_basis
+    return torch.tensor(loss), logits, grad_coefficients, grad_basis

@@ -136,3 +136,62 @@ def test_without_openmp_a_thread_pool_gives_the_same_result(monkeypatch, tmp_pat
     assert cpu_kernel._library is library
     for got, want in zip(pooled, with_openmp):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@needs_compiler
+def test_bfloat16_features_give_the_float32_result_of_their_values():
+    # the kernel widens bfloat16 on load: same numbers as float32 features holding the same values
+    features, users, basis, user_logits = problem(dim=45, rank=4)
+    narrow = features.to(torch.bfloat16)
+    fused = loss_and_grads(narrow, users, basis, user_logits, True, "user_mean")
+    wide = loss_and_grads(narrow.float(), users, basis, user_logits, True, "user_mean")
+    plain = loss_and_grads(narrow, users, basis, user_logits, False, "user_mean")
+    assert cpu_kernel.applies(narrow, basis)
+    for got, want, other in zip(fused, wide, plain):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(other, want, rtol=2e-5, atol=1e-6)
+
+
+def test_project_widens_bfloat16_block_by_block(monkeypatch):
+    # several blocks, and the V gradient's block loop, on a tiny problem
+    monkeypatch.setattr(LF, "UPCAST_CHUNK_BYTES", 4 * 37 * 3)
+    monkeypatch.setattr(LF, "GRAD_CHUNK_BYTES", 2 * 37 * 5)
+    features, _, basis, _ = problem(dim=37, rank=3)
+    narrow = features.to(torch.bfloat16)
+    weights = torch.randn(40, 3)
+    grads = []
+    for x in (narrow, narrow.float()):
+        v = basis.clone().requires_grad_()
+        projected = LF.project(x, v)
+        assert projected.dtype == torch.float32
+        (projected * weights).sum().backward()
+        grads.append((projected.detach(), v.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_storage_trains_and_evaluates_like_float32(tmp_path):
+    from datamodules import SyntheticPopulationDataModule
+    from lore_pl import BasisModule
+    from tests.conftest import TINY, tiny_trainer
+
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        data = SyntheticPopulationDataModule(**TINY, feature_dtype=dtype)
+        data.setup("fit")
+        assert data.split("seen_train").features.dtype == getattr(torch, dtype)
+        torch.manual_seed(0)
+        model = BasisModule(rank=3, lr=0.1, prune_threshold=0.0)
+        trainer = tiny_trainer(30)
+        trainer.fit(model, datamodule=data)
+        results[dtype] = (model.basis.detach(), trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+    torch.testing.assert_close(results["bfloat16"][0], results["float32"][0], rtol=0.05, atol=0.02)
+    assert abs(results["bfloat16"][1] - results["float32"][1]) <= 0.02
+
+
+def test_an_unknown_feature_dtype_is_refused():
+    from datamodules import SyntheticPopulationDataModule
+    from tests.conftest import TINY
+
+    with pytest.raises(ValueError, match="feature_dtype must be one of"):
+        SyntheticPopulationDataModule(**TINY, feature_dtype="float16")

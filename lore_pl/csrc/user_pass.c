@@ -27,6 +27,29 @@ typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
 static inline lanes_t load(const float *p) { lanes_t v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, lanes_t v) { memcpy(p, &v, sizeof v); }
 #define INLINE static inline __attribute__((always_inline))
+
+/* Features may be stored as bfloat16 (the top 16 bits of a float32): widened on load, so all
+ * arithmetic stays float32 and a step reads half the bytes. BF16 is a compile-time 0 or 1. */
+typedef uint16_t halves_t __attribute__((vector_size(LANES * sizeof(uint16_t))));
+typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
+
+INLINE lanes_t load_x(const int BF16, const void *x, int64_t j) {
+    if (!BF16) return load((const float *)x + j);
+    halves_t h;
+    memcpy(&h, (const uint16_t *)x + j, sizeof h);
+    words_t w = __builtin_convertvector(h, words_t) << 16;
+    lanes_t v;
+    memcpy(&v, &w, sizeof v);
+    return v;
+}
+
+INLINE float x_at(const int BF16, const void *x, int64_t j) {
+    if (!BF16) return ((const float *)x)[j];
+    uint32_t w = (uint32_t)((const uint16_t *)x)[j] << 16;
+    float f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
 #define BLOCK_ROWS 4 /* rows per block: the direction and y are loaded once per block, not per row */
 #define BLOCK_COLS 5 /* basis columns per pass over y */
 
@@ -37,48 +60,49 @@ INLINE float total(lanes_t v) {
 }
 
 /* out[r] = x[r] . direction for R rows */
-INLINE void dot_rows(const int R, const float *const *x, const float *direction, int64_t n, float *out) {
+INLINE void dot_rows(const int R, const int BF16, const void *const *x, const float *direction, int64_t n,
+                     float *out) {
     lanes_t s0[BLOCK_ROWS], s1[BLOCK_ROWS];
     for (int r = 0; r < R; r++) s0[r] = s1[r] = (lanes_t){0};
     int64_t j = 0;
     for (; j + 2 * LANES <= n; j += 2 * LANES) {
         lanes_t d0 = load(direction + j), d1 = load(direction + j + LANES);
         for (int r = 0; r < R; r++) {
-            s0[r] += load(x[r] + j) * d0;
-            s1[r] += load(x[r] + j + LANES) * d1;
+            s0[r] += load_x(BF16, x[r], j) * d0;
+            s1[r] += load_x(BF16, x[r], j + LANES) * d1;
         }
     }
     for (int r = 0; r < R; r++) {
         float s = total(s0[r] + s1[r]);
-        for (int64_t t = j; t < n; t++) s += x[r][t] * direction[t];
+        for (int64_t t = j; t < n; t++) s += x_at(BF16, x[r], t) * direction[t];
         out[r] = s;
     }
 }
 
 /* y += sum_r g[r] x[r] for R rows */
-INLINE void axpy_rows(const int R, float *y, const float *g, const float *const *x, int64_t n) {
+INLINE void axpy_rows(const int R, const int BF16, float *y, const float *g, const void *const *x, int64_t n) {
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES) {
         lanes_t acc = load(y + j);
-        for (int r = 0; r < R; r++) acc += g[r] * load(x[r] + j);
+        for (int r = 0; r < R; r++) acc += g[r] * load_x(BF16, x[r], j);
         store(y + j, acc);
     }
     for (; j < n; j++)
-        for (int r = 0; r < R; r++) y[j] += g[r] * x[r][j];
+        for (int r = 0; r < R; r++) y[j] += g[r] * x_at(BF16, x[r], j);
 }
 
 /* R rows of one user: logits, loss and their share of y. Returns the rows' loss. */
-INLINE double rows_pass(const int R, const float *X, int64_t d, const int64_t *order, int64_t p,
+INLINE double rows_pass(const int R, const int BF16, const void *X, int64_t d, const int64_t *order, int64_t p,
                         const float *direction, const float *row_weight, float *logits, float *y) {
-    const float *x[BLOCK_ROWS];
+    const void *x[BLOCK_ROWS];
     int64_t index[BLOCK_ROWS];
     float logit[BLOCK_ROWS], g[BLOCK_ROWS];
     double loss = 0.0;
     for (int r = 0; r < R; r++) {
         index[r] = order ? order[p + r] : p + r;
-        x[r] = X + index[r] * d;
+        x[r] = (const char *)X + index[r] * d * (BF16 ? sizeof(uint16_t) : sizeof(float));
     }
-    dot_rows(R, x, direction, d, logit);
+    dot_rows(R, BF16, x, direction, d, logit);
     for (int r = 0; r < R; r++) {
         int64_t i = index[r];
         logits[i] = logit[r];
@@ -88,7 +112,7 @@ INLINE double rows_pass(const int R, const float *X, int64_t d, const int64_t *o
         loss += (double)row_weight[i] * nll;
         g[r] = -row_weight[i] / (1.0f + expf(logit[r])); /* d loss / d logit = -c_i sigmoid(-logit) */
     }
-    axpy_rows(R, y, g, x, d);
+    axpy_rows(R, BF16, y, g, x, d);
     return loss;
 }
 
@@ -137,18 +161,10 @@ static void spread(const float *y, const float *a, const float *Vt, int64_t K, i
     }
 }
 
-/*
- * Users first..last-1. User u's rows are rows[starts[u]..starts[u+1]) of X [N, d], where rows is
- * `order` (an index, [N]) or, when order is NULL, the identity.
- *   Vt [K, d]: the basis, transposed.     coef [C, K]: a_u, the users' weights over tau.
- *   row_weight [N]: c_i, the loss is sum_i c_i softplus(-logit_i) (pair or user mean, DDP scale).
- * Writes logits [N] (its users' rows), grad_coef [C, K] (its users), and when with_basis_grad,
- * adds sum_u a_u y_u^T into grad_basis_t [K, d]. work: 2 d floats. Returns its users' loss.
- */
-double lore_user_pass(const float *X, int64_t d, const int64_t *order, const int64_t *starts,
-                      int64_t first, int64_t last, const float *Vt, int64_t K, const float *coef,
-                      const float *row_weight, float *logits, float *grad_coef, float *grad_basis_t,
-                      int with_basis_grad, float *work) {
+INLINE double users_pass(const int BF16, const void *X, int64_t d, const int64_t *order, const int64_t *starts,
+                         int64_t first, int64_t last, const float *Vt, int64_t K, const float *coef,
+                         const float *row_weight, float *logits, float *grad_coef, float *grad_basis_t,
+                         int with_basis_grad, float *work) {
     double loss = 0.0;
     float *direction = work, *y = work + d;
     for (int64_t u = first; u < last; u++) {
@@ -157,15 +173,34 @@ double lore_user_pass(const float *X, int64_t d, const int64_t *order, const int
         memset(y, 0, d * sizeof(float));
         int64_t p = starts[u], end = starts[u + 1];
         for (; p + BLOCK_ROWS <= end; p += BLOCK_ROWS)
-            loss += rows_pass(BLOCK_ROWS, X, d, order, p, direction, row_weight, logits, y);
+            loss += rows_pass(BLOCK_ROWS, BF16, X, d, order, p, direction, row_weight, logits, y);
         switch (end - p) { /* constant row counts, so each block's loops unroll */
-        case 3: loss += rows_pass(3, X, d, order, p, direction, row_weight, logits, y); break;
-        case 2: loss += rows_pass(2, X, d, order, p, direction, row_weight, logits, y); break;
-        case 1: loss += rows_pass(1, X, d, order, p, direction, row_weight, logits, y); break;
+        case 3: loss += rows_pass(3, BF16, X, d, order, p, direction, row_weight, logits, y); break;
+        case 2: loss += rows_pass(2, BF16, X, d, order, p, direction, row_weight, logits, y); break;
+        case 1: loss += rows_pass(1, BF16, X, d, order, p, direction, row_weight, logits, y); break;
         }
         spread(y, a, Vt, K, d, grad_coef + u * K, with_basis_grad ? grad_basis_t : NULL);
     }
     return loss;
+}
+
+/*
+ * Users first..last-1. User u's rows are rows[starts[u]..starts[u+1]) of X [N, d] (float32, or
+ * bfloat16 when x_bf16), where rows is `order` (an index, [N]) or, when order is NULL, the identity.
+ *   Vt [K, d]: the basis, transposed.     coef [C, K]: a_u, the users' weights over tau.
+ *   row_weight [N]: c_i, the loss is sum_i c_i softplus(-logit_i) (pair or user mean, DDP scale).
+ * Writes logits [N] (its users' rows), grad_coef [C, K] (its users), and when with_basis_grad,
+ * adds sum_u a_u y_u^T into grad_basis_t [K, d]. work: 2 d floats. Returns its users' loss.
+ */
+double lore_user_pass(const void *X, int x_bf16, int64_t d, const int64_t *order, const int64_t *starts,
+                      int64_t first, int64_t last, const float *Vt, int64_t K, const float *coef,
+                      const float *row_weight, float *logits, float *grad_coef, float *grad_basis_t,
+                      int with_basis_grad, float *work) {
+    if (x_bf16)
+        return users_pass(1, X, d, order, starts, first, last, Vt, K, coef, row_weight, logits, grad_coef,
+                          grad_basis_t, with_basis_grad, work);
+    return users_pass(0, X, d, order, starts, first, last, Vt, K, coef, row_weight, logits, grad_coef,
+                      grad_basis_t, with_basis_grad, work);
 }
 
 /* 1 when compiled with OpenMP: lore_user_pass_ranges then runs its ranges in parallel */
@@ -182,7 +217,7 @@ int lore_has_openmp(void) {
  * with its own grad_basis_t + t K d and work + 2 t d, its loss written to losses[t] (summed by the
  * caller in order, so the result does not depend on which thread finishes first).
  */
-void lore_user_pass_ranges(const float *X, int64_t d, const int64_t *order, const int64_t *starts,
+void lore_user_pass_ranges(const void *X, int x_bf16, int64_t d, const int64_t *order, const int64_t *starts,
                            const int64_t *bounds, int64_t ranges, const float *Vt, int64_t K,
                            const float *coef, const float *row_weight, float *logits, float *grad_coef,
                            float *grad_basis_t, int with_basis_grad, float *work, double *losses) {
@@ -190,7 +225,7 @@ void lore_user_pass_ranges(const float *X, int64_t d, const int64_t *order, cons
 #pragma omp parallel for schedule(static, 1) num_threads((int)ranges)
 #endif
     for (int64_t t = 0; t < ranges; t++)
-        losses[t] = lore_user_pass(X, d, order, starts, bounds[t], bounds[t + 1], Vt, K, coef, row_weight,
+        losses[t] = lore_user_pass(X, x_bf16, d, order, starts, bounds[t], bounds[t + 1], Vt, K, coef, row_weight,
                                    logits, grad_coef, grad_basis_t + t * K * d, with_basis_grad,
                                    work + t * 2 * d);
 }
