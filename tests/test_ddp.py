@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.protocol import PROTOCOL_ROWS, ProtocolEvaluation
 from datamodules import SyntheticPopulationDataModule
@@ -44,18 +45,25 @@ class SaveRankZero(Callback):
             torch.save({"state": state, "metrics": metrics}, self.path)
 
 
-def train(make_model, out, devices, epochs, data_kwargs=(), protocol=True, **trainer_kwargs):
-    """Fit with ``devices`` CPU processes; returns rank 0's state dict, logged metrics, protocol."""
+def train(make_model, out, devices, epochs, data_kwargs=(), protocol=True, best_checkpoint=False, **trainer_kwargs):
+    """Fit with ``devices`` CPU processes; returns rank 0's state dict, logged metrics, protocol.
+
+    ``best_checkpoint``: keep the best ``val/acc`` checkpoint and evaluate the protocol on it."""
     seed_everything(0, workers=True)
     data = SyntheticPopulationDataModule(**{**DATA, **dict(data_kwargs)})
     model = make_model()
     out.mkdir(parents=True)
     callbacks = [SaveRankZero(out / "rank0.pt")]
     if protocol:
-        callbacks.insert(0, ProtocolEvaluation(shots=4, steps=30, export_basis=False))
+        callbacks.insert(0, ProtocolEvaluation(shots=4, steps=30, export_basis=False,
+                                               use_best_checkpoint=best_checkpoint))
+    if best_checkpoint:
+        callbacks.insert(0, ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max"))
+        trainer_kwargs["enable_checkpointing"] = True
+    settings = {"limit_val_batches": 1.0, "check_val_every_n_epoch": epochs, **trainer_kwargs}
     trainer = tiny_trainer(
         epochs, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", default_root_dir=out,
-        callbacks=callbacks, limit_val_batches=1.0, check_val_every_n_epoch=epochs, **trainer_kwargs,
+        callbacks=callbacks, **settings,
     )
     trainer.fit(model, datamodule=data)
     saved = torch.load(out / "rank0.pt")
@@ -179,3 +187,19 @@ def test_ddp_fewshot_equals_one_process(tmp_path):
     one = train(make, tmp_path / "one", 1, epochs=25, data_kwargs=data, protocol=False)
     two = train(make, tmp_path / "two", 2, epochs=25, data_kwargs=data, protocol=False)
     assert_same_run(one, two, ["user_logits"])
+
+
+@pytest.mark.slow
+def test_ddp_held_out_validation_and_best_checkpoint_equal_one_process(tmp_path):
+    # val_fraction holds pairs out of seen_train as seen_val (validated every 5 epochs); the protocol
+    # is evaluated on the best val/acc checkpoint, on every rank the same file
+    def make():
+        return BasisModule(rank=3, lr=0.3, prune_threshold=0.0)
+
+    data = {"val_fraction": 0.3}
+    runs = [train(make, tmp_path / name, devices, epochs=20, data_kwargs=data, best_checkpoint=True,
+                  check_val_every_n_epoch=5) for name, devices in (("one", 1), ("two", 2))]
+    assert_same_run(*runs, ["basis", "user_logits"])
+    best = [sorted((tmp_path / name / "checkpoints").glob("*.ckpt")) for name in ("one", "two")]
+    assert [path.name for path in best[0]] == [path.name for path in best[1]] and len(best[0]) == 1
+    assert best[0][0].name != "epoch=19-step=20.ckpt"  # the protocol ran on an earlier model than the last
