@@ -98,9 +98,9 @@ def _load() -> ctypes.CDLL | None:
         function.argtypes = [_POINTER, ctypes.c_int, _INT, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER,
                              _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_int, _POINTER]
         library.lore_user_pass_ranges.restype = None
-        library.lore_user_pass_ranges.argtypes = [_POINTER, ctypes.c_int, _INT, _POINTER, _POINTER, _POINTER, _INT, _POINTER, _INT,
-                                                  _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_int,
-                                                  _POINTER, _POINTER]
+        library.lore_user_pass_ranges.argtypes = [_POINTER, ctypes.c_int, _INT, _POINTER, _POINTER, _POINTER, _INT,
+                                                  _POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER,
+                                                  ctypes.c_int, _POINTER, _POINTER]
         _library = library
         return library
 
@@ -163,25 +163,24 @@ def user_pass(features: Tensor, users: Tensor, basis: Tensor, coefficients: Tens
     bounds = list(zip([0, *cuts], [*cuts, num_users]))
     grad_basis_t = torch.zeros(workers, rank, dim)
     work = torch.empty(workers, 2 * dim)
-    order_pointer = None if order is None else order.data_ptr()
-    bf16 = int(features.dtype == torch.bfloat16)
+    # the arguments both entry points share, before and after the users' range(s)
+    inputs = (features.data_ptr(), int(features.dtype == torch.bfloat16), dim,
+              None if order is None else order.data_ptr(), starts.data_ptr())
+    outputs = (basis_t.data_ptr(), rank, coefficients.data_ptr(), row_weights.data_ptr(), logits.data_ptr(),
+               grad_coefficients.data_ptr())
 
     def run(worker: int) -> float:
         first, last = bounds[worker]
-        return library.lore_user_pass(
-            features.data_ptr(), bf16, dim, order_pointer, starts.data_ptr(), first, last, basis_t.data_ptr(), rank,
-            coefficients.data_ptr(), row_weights.data_ptr(), logits.data_ptr(), grad_coefficients.data_ptr(),
-            grad_basis_t[worker].data_ptr(), int(with_basis_grad), work[worker].data_ptr())
+        return library.lore_user_pass(*inputs, first, last, *outputs, grad_basis_t[worker].data_ptr(),
+                                      int(with_basis_grad), work[worker].data_ptr())
 
     if workers == 1:
         loss = run(0)
     elif library.lore_has_openmp():  # on PyTorch's own OpenMP threads
         edges = torch.tensor([0, *cuts, num_users], dtype=torch.long)
         losses = torch.zeros(workers, dtype=torch.float64)
-        library.lore_user_pass_ranges(
-            features.data_ptr(), bf16, dim, order_pointer, starts.data_ptr(), edges.data_ptr(), workers, basis_t.data_ptr(),
-            rank, coefficients.data_ptr(), row_weights.data_ptr(), logits.data_ptr(), grad_coefficients.data_ptr(),
-            grad_basis_t.data_ptr(), int(with_basis_grad), work.data_ptr(), losses.data_ptr())
+        library.lore_user_pass_ranges(*inputs, edges.data_ptr(), workers, *outputs, grad_basis_t.data_ptr(),
+                                      int(with_basis_grad), work.data_ptr(), losses.data_ptr())
         loss = float(losses.sum())
     else:  # ctypes releases the GIL during the call, so the workers run in parallel
         loss = sum(_executor(workers).map(run, range(workers)))
