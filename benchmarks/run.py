@@ -78,6 +78,20 @@ def reference_loop_step(per_user, basis, logits, optimizer, tau=100.0):
     optimizer.step()
 
 
+def bench_bfloat16(features, users, basis, logits, optimizer, bound: float, repeats: int) -> dict:
+    """The same step on a bfloat16 copy of the features (freed on return): its time against float32,
+    against its own bound (half the bytes: half the float32 read) and its loss error."""
+    narrow = features.to(torch.bfloat16)
+    narrow_step, _, ratio = interleaved(lambda: training_step(narrow, users, basis, logits, optimizer),
+                                        lambda: training_step(features, users, basis, logits, optimizer), repeats)
+    with torch.no_grad():
+        weights = LF.simplex_weights(logits)
+        exact, _ = LF.pair_loss(features, users, basis, weights, 100.0, "user_mean")
+        rounded, _ = LF.pair_loss(narrow, users, basis, weights, 100.0, "user_mean")
+    return {"bf16_step_ms": narrow_step * 1e3, "bf16_speedup_vs_float32": 1 / ratio,
+            "bf16_ratio_to_bound": narrow_step / (bound / 2), "bf16_loss_rel_error": float(abs(rounded / exact - 1))}
+
+
 def bench_basis_step(cases, loop_max_users: int, repeats: int = 9) -> list[dict]:
     """Our step against one streaming read of the features (the bound), the PyTorch path and the
     reference's per-user loop. ``ratio_to_bound`` is the median of per-round ratios to a sum of X."""
@@ -94,18 +108,7 @@ def bench_basis_step(cases, loop_max_users: int, repeats: int = 9) -> list[dict]
                "fused_kernel": cpu_kernel.applies(features, basis), "step_ms": ours * 1e3,
                "one_read_bound_ms": bound * 1e3, "ratio_to_bound": ratio, "pytorch_path_ms": pytorch * 1e3,
                "speedup_vs_pytorch_path": pytorch / ours}
-        # bfloat16 storage: half the bytes, so its bound is half the float32 read
-        narrow = features.to(torch.bfloat16)
-        narrow_step, wide_step, speedup = interleaved(
-            lambda: training_step(narrow, users, basis, logits, optimizer),
-            lambda: training_step(features, users, basis, logits, optimizer), repeats)
-        with torch.no_grad():
-            weights = LF.simplex_weights(logits)
-            exact = LF.pair_loss(features, users, basis, weights, 100.0, "user_mean")[0]
-            rounded = LF.pair_loss(narrow, users, basis, weights, 100.0, "user_mean")[0]
-        row.update(bf16_step_ms=narrow_step * 1e3, bf16_speedup_vs_float32=1 / speedup,
-                   bf16_ratio_to_bound=narrow_step / (bound / 2), bf16_loss_rel_error=float(abs(rounded / exact - 1)))
-        del narrow
+        row.update(bench_bfloat16(features, users, basis, logits, optimizer, bound, repeats))
         if num_users <= loop_max_users:
             per_user = list(features.split(30))
             slow = num_users > 1000  # ~3 minutes a step at 5000 users: time one, no warm-up

@@ -9,13 +9,16 @@ loader yields the missing shards and ``CacheWriter`` stores them.
 from __future__ import annotations
 
 import json
-from typing import Any
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.base import PreferenceData, PreferenceDataModule
+from datamodules.sources import resolve
 from lore_pl.embedding import EmbedderSpec
 from lore_pl.errors import LoreDataWarning
 from lore_pl.atomic import write_json_atomic
@@ -135,3 +138,19 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
             return MissingShards(self.feature_cache).loader()
         return super().predict_dataloader()
+
+
+class HubPreferenceDataModule(EmbeddedPreferenceDataModule):
+    """An embedded data set whose raw files are ``self.source``: a Hugging Face data set id, at
+    ``self.revision``, or a local copy. Subclasses set both in ``__init__`` and name the files to
+    download in ``allow_patterns``."""
+
+    allow_patterns: ClassVar[list[str] | None] = None  # the files to download (None: all)
+
+    @cached_property
+    def source_root(self) -> tuple[Path, str]:
+        """(local root, revision) of the source, resolved (and downloaded) once."""
+        return resolve(self.source, self.revision, allow_patterns=self.allow_patterns)
+
+    def source_revision(self) -> str:
+        return self.source_root[1]

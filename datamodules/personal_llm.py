@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,9 +9,9 @@ import torch
 from torch import Tensor
 
 from datamodules.base import PreferenceData
-from datamodules.embedded import EmbeddedPreferenceDataModule
+from datamodules.embedded import HubPreferenceDataModule
 from datamodules.pairs import ItemIndex
-from datamodules.sources import find_files, read_all, resolve
+from datamodules.sources import find_files, read_all
 from lore_pl.preferences import PreferenceSplit
 
 REWARD_MODELS = (
@@ -32,7 +31,7 @@ def per_user_count(value: int | float | None, available: int, name: str) -> int:
     return count
 
 
-class PersonalLLMDataModule(EmbeddedPreferenceDataModule):
+class PersonalLLMDataModule(HubPreferenceDataModule):
     """``namkoong-lab/PersonalLLM``: ``prompt``, ``response_1..8`` and the scores
     ``response_<i>_<reward model>`` of 10 reward models, in a train and a test split.
 
@@ -76,18 +75,9 @@ class PersonalLLMDataModule(EmbeddedPreferenceDataModule):
         self.seen_train_prompts, self.unseen_train_prompts = seen_train_prompts, unseen_train_prompts
         self.test_prompts, self.dirichlet_alpha = test_prompts, dirichlet_alpha
         self.true_weights: dict[str, Tensor] = {}
-        self._resolved: tuple[Path, str] | None = None
-
-    def _root(self) -> tuple[Path, str]:
-        if self._resolved is None:
-            self._resolved = resolve(self.source, self.revision)
-        return self._resolved
-
-    def source_revision(self) -> str:
-        return self._root()[1]
 
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:
-        root = self._root()[0]
+        root = self.source_root[0]
         items, table = ItemIndex(), {}
         for split in ("train", "test"):
             responses, scores = [], []

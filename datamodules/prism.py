@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from datamodules.base import PreferenceData
-from datamodules.embedded import EmbeddedPreferenceDataModule
+from datamodules.embedded import HubPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split_fraction
-from datamodules.sources import find_files, read_all, resolve
+from datamodules.sources import find_files, read_all
 
 
 
@@ -41,7 +40,7 @@ def conversation_pairs(conversation: dict[str, Any]) -> list[tuple[list[dict[str
     return pairs
 
 
-class PRISMDataModule(EmbeddedPreferenceDataModule):
+class PRISMDataModule(HubPreferenceDataModule):
     """``HannahRoseKirk/prism-alignment``: ``survey.jsonl`` (the participants) and
     ``conversations.jsonl`` (each conversation's ``conversation_history``: user turns and the model
     replies of each turn, one with ``if_chosen``). ``utterances.jsonl`` holds the same replies one
@@ -63,6 +62,8 @@ class PRISMDataModule(EmbeddedPreferenceDataModule):
         **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
     """
 
+    allow_patterns = ["survey.jsonl", "conversations.jsonl"]
+
     def __init__(
         self,
         source: str = "HannahRoseKirk/prism-alignment",
@@ -76,18 +77,9 @@ class PRISMDataModule(EmbeddedPreferenceDataModule):
         super().__init__(**kwargs)
         self.source, self.revision, self.seed = source, revision, seed
         self.seen_fraction, self.min_dialogs, self.train_fraction = seen_fraction, min_dialogs, train_fraction
-        self._resolved: tuple[Path, str] | None = None
-
-    def _root(self) -> tuple[Path, str]:
-        if self._resolved is None:
-            self._resolved = resolve(self.source, self.revision, allow_patterns=["survey.jsonl", "conversations.jsonl"])
-        return self._resolved
-
-    def source_revision(self) -> str:
-        return self._root()[1]
 
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:
-        root = self._root()[0]
+        root = self.source_root[0]
         participants = {str(row["user_id"]) for row in read_all(find_files(root, "survey"))}
         items, table = ItemIndex(), PairTable()
         for conversation in read_all(find_files(root, "conversations")):

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from datamodules.base import PreferenceData
-from datamodules.embedded import EmbeddedPreferenceDataModule
+from datamodules.embedded import HubPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, cap_per_user, leak_free, shuffled
-from datamodules.sources import find_files, read_all, resolve
+from datamodules.sources import find_files, read_all
 
 
-class RedditTLDRDataModule(EmbeddedPreferenceDataModule):
+class RedditTLDRDataModule(HubPreferenceDataModule):
     """The ``comparisons`` of ``openai/summarize_from_feedback``, one user per labelling worker.
 
     The prompt is the post (``info.post``, or ``info.article`` for the news rows); chosen and
@@ -37,6 +36,8 @@ class RedditTLDRDataModule(EmbeddedPreferenceDataModule):
         **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
     """
 
+    allow_patterns = ["*comparisons*"]
+
     def __init__(
         self,
         source: str = "openai/summarize_from_feedback",
@@ -50,18 +51,9 @@ class RedditTLDRDataModule(EmbeddedPreferenceDataModule):
         super().__init__(**kwargs)
         self.source, self.revision, self.seed = source, revision, seed
         self.seen_train_cap, self.unseen_train_cap, self.drop_fewest = seen_train_cap, unseen_train_cap, drop_fewest
-        self._resolved: tuple[Path, str] | None = None
-
-    def _root(self) -> tuple[Path, str]:
-        if self._resolved is None:
-            self._resolved = resolve(self.source, self.revision, allow_patterns=["*comparisons*"])
-        return self._resolved
-
-    def source_revision(self) -> str:
-        return self._root()[1]
 
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:
-        root = self._root()[0]
+        root = self.source_root[0]
         items, table = ItemIndex(), PairTable()
         for split in ("train", "validation"):
             for record in read_all(find_files(root, "comparisons", split)):

@@ -175,6 +175,12 @@ class BasisModule(PreferenceModule):
     def _nll(self, logits: Tensor, users: Tensor, counts: Tensor | None = None) -> Tensor:
         return self._loss(logits, users, self.hparams.loss_weighting, counts)
 
+    def _pair_loss(self, features: Tensor, users: Tensor, counts: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(this rank's NLL, the detached logits) of a training batch: one pass of ``LF.pair_loss``."""
+        return LF.pair_loss(features, users, self.current_basis(), self.user_weights(), self.hparams.tau,
+                            self.hparams.loss_weighting, counts, self._loss_scale(counts),
+                            fused=self.hparams.cpu_kernel)
+
     def _regularizer(self) -> Tensor:
         if self.hparams.regularizer == "none":
             return self.basis.new_zeros(())
@@ -196,8 +202,8 @@ class BasisModule(PreferenceModule):
             alpha = LF.alpha_at(int(self.iterations_done), self.total_iterations(), self.hparams.alpha)
         if self.rank == 0:
             with torch.no_grad():
-                logits = self(features, users)
-                nll, regularizer = self._nll(logits, users, counts), logits.new_zeros(())
+                nll, logits = self._pair_loss(features, users, counts)
+                regularizer = nll.new_zeros(())
         elif self.hparams.schedule == "joint" or self.rank == 1:
             logits, nll, regularizer = self._optimize(self.optimizers(), features, users, alpha, counts)
         else:
@@ -227,9 +233,7 @@ class BasisModule(PreferenceModule):
         # toggle_optimizer freezes the other parameter group before the forward pass, so its
         # gradient is never computed (the V gradient is the expensive one).
         self.toggle_optimizer(optimizer)
-        nll, logits = LF.pair_loss(features, users, self.current_basis(), self.user_weights(), self.hparams.tau,
-                                   self.hparams.loss_weighting, counts, self._loss_scale(counts),
-                                   fused=self.hparams.cpu_kernel)
+        nll, logits = self._pair_loss(features, users, counts)
         regularizer = self._regularizer()
         optimizer.zero_grad()
         if self._reduces_gradients_itself():

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lore_pl import cpu_kernel
+
 LossWeighting = Literal["pair_mean", "user_mean"]
 Regularizer = Literal["none", "cosine", "l2"]
 
@@ -31,9 +33,9 @@ GRAD_CHUNK_BYTES = 1 << 21  # block of X per step of the V gradient on CPU: 2 Mi
 UPCAST_CHUNK_BYTES = 1 << 26  # features stored in another dtype (bfloat16) are widened 64 MiB at a time
 
 
-def _upcast_rows(features: Tensor, dtype: torch.dtype, row_bytes: int) -> int:
-    """Rows per block when ``features`` must be widened to ``dtype`` block by block."""
-    return max(1, row_bytes // (torch.finfo(dtype).bits // 8 * max(features.shape[1], 1)))
+def _upcast_rows(features: Tensor, dtype: torch.dtype, block_bytes: int) -> int:
+    """Rows per block of ``block_bytes`` when ``features`` are widened to ``dtype`` block by block."""
+    return max(1, block_bytes // (torch.finfo(dtype).bits // 8 * max(features.shape[1], 1)))
 
 
 class _Project(torch.autograd.Function):
@@ -148,8 +150,6 @@ class _UserPassLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: Tensor, basis: Tensor, coefficients: Tensor, users: Tensor, row_weights: Tensor):
-        from lore_pl import cpu_kernel
-
         loss, logits, grad_coefficients, grad_basis = cpu_kernel.user_pass(
             features, users, basis, coefficients, row_weights, with_basis_grad=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_basis, grad_coefficients)
@@ -179,15 +179,11 @@ def pair_loss(
 
     With ``fused`` and float32 or bfloat16 contiguous features on the CPU, one pass of the fused
     kernel reads the features once for the loss and both gradients (``lore_pl/cpu_kernel.py``:
-    4-10x faster than the PyTorch path at d=4096); elsewhere, or when no C compiler is found, the PyTorch path. Both give the same
-    numbers up to float32 rounding; the logits are detached.
+    4-10x faster than the PyTorch path at d=4096); elsewhere, or when no C compiler is found, the
+    PyTorch path. Both give the same numbers up to float32 rounding; the logits are detached.
     """
     num_users = weights.shape[0]
-    if fused:
-        from lore_pl import cpu_kernel
-
-        fused = cpu_kernel.applies(features, basis)
-    if not fused:
+    if not (fused and cpu_kernel.applies(features, basis)):
         logits = pair_logits(features, users, basis, weights, tau)
         return preference_loss(logits, users, num_users, weighting, counts, scale), logits.detach()
     row_weights = preference_row_weights(users, num_users, weighting, counts, scale)

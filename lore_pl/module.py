@@ -76,13 +76,14 @@ class PreferenceModule(LightningModule):
         """Whether training iteration ``iteration`` (0-based) of ``total`` logs its metrics.
 
         Every ``trainer.log_every_n_steps`` iterations, and the last (for ``callback_metrics``):
-        Lightning's logger writes step metrics only at that interval anyway, and each ``self.log`` costs 0.5-2 ms, more than a
-        whole full-batch step on small data. The train accuracy of a one-batch epoch is likewise
-        only computed in logged epochs; with several batches per epoch it counts every batch.
+        Lightning's logger writes step metrics only at that interval anyway, and each ``self.log``
+        costs 0.5-2 ms, more than a whole full-batch step on small data.
         """
         return (iteration + 1) % max(int(self.trainer.log_every_n_steps), 1) == 0 or iteration + 1 >= total
 
     def _train_accuracy_counts(self, logged: bool) -> bool:
+        """Whether this batch counts in the train accuracy: every batch of a several-batch epoch; a
+        one-batch epoch only when it logs (``on_train_epoch_end`` skips epochs with no update)."""
         return logged or self.trainer.num_training_batches != 1
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 
 from lore_pl import BasisModule
 from lore_pl import functional as LF
@@ -198,32 +199,25 @@ def test_the_fused_cpu_kernel_trains_as_the_pytorch_path(tiny_data, schedule):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 
 
-class RecordingLogger:
+class RecordingLogger(Logger):
     """The steps at which the logger wrote each metric."""
 
-    @staticmethod
-    def make():
-        from lightning.pytorch.loggers import Logger
+    name, version = "recorder", 0
 
-        class Recorder(Logger):
-            name, version = "recorder", 0
+    def __init__(self):
+        super().__init__()
+        self.written = {}
 
-            def __init__(self):
-                super().__init__()
-                self.written = {}
+    def log_metrics(self, metrics, step=None):
+        for key in metrics:
+            self.written.setdefault(key, []).append(step)
 
-            def log_metrics(self, metrics, step=None):
-                for key in metrics:
-                    self.written.setdefault(key, []).append(step)
-
-            def log_hyperparams(self, params, *args, **kwargs):
-                pass
-
-        return Recorder()
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
 
 
 def test_full_batch_training_logs_every_n_steps_and_the_last(tiny_data):
-    logger = RecordingLogger.make()
+    logger = RecordingLogger()
     fit(BasisModule(rank=3, lr=0.1), tiny_data, epochs=12, logger=logger, log_every_n_steps=5, limit_val_batches=0)
     # iterations 5, 10 and the last (12) log; the logger writes step metrics every 5 steps (4 and 9),
     # and the last iteration's reach callback_metrics (EpochSummary's final line)
