@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from lightning import Trainer
 
     from datamodules.memmap import MemmapPreferenceDataModule
-    from lore_pl.basis import BasisModule
+    from lore_pl.modules.basis import BasisModule
 
     directory = Path(args.keep or tempfile.mkdtemp(prefix="lore-memmap-"))
     directory.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lore_pl import cpu_kernel  # noqa: E402
-from lore_pl import functional as LF  # noqa: E402
+from lore_pl.core import cpu_kernel  # noqa: E402
+from lore_pl.core import fewshot as FS  # noqa: E402
+from lore_pl.core import functional as LF  # noqa: E402
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -125,9 +126,9 @@ def bench_fewshot(num_users: int = 500, shots: int = 50, rank: int = 5, steps: i
     projected = torch.randn(num_users * shots, rank, generator=generator) * 30
     users = torch.arange(num_users).repeat_interleave(shots)
     init = torch.randn(num_users, rank, generator=generator)
-    batched = median_seconds(lambda: LF.fit_user_weights(projected, users, init, steps=steps), 3)
+    batched = median_seconds(lambda: FS.fit_user_weights(projected, users, init, steps=steps), 3)
     one = torch.zeros(shots, dtype=torch.long)
-    per_fit = median_seconds(lambda: [LF.fit_user_weights(projected[u * shots:(u + 1) * shots], one, init[u:u + 1],
+    per_fit = median_seconds(lambda: [FS.fit_user_weights(projected[u * shots:(u + 1) * shots], one, init[u:u + 1],
                                                           steps=steps) for u in range(loop_sample)], 1) / loop_sample
     return {"benchmark": "fewshot", "users": num_users, "shots": shots, "K": rank, "steps": steps,
             "batched_s": batched, "loop_s_estimated": per_fit * num_users, "loop_fits_timed": loop_sample,
@@ -141,8 +142,8 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
     from lightning import Callback, Trainer
 
     from datamodules.base import PreferenceData, PreferenceDataModule
-    from lore_pl.basis import BasisModule
-    from lore_pl.preferences import PreferenceSplit
+    from lore_pl.modules.basis import BasisModule
+    from lore_pl.data.preferences import PreferenceSplit
 
     features, users = population(num_users, 30, dim)
     ids = [str(u) for u in range(num_users)]
@@ -194,7 +195,7 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
 MEMORY_CHILD = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from lore_pl import functional as LF
+from lore_pl.core import functional as LF
 num_users, dim, rank = {num_users}, {dim}, {rank}
 def status(field):  # kB, from the kernel's view of this process
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))

@@ -7,7 +7,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lore_pl.basis import BasisModule
+from lore_pl.modules.basis import BasisModule
 
 
 def weight_figures(weights: torch.Tensor):
@@ -46,6 +46,8 @@ class BasisFigures(Callback):
     """At the end of fit, add the seen users' weight heatmap, per-column histograms and column
     usage to TensorBoard (``basis/weights``, ``basis/weight_histograms``, ``basis/column_usage``)."""
 
+    reads_final_model = True  # RestoreBestCheckpoint must run before this
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or not isinstance(pl_module, BasisModule) or pl_module.rank < 2:
             return
@@ -55,7 +57,7 @@ class BasisFigures(Callback):
             return
         import matplotlib.pyplot as plt
 
-        _, weights = pl_module.kept_basis()
+        _, weights = pl_module.model.kept()
         figures = weight_figures(weights)
         for logger in loggers:
             for tag, figure in zip(("basis/weights", "basis/weight_histograms", "basis/column_usage"), figures):

@@ -11,9 +11,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lore_pl import functional as LF
+from lore_pl.core import functional as LF
 from lore_pl.errors import LoreDataError, LoreDataWarning
-from lore_pl.preferences import PreferenceSplit
+from lore_pl.data.preferences import DataRequest, PreferenceSplit
 
 #: The protocol's four roles: seen users' train pairs and test pairs (unseen prompts), unseen
 #: users' few-shot pool and test pairs; and ``seen_val``, pairs held out of ``seen_train`` for
@@ -24,7 +24,7 @@ ROLES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
 #: keeps its random initial weights, an unseen user without a pool gets no few-shot fit.
 NEEDS_EVERY_USER = {"seen_train": "train pairs", "unseen_pool": "few-shot pool pairs"}
 
-FEATURE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FEATURE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -39,12 +39,13 @@ class PreferenceDataModule(LightningDataModule):
     """Serves per-user preference tensors for the four protocol roles.
 
     Subclasses implement ``load()``; the data are loaded lazily and once, so ``num_users``, ``dim``
-    and ``reference_head`` can be read before ``setup`` (LightningCLI links read them early). The
-    module being trained picks the users: a module whose ``population`` is ``"seen"``
-    (``BasisModule``) trains on ``seen_train`` and is validated and tested on ``seen_test``; an
-    ``"unseen"`` one (``FewShotModule``) trains on ``unseen_pool`` (always one full batch) and is
-    evaluated on ``unseen_test``. With ``val_fraction`` > 0 a ``BasisModule`` is validated on
-    ``seen_val`` (its users' held-out train pairs) instead, so early stopping never sees test pairs.
+    and ``reference_head`` can be read before ``setup`` (LightningCLI links read them early). What
+    to serve is said by ``connect(DataRequest)`` (the CLI and the LightningModules' ``setup`` call
+    it with the module's ``data_request``): the ``seen`` population trains on ``seen_train`` and is
+    validated and tested on ``seen_test``; the ``unseen`` one trains on ``unseen_pool`` (always one
+    full batch, optionally subsampled to ``shots`` per user) and is evaluated on ``unseen_test``.
+    With ``val_fraction`` > 0 the seen population is validated on ``seen_val`` (its users'
+    held-out train pairs) instead, so early stopping never sees test pairs.
 
     Args:
         batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
@@ -52,8 +53,9 @@ class PreferenceDataModule(LightningDataModule):
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
         val_fraction: fraction of each seen user's train pairs held out as ``seen_val`` (0: none).
         val_seed: seed of that hold-out.
-        feature_dtype: how the features are kept in memory: ``float32``, or ``bfloat16`` (half the
-            memory and, on the CPU kernel, half the bytes read per step; all arithmetic stays float32).
+        feature_dtype: how the features are kept in memory: ``float32``, ``bfloat16`` (half the
+            memory and, on the CPU kernel, half the bytes read per step; all arithmetic stays float32)
+            or ``float64`` (for exact comparisons; a float64 model then computes in float64).
     """
 
     def __init__(
@@ -63,7 +65,7 @@ class PreferenceDataModule(LightningDataModule):
         shuffle: bool = True,
         val_fraction: float = 0.0,
         val_seed: int = 0,
-        feature_dtype: Literal["float32", "bfloat16"] = "float32",
+        feature_dtype: Literal["float32", "bfloat16", "float64"] = "float32",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -77,6 +79,13 @@ class PreferenceDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self.val_seed = val_seed
         self._data: PreferenceData | None = None
+        self.request = DataRequest()
+
+    def connect(self, request: DataRequest) -> None:
+        """Say what to serve: whose pairs the training loader yields, and which of them."""
+        if not isinstance(request, DataRequest):
+            raise TypeError(f"connect takes a DataRequest, got {type(request).__name__}")
+        self.request = request
 
     # ----------------------------------------------------------------------- for subclasses
     def load(self) -> PreferenceData:
@@ -206,10 +215,6 @@ class PreferenceDataModule(LightningDataModule):
         return self.data.reference_head
 
     # ------------------------------------------------------------------------ dataloaders
-    def _population(self) -> str:
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        return getattr(module, "population", "seen")
-
     def _shard(self) -> tuple[int, int]:
         """(rank, world size): under DDP every loader yields only this rank's disjoint shard of
         each batch (no padding), so each pair counts once per step and in the summed metrics."""
@@ -217,29 +222,29 @@ class PreferenceDataModule(LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _loader(self, split: PreferenceSplit, batch_size: int | None, shuffle: bool = False) -> DataLoader:
-        rank, world_size = self._shard()
+    def _loader(self, split: PreferenceSplit, batch_size: int | None, shuffle: bool = False,
+                shard: bool = True) -> DataLoader:
+        rank, world_size = self._shard() if shard else (0, 1)
         return split.loader(batch_size, shuffle=shuffle, rank=rank, world_size=world_size)
 
     def _eval_loader(self, stage: str) -> DataLoader:
-        if self._population() == "unseen":
+        if self.request.population == "unseen":
             role = "unseen_test"
         else:
             role = "seen_val" if stage == "val" and self.has_split("seen_val") else "seen_test"
         return self._loader(self.split(role), self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if self._population() == "seen":
+        request = self.request
+        if request.population == "seen":
             split, batch_size, shuffle = self.split("seen_train"), self.batch_size, self.shuffle
         else:
             split, batch_size, shuffle = self.split("unseen_pool"), None, False  # few-shot: the whole pool at once
-        # The module may train on a subset (FewShotModule's shots): chosen from the whole split, on
-        # every rank alike, before sharding, so DDP trains on exactly the pairs one process would.
-        rows = module.training_pairs(split) if hasattr(module, "training_pairs") else None
-        if rows is not None:
-            split = split.subset(rows)
-        return self._loader(split, batch_size, shuffle)
+        if request.shots is not None:
+            # drawn from the whole split on every rank alike, before sharding, so DDP trains on
+            # exactly the pairs one process would
+            split = split.subset(LF.sample_shots(split.users, request.shots, torch.Generator().manual_seed(request.shot_seed)))
+        return self._loader(split, batch_size, shuffle, shard=request.shard)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -9,7 +9,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lore_pl.preferences import IndexBatchSampler, ShardIndex
+from lore_pl.data.preferences import IndexBatchSampler, ShardIndex
 
 
 class _Rows(Dataset):

@@ -1,9 +1,10 @@
 """The base of the real data sets: rows of text read once, embedded into a feature cache, split.
 
 ``prepare_data`` (rank 0, once) reads the source, records the texts and a JSON table of the rows in
-the cache, and embeds what is missing; ``setup``/``load`` only read the cache. Under
-``lightning predict`` with an ``EmbeddingModule`` the embedding is left to the Trainer: the predict
-loader yields the missing shards and ``CacheWriter`` stores them.
+the cache, and embeds what is missing; ``setup``/``load`` only read the cache. An embedding job
+(``connect(DataRequest(embed=True))``, which the CLI does for ``lightning predict`` with an
+``EmbeddingModule``) leaves the embedding to the Trainer: the predict loader yields the missing
+shards and the module's ``CacheWriter`` stores them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import PreferenceData, PreferenceDataModule
 from datamodules.sources import resolve
-from lore_pl.embedding import EmbedderSpec
+from lore_pl.data.embedder import EmbedderSpec
 from lore_pl.errors import LoreDataWarning
-from lore_pl.atomic import write_json_atomic
-from lore_pl.feature_cache import FeatureCache
+from lore_pl.data.atomic import write_json_atomic
+from lore_pl.data.feature_cache import FeatureCache
 
 TABLE = "table.json"
 
@@ -36,7 +37,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
     Args:
         cache_dir: where embeddings are cached (one subdirectory per data set revision and embedder).
-        embedder: the model that embeds the texts (see ``lore_pl.embedding.EmbedderSpec``).
+        embedder: the model that embeds the texts (see ``lore_pl.data.embedder.EmbedderSpec``).
         shard_size: texts per cache shard (one predict batch; the unit an interrupted job resumes at).
         progress: show a progress bar while embedding in-process.
         **kwargs: the loading arguments of ``PreferenceDataModule`` (batch sizes, shuffling, validation hold-out).
@@ -83,7 +84,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
     @property
     def feature_cache(self) -> FeatureCache:
         if self._cache is None:
-            from lore_pl.embedding import template_id
+            from lore_pl.data.embedder import template_id
 
             key = {"dataset": type(self).__name__, "revision": self.source_revision(),
                    "options": self.source_options(), "embedder": self.embedder_spec.cache_key(template_id(self.embedder_spec))}
@@ -91,10 +92,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         return self._cache
 
     def _embedding_job(self) -> bool:
-        from lore_pl.embedding import EmbeddingModule
-
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        return isinstance(module, EmbeddingModule)
+        return self.request.embed
 
     def prepare_data(self) -> None:
         cache = self.feature_cache
@@ -112,8 +110,8 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         write_json_atomic(cache.directory / TABLE, table)
         if self._embedding_job():
             return  # the predict loop embeds the missing shards
-        from lore_pl.cache_writer import embed_missing
-        from lore_pl.embedding import TextEmbedder
+        from lore_pl.data.feature_cache import embed_missing
+        from lore_pl.data.embedder import TextEmbedder
 
         embed_missing(cache, TextEmbedder(self.embedder_spec), progress=self.progress)
 
@@ -134,7 +132,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self._embedding_job():
-            from lore_pl.cache_writer import MissingShards
+            from lore_pl.data.feature_cache import MissingShards
 
             return MissingShards(self.feature_cache).loader()
         return super().predict_dataloader()

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from datamodules.base import ROLES, PreferenceData, PreferenceDataModule
-from lore_pl.atomic import write_json_atomic, write_npy_atomic
-from lore_pl.preferences import PreferenceSplit
+from lore_pl.data.atomic import write_json_atomic, write_npy_atomic
+from lore_pl.data.preferences import PreferenceSplit
 
 USERS_FILE = "users.json"
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from datamodules.base import PreferenceData
-from lore_pl.preferences import PreferenceSplit
+from lore_pl.data.preferences import PreferenceSplit
 
 
 class ItemIndex:

@@ -12,7 +12,7 @@ from datamodules.base import PreferenceData
 from datamodules.embedded import HubPreferenceDataModule
 from datamodules.pairs import ItemIndex
 from datamodules.sources import find_files, read_all
-from lore_pl.preferences import PreferenceSplit
+from lore_pl.data.preferences import PreferenceSplit
 
 REWARD_MODELS = (
     "gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",

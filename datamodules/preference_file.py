@@ -14,7 +14,7 @@ from datamodules.base import PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, drop_users_without, split_fraction
 from datamodules.sources import file_digest, read_records
-from lore_pl.embedding import as_messages
+from lore_pl.data.embedder import as_messages
 from lore_pl.errors import LoreDataError
 
 

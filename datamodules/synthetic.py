@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from datamodules.base import PreferenceData, PreferenceDataModule
-from lore_pl import functional as LF
-from lore_pl.preferences import PreferenceSplit
+from lore_pl.core import functional as LF
+from lore_pl.data.preferences import PreferenceSplit
 
 
 class SyntheticPopulationDataModule(PreferenceDataModule):

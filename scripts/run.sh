@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/lightning fit --config configs/synthetic.yaml "$@"
+exec .venv/bin/lightning fit --config configs/experiment/synthetic.yaml "$@"

@@ -3,8 +3,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from lore_pl import BasisModule
-from lore_pl import functional as LF
-from tests.conftest import tiny_trainer
+from lore_pl.core import functional as LF
+from helpers import tiny_trainer
 
 
 def fit(model, data, epochs=20, **kwargs):
@@ -14,9 +14,10 @@ def fit(model, data, epochs=20, **kwargs):
 
 def test_parameters_are_built_from_the_data(tiny_data):
     model = fit(BasisModule(rank=3, lr=0.1), tiny_data, epochs=1)
-    assert model.basis.shape == (tiny_data.dim, 3)
-    assert model.user_logits.shape == (tiny_data.num_users, 3)
-    assert model.hparams.num_users == tiny_data.num_users and model.hparams.feature_dim == tiny_data.dim
+    assert model.model.basis.shape == (tiny_data.dim, 3)
+    assert model.model.user_logits.shape == (tiny_data.num_users, 3)
+    assert model.model.num_users == tiny_data.num_users and model.model.dim == tiny_data.dim
+    assert model.model.user_ids == tiny_data.seen_user_ids and model.model.embedder == tiny_data.embedder
 
 
 def test_joint_training_lowers_the_loss_and_moves_v_and_w(tiny_data):
@@ -25,19 +26,19 @@ def test_joint_training_lowers_the_loss_and_moves_v_and_w(tiny_data):
     trainer = tiny_trainer(1)
     trainer.fit(model, datamodule=tiny_data)
     split = tiny_data.split("seen_train")
-    before_loss = model._nll(model(split.features, split.users), split.users).item()
-    basis, logits = model.basis.detach().clone(), model.user_logits.detach().clone()
+    before_loss = model._loss(model(split.features, split.users), split.users, "pair_mean").item()
+    basis, logits = model.model.basis.detach().clone(), model.model.user_logits.detach().clone()
     tiny_trainer(60).fit(model, datamodule=tiny_data)
-    after_loss = model._nll(model(split.features, split.users), split.users).item()
+    after_loss = model._loss(model(split.features, split.users), split.users, "pair_mean").item()
     assert after_loss < before_loss
-    assert not torch.equal(model.basis, basis) and not torch.equal(model.user_logits, logits)
+    assert not torch.equal(model.model.basis, basis) and not torch.equal(model.model.user_logits, logits)
     assert int(model.iterations_done) == 61
 
 
 def test_rank_zero_is_the_reference_head_and_trains_nothing(tiny_data):
     model = fit(BasisModule(rank=0), tiny_data, epochs=3)
     assert list(model.parameters()) == []
-    torch.testing.assert_close(model.current_basis()[:, 0], tiny_data.reference_head)
+    torch.testing.assert_close(model.model.basis[:, 0], tiny_data.reference_head)
     assert torch.equal(model.user_weights(), torch.ones(tiny_data.num_users, 1))
     split = tiny_data.split("seen_test")
     torch.testing.assert_close(model(split.features, split.users), split.features @ tiny_data.reference_head / 100.0)
@@ -45,10 +46,10 @@ def test_rank_zero_is_the_reference_head_and_trains_nothing(tiny_data):
 
 def test_rank_one_is_plain_bradley_terry(tiny_data):
     model = fit(BasisModule(rank=1, lr=0.1), tiny_data, epochs=3)
-    assert not hasattr(model, "user_logits")
+    assert model.model.user_logits is None
     assert torch.equal(model.user_weights(), torch.ones(tiny_data.num_users, 1))
     split = tiny_data.split("seen_test")
-    torch.testing.assert_close(model(split.features, split.users), (split.features @ model.basis)[:, 0] / 100.0)
+    torch.testing.assert_close(model(split.features, split.users), (split.features @ model.model.basis)[:, 0] / 100.0)
 
 
 def test_rank_zero_or_a_regularizer_without_a_reference_head_is_an_error(tiny_data):
@@ -69,6 +70,8 @@ def test_bad_options_are_rejected():
         BasisModule(schedule="sgd")
     with pytest.raises(ValueError, match="rank"):
         BasisModule(rank=-1)
+    with pytest.raises(ValueError, match="prune_threshold"):
+        BasisModule(prune_threshold=1.5)
 
 
 def test_alternating_w_step_leaves_v_and_v_step_leaves_w(tiny_data):
@@ -77,14 +80,14 @@ def test_alternating_w_step_leaves_v_and_v_step_leaves_w(tiny_data):
     trainer.fit(model, datamodule=tiny_data)
     opt_weights, opt_basis = model.optimizers()
     split = tiny_data.split("seen_train")
-    basis, logits = model.basis.detach().clone(), model.user_logits.detach().clone()
-    model.basis.grad = None
+    basis, logits = model.model.basis.detach().clone(), model.model.user_logits.detach().clone()
+    model.model.basis.grad = None
     model._optimize(opt_weights, split.features, split.users, 0.0)
-    assert torch.equal(model.basis, basis) and not torch.equal(model.user_logits, logits)
-    assert model.basis.grad is None  # V's gradient was not even computed
-    logits = model.user_logits.detach().clone()
+    assert torch.equal(model.model.basis, basis) and not torch.equal(model.model.user_logits, logits)
+    assert model.model.basis.grad is None  # V's gradient was not even computed
+    logits = model.model.user_logits.detach().clone()
     model._optimize(opt_basis, split.features, split.users, 1.0)
-    assert torch.equal(model.user_logits, logits) and not torch.equal(model.basis, basis)
+    assert torch.equal(model.model.user_logits, logits) and not torch.equal(model.model.basis, basis)
 
 
 def test_alternating_with_max_steps_counts_iterations(tiny_data):
@@ -96,7 +99,7 @@ def test_alternating_with_max_steps_counts_iterations(tiny_data):
 
 def test_regularizer_pulls_the_basis_towards_the_reference(tiny_data):
     def cosine(model):
-        return torch.nn.functional.cosine_similarity(model.basis, tiny_data.reference_head[:, None], dim=0).mean()
+        return torch.nn.functional.cosine_similarity(model.model.basis, tiny_data.reference_head[:, None], dim=0).mean()
 
     torch.manual_seed(0)
     free = fit(BasisModule(rank=2, lr=0.1), tiny_data, epochs=30)
@@ -107,9 +110,9 @@ def test_regularizer_pulls_the_basis_towards_the_reference(tiny_data):
 
 def test_pruning_at_the_end_of_fit(tiny_data):
     model = fit(BasisModule(rank=4, lr=0.1, weight_init="zeros", prune_threshold=0.3), tiny_data, epochs=2)
-    weights = LF.simplex_weights(model.user_logits)  # unmasked
+    weights = LF.simplex_weights(model.model.user_logits)  # unmasked
     expected = weights.max(dim=0).values >= 0.3
-    assert torch.equal(model.active_columns, expected)
+    assert torch.equal(model.model.active_columns, expected)
     kept_basis, kept_weights = model.kept_basis()
     assert kept_basis.shape[1] == int(expected.sum())
     torch.testing.assert_close(kept_weights.sum(dim=1), torch.ones(tiny_data.num_users))
@@ -122,15 +125,15 @@ def test_a_reloaded_checkpoint_scores_identically(tiny_data, tmp_path):
     trainer.fit(model, datamodule=tiny_data)
     path = tmp_path / "basis.ckpt"
     trainer.save_checkpoint(path)
-    reloaded = BasisModule.load_from_checkpoint(path)
+    reloaded = BasisModule.load_from_checkpoint(path, weights_only=True)
     split = tiny_data.split("seen_test")
     assert torch.equal(reloaded(split.features, split.users), model(split.features, split.users))
-    assert torch.equal(reloaded.active_columns, model.active_columns)
+    assert torch.equal(reloaded.model.active_columns, model.model.active_columns)
 
 
 def test_checkpoint_for_other_data_is_a_clear_error(tiny_data, tmp_path):
     from datamodules import SyntheticPopulationDataModule
-    from tests.conftest import TINY
+    from helpers import TINY
 
     model = fit(BasisModule(rank=3, lr=0.1), tiny_data, epochs=1)
     other = SyntheticPopulationDataModule(**{**TINY, "dim": 8})
@@ -158,7 +161,7 @@ def test_basis_weight_decay_shrinks_v(tiny_data):
     free = fit(BasisModule(rank=2, lr=0.1), tiny_data, epochs=40)
     torch.manual_seed(0)
     decayed = fit(BasisModule(rank=2, lr=0.1, basis_weight_decay=50.0), tiny_data, epochs=40)
-    assert decayed.basis.norm() < 0.5 * free.basis.norm()
+    assert decayed.model.basis.norm() < 0.5 * free.model.basis.norm()
     with pytest.raises(ValueError, match="basis_weight_decay"):
         BasisModule(basis_weight_decay=-1.0)
 
@@ -166,23 +169,26 @@ def test_basis_weight_decay_shrinks_v(tiny_data):
 def test_protocol_on_the_best_checkpoint(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from callbacks.protocol import ProtocolEvaluation, evaluate_protocol
+    from callbacks import BasisExport, ProtocolEvaluation, RestoreBestCheckpoint, evaluate_protocol
     from datamodules import SyntheticPopulationDataModule
-    from tests.conftest import TINY
+    from helpers import TINY
+    from lore_pl import FewShotSettings, load_basis
 
     data = SyntheticPopulationDataModule(**{**TINY, "labels": "bradley_terry"}, val_fraction=0.3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
-    protocol = ProtocolEvaluation(shots=4, steps=20, use_best_checkpoint=True, export_basis=False)
-    model = BasisModule(rank=3, lr=0.5)
+    protocol, export = ProtocolEvaluation(), BasisExport()
+    fewshot = FewShotSettings(shots=4, steps=20)
+    model = BasisModule(rank=3, lr=0.5, fewshot=fewshot)
     trainer = tiny_trainer(40, limit_val_batches=1.0, check_val_every_n_epoch=2, default_root_dir=tmp_path,
                            enable_checkpointing=True,
-                           callbacks=[checkpoint, EarlyStopping("val/acc", mode="max", patience=3), protocol])
+                           callbacks=[checkpoint, EarlyStopping("val/acc", mode="max", patience=3),
+                                      RestoreBestCheckpoint(), protocol, export])
     trainer.fit(model, datamodule=data)
     assert checkpoint.best_model_path and model.best_checkpoint_path == checkpoint.best_model_path
-    best = BasisModule.load_from_checkpoint(checkpoint.best_model_path)
+    best = BasisModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     best.prune_()
-    expected = evaluate_protocol(best, data, shots=4, steps=20)
-    assert protocol.results == expected
+    assert protocol.results == evaluate_protocol(best.model, data, fewshot)
+    assert torch.equal(load_basis(export.path).basis, best.kept_basis()[0])  # the export is the best one too
     # the validation split, not the test split, chose it
     assert trainer.callback_metrics["val/acc"] <= 1.0 and data.has_split("seen_val")
 
@@ -194,7 +200,7 @@ def test_the_fused_cpu_kernel_trains_as_the_pytorch_path(tiny_data, schedule):
         torch.manual_seed(0)
         model = fit(BasisModule(rank=3, lr=0.1, schedule=schedule, prune_threshold=0.0, cpu_kernel=kernel),
                     tiny_data, epochs=15)
-        trained.append((model.basis.detach(), model.user_logits.detach()))
+        trained.append((model.model.basis.detach(), model.model.user_logits.detach()))
     for fused, plain in zip(*trained):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 

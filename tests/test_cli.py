@@ -9,28 +9,16 @@ import pytest
 import torch
 
 from lore_pl import BasisModule, load_basis
+from helpers import ROOT, TINY_DATA, run_dir
 from lore_pl.cli import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_DATA = [
-    "--data.init_args.dim=16", "--data.init_args.num_directions=3", "--data.init_args.num_train_prompts=80",
-    "--data.init_args.num_test_prompts=40", "--data.init_args.num_seen_users=20",
-    "--data.init_args.num_unseen_users=8", "--data.init_args.train_prompts_per_user=12",
-    "--data.init_args.fewshot_prompts_per_user=10", "--data.init_args.test_prompts_per_user=8",
-]
 QUIET: list[str] = []  # the configs print one line per EpochSummary interval, no progress bar
-
-
-def run_dir(tmp_path: Path, name: str) -> Path:
-    versions = sorted((tmp_path / "logs" / name).glob("version_*"))
-    assert versions, f"no run directory under {tmp_path / 'logs' / name}"
-    return versions[-1]
 
 
 @pytest.mark.slow
 def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs without a logger save their config.yaml in the working directory
-    args = ["fit", "--config", str(ROOT / "configs/synthetic.yaml"), *TINY_DATA, *QUIET,
+    args = ["fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA, *QUIET,
             "--trainer.max_epochs=30", "--trainer.check_val_every_n_epoch=10",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--trainer.default_root_dir={tmp_path}",
             "--model.init_args.rank=3"]
@@ -63,7 +51,7 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
 
     # phase 2 alone from the exported basis, and from the checkpoint
     for basis_path in (out / "basis.safetensors", out / "checkpoints" / "last.ckpt"):
-        build_cli(["fit", "--config", str(ROOT / "configs/fewshot.yaml"), *TINY_DATA, *QUIET,
+        build_cli(["fit", "--config", str(ROOT / "configs/experiment/fewshot.yaml"), *TINY_DATA, *QUIET,
                    f"--model.init_args.basis_path={basis_path}", "--trainer.max_epochs=20",
                    "--trainer.check_val_every_n_epoch=20",
                    f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
@@ -80,9 +68,9 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
     fewshot_ckpt = fewshot / "checkpoints" / "last.ckpt"
     for basis_path in (out / "basis.safetensors", out / "checkpoints" / "last.ckpt", fewshot_ckpt):
         scores_csv = tmp_path / f"scores_{basis_path.stem}.csv"
-        build_cli(["predict", "--config", str(ROOT / "configs/score.yaml"), f"--model.init_args.basis_path={basis_path}",
+        build_cli(["predict", "--config", str(ROOT / "configs/experiment/score.yaml"), f"--model.init_args.basis_path={basis_path}",
                    f"--data.init_args.path={tmp_path / 'candidates.safetensors'}",
-                   f"--trainer.callbacks.init_args.output={scores_csv}"])
+                   f"--model.init_args.output={scores_csv}"])
         rows = scores_csv.read_text().splitlines()
         header = rows[0].split(",")
         expected_users = 8 if basis_path == fewshot_ckpt else 20
@@ -95,7 +83,7 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
     # validate / test / predict on the trained basis
     ckpt = str(out / "checkpoints" / "last.ckpt")
     for subcommand in ("validate", "test", "predict"):
-        build_cli([subcommand, "--config", str(ROOT / "configs/synthetic.yaml"), *TINY_DATA, *QUIET,
+        build_cli([subcommand, "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA, *QUIET,
                    f"--ckpt_path={ckpt}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
                    "--model.init_args.rank=3"])
 
@@ -107,7 +95,7 @@ def test_console_commands_are_installed_and_run(tmp_path):
         help_text = subprocess.run([*command, "fit", "--help"], capture_output=True, text=True, check=True).stdout
         assert "--config" in help_text and "--model" in help_text
     done = subprocess.run(
-        [str(bindir / "lightning"), "fit", "--config", str(ROOT / "configs/synthetic.yaml"), *TINY_DATA, *QUIET,
+        [str(bindir / "lightning"), "fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA, *QUIET,
          "--trainer.max_epochs=5", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )

@@ -5,16 +5,17 @@ from pathlib import Path
 import pytest
 
 from lore_pl import BasisModule, EmbeddingModule
+from helpers import ROOT
 from lore_pl.cli import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+
 
 
 @pytest.mark.parametrize("name", ["tldr", "prism", "personalllm", "tulu1"])
 def test_paper_and_embedding_configs_instantiate(name, tmp_path):
-    fit = build_cli(["--config", str(ROOT / f"configs/{name}.yaml"),
+    fit = build_cli(["--config", str(ROOT / f"configs/experiment/{name}.yaml"),
                      f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
-    embed = build_cli(["--config", str(ROOT / f"configs/embed_{name}.yaml"), "--trainer.accelerator=cpu",
+    embed = build_cli(["--config", str(ROOT / f"configs/experiment/embed_{name}.yaml"), "--trainer.accelerator=cpu",
                        "--trainer.devices=1"], run=False)
     assert isinstance(fit.model, BasisModule) and isinstance(embed.model, EmbeddingModule)
     # the embedding job fills exactly the cache that fit reads: same data class, same source, same embedder

@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from lore_pl import cpu_kernel
-from lore_pl import functional as LF
+from lore_pl.core import cpu_kernel
+from lore_pl.core import functional as LF
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -173,7 +173,7 @@ def test_project_widens_bfloat16_block_by_block(monkeypatch):
 def test_bfloat16_storage_trains_and_evaluates_like_float32(tmp_path):
     from datamodules import SyntheticPopulationDataModule
     from lore_pl import BasisModule
-    from tests.conftest import TINY, tiny_trainer
+    from helpers import TINY, tiny_trainer
 
     results = {}
     for dtype in ("float32", "bfloat16"):
@@ -184,14 +184,14 @@ def test_bfloat16_storage_trains_and_evaluates_like_float32(tmp_path):
         model = BasisModule(rank=3, lr=0.1, prune_threshold=0.0)
         trainer = tiny_trainer(30)
         trainer.fit(model, datamodule=data)
-        results[dtype] = (model.basis.detach(), trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+        results[dtype] = (model.model.basis.detach(), trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
     torch.testing.assert_close(results["bfloat16"][0], results["float32"][0], rtol=0.05, atol=0.02)
     assert abs(results["bfloat16"][1] - results["float32"][1]) <= 0.02
 
 
 def test_an_unknown_feature_dtype_is_refused():
     from datamodules import SyntheticPopulationDataModule
-    from tests.conftest import TINY
+    from helpers import TINY
 
     with pytest.raises(ValueError, match="feature_dtype must be one of"):
         SyntheticPopulationDataModule(**TINY, feature_dtype="float16")

@@ -13,16 +13,18 @@ import torch.distributed as dist
 from lightning import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.protocol import PROTOCOL_ROWS, ProtocolEvaluation
+from callbacks import ProtocolEvaluation, RestoreBestCheckpoint
+from callbacks.protocol import PROTOCOL_ROWS
 from datamodules import SyntheticPopulationDataModule
-from lore_pl import BasisModule, FewShotModule
-from lore_pl import functional as LF
-from lore_pl.preferences import IndexBatchSampler, PreferenceSplit
-from tests.conftest import TINY, tiny_trainer
+from lore_pl import BasisModule, FewShotModule, FewShotSettings, LoreModel
+from lore_pl.core import functional as LF
+from lore_pl.data.preferences import IndexBatchSampler, PreferenceSplit
+from helpers import ROOT, TINY, tiny_trainer
 
 # 11 seen users x 9 pairs = 99 training pairs: the full-batch shards are 50 and 49 pairs
 DATA = {**TINY, "num_seen_users": 11, "train_prompts_per_user": 9}
 TOLERANCE = dict(rtol=0, atol=1e-5)
+FEWSHOT = FewShotSettings(shots=4, steps=30)  # how the protocol adapts the unseen users
 
 
 @pytest.fixture(autouse=True)
@@ -55,10 +57,10 @@ def train(make_model, out, devices, epochs, data_kwargs=(), protocol=True, best_
     out.mkdir(parents=True)
     callbacks = [SaveRankZero(out / "rank0.pt")]
     if protocol:
-        callbacks.insert(0, ProtocolEvaluation(shots=4, steps=30, export_basis=False,
-                                               use_best_checkpoint=best_checkpoint))
+        callbacks.insert(0, ProtocolEvaluation())
     if best_checkpoint:
-        callbacks.insert(0, ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max"))
+        callbacks[:0] = [ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max"),
+                         RestoreBestCheckpoint()]
         trainer_kwargs["enable_checkpointing"] = True
     settings = {"limit_val_batches": 1.0, "check_val_every_n_epoch": epochs, **trainer_kwargs}
     trainer = tiny_trainer(
@@ -122,44 +124,41 @@ def test_nothing_to_train_under_ddp_is_a_clear_error():
     from lightning.pytorch.trainer.states import TrainerFn
 
     fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=2)
-    reference = BasisModule(rank=0, num_users=3, feature_dim=4, has_reference_head=True)
+    reference = BasisModule(rank=0)
+    reference._install(LoreModel.initial(4, 0, 3, reference_head=torch.randn(4)))
     reference._trainer = fitting
     with pytest.raises(ValueError, match="K=0 has nothing to train.*devices=1"):
         reference.configure_model()
-    trained = BasisModule(rank=2, num_users=3, feature_dim=4)
+    trained = BasisModule(rank=2)
+    trained._install(LoreModel.initial(4, 2, 3))
     trained._trainer = fitting
     trained.configure_model()  # has parameters: DDP wraps it
     reference._trainer = SimpleNamespace(state=fitting.state, world_size=1)
     reference.configure_model()  # one process: nothing to wrap
 
 
-def test_ddp_config_is_the_synthetic_protocol_under_ddp(tmp_path):
-    import yaml
+def test_the_synthetic_experiment_runs_under_ddp_by_two_flags(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy
 
     from lore_pl.cli import build_cli
-    from tests.test_cli import ROOT
 
-    ddp, synthetic = (yaml.safe_load((ROOT / f"configs/{name}.yaml").read_text()) for name in ("ddp", "synthetic"))
-    for config in (ddp, synthetic):  # what may differ: the launch settings and the run directory's name
-        for key in ("devices", "num_nodes", "strategy"):
-            config["trainer"].pop(key, None)
-        config["trainer"]["logger"]["init_args"].pop("name")
-    assert ddp == synthetic
-    cli = build_cli(["--config", str(ROOT / "configs/ddp.yaml"), "--trainer.accelerator=cpu",
-                     "--trainer.devices=2", f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    cli = build_cli(["--config", str(ROOT / "configs/experiment/synthetic.yaml"), "--trainer.accelerator=cpu",
+                     "--trainer.strategy=ddp", "--trainer.devices=2", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                    run=False)
     assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
+    # the flags change nothing else: the logger, the callbacks and the model are the experiment's
+    assert cli.trainer.logger.name == "synthetic" and cli.model.hparams.rank == 5
 
 
 # ------------------------------------------------------------------- 2 processes against 1
 @pytest.mark.slow
 def test_ddp_joint_full_batch_equals_one_process(tmp_path):
     def make():
-        return BasisModule(rank=3, lr=0.1, prune_threshold=0.0)
+        return BasisModule(rank=3, lr=0.1, prune_threshold=0.0, fewshot=FEWSHOT)
 
     one = train(make, tmp_path / "one", 1, epochs=25)
     two = train(make, tmp_path / "two", 2, epochs=25)
-    assert_same_run(one, two, ["basis", "user_logits"])
+    assert_same_run(one, two, ["model.basis", "model.user_logits"])
 
 
 @pytest.mark.slow
@@ -167,12 +166,12 @@ def test_ddp_alternating_minibatch_user_mean_equals_one_process(tmp_path):
     # 99 pairs in batches of 32: the last step's shards hold 2 and 1 pairs; eval batches are uneven too
     def make():
         return BasisModule(rank=3, lr=0.1, schedule="alternating", loss_weighting="user_mean",
-                           regularizer="cosine", alpha=0.5, weight_init="rand", prune_threshold=0.0)
+                           regularizer="cosine", alpha=0.5, weight_init="rand", prune_threshold=0.0, fewshot=FEWSHOT)
 
     data = {"batch_size": 32, "eval_batch_size": 25}
     one = train(make, tmp_path / "one", 1, epochs=4, data_kwargs=data)
     two = train(make, tmp_path / "two", 2, epochs=4, data_kwargs=data)
-    assert_same_run(one, two, ["basis", "user_logits"])
+    assert_same_run(one, two, ["model.basis", "model.user_logits"])
 
 
 @pytest.mark.slow
@@ -180,13 +179,14 @@ def test_ddp_fewshot_equals_one_process(tmp_path):
     basis = torch.randn(DATA["dim"], 3, generator=torch.Generator().manual_seed(1))
 
     def make():
-        return FewShotModule.from_basis(basis.clone(), tau=1.0, shots=3, lr=0.1)
+        return FewShotModule.from_basis(basis.clone(), tau=1.0, fewshot=FewShotSettings(shots=3, steps=30))
 
-    # 5 users x 3 shots = 15 pairs: shards of 8 and 7, user 2's shots straddle them
+    # 5 users x 3 shots = 15 pairs; every rank fits them all (no gradients to average), the
+    # evaluation is sharded and its summed metrics are the one-process ones
     data = {"num_unseen_users": 5}
-    one = train(make, tmp_path / "one", 1, epochs=25, data_kwargs=data, protocol=False)
-    two = train(make, tmp_path / "two", 2, epochs=25, data_kwargs=data, protocol=False)
-    assert_same_run(one, two, ["user_logits"])
+    one = train(make, tmp_path / "one", 1, epochs=1, data_kwargs=data, protocol=False)
+    two = train(make, tmp_path / "two", 2, epochs=1, data_kwargs=data, protocol=False)
+    assert_same_run(one, two, ["model.user_logits"])
 
 
 @pytest.mark.slow
@@ -194,12 +194,12 @@ def test_ddp_held_out_validation_and_best_checkpoint_equal_one_process(tmp_path)
     # val_fraction holds pairs out of seen_train as seen_val (validated every 5 epochs); the protocol
     # is evaluated on the best val/acc checkpoint, on every rank the same file
     def make():
-        return BasisModule(rank=3, lr=0.3, prune_threshold=0.0)
+        return BasisModule(rank=3, lr=0.3, prune_threshold=0.0, fewshot=FEWSHOT)
 
     data = {"val_fraction": 0.3}
     runs = [train(make, tmp_path / name, devices, epochs=20, data_kwargs=data, best_checkpoint=True,
                   check_val_every_n_epoch=5) for name, devices in (("one", 1), ("two", 2))]
-    assert_same_run(*runs, ["basis", "user_logits"])
+    assert_same_run(*runs, ["model.basis", "model.user_logits"])
     best = [sorted((tmp_path / name / "checkpoints").glob("*.ckpt")) for name in ("one", "two")]
     assert [path.name for path in best[0]] == [path.name for path in best[1]] and len(best[0]) == 1
     assert best[0][0].name != "epoch=19-step=20.ckpt"  # the protocol ran on an earlier model than the last

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import tiny_spec
-from lore_pl.embedding import TextEmbedder, last_token_index
+from helpers import tiny_spec
+from lore_pl.data.embedder import TextEmbedder, last_token_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, tiny_trainer
+from helpers import TINY, tiny_trainer
 from datamodules import PreferenceData, PreferenceDataModule, SyntheticPopulationDataModule
 from datamodules.preference_file import parse_rows
 from datamodules.sources import read_records
 from lore_pl import BasisModule, FewShotModule, LoreDataError, LoreDataWarning
-from lore_pl.export import BasisFile, save_basis
-from lore_pl.feature_cache import FeatureCache
-from lore_pl.preferences import PreferenceSplit
+from lore_pl.data.basis_file import BasisFile, save_basis
+from lore_pl.data.feature_cache import FeatureCache
+from lore_pl.data.preferences import PreferenceSplit
 
 COLUMNS = {"user_id": "user_id", "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 
@@ -121,12 +121,12 @@ def test_k0_or_a_regularizer_without_a_reference_head(model, what):
 
 @pytest.mark.parametrize("shots", [0, -3])
 def test_shots_must_be_positive(shots, tmp_path):
-    from callbacks import ProtocolEvaluation
+    from lore_pl import DataRequest, FewShotSettings
 
     with pytest.raises(LoreDataError, match=f"shots must be a positive number of pairs per user .*got {shots}"):
-        ProtocolEvaluation(shots=shots)
+        FewShotSettings(shots=shots)
     with pytest.raises(LoreDataError, match=f"shots must be a positive number of pairs per user .*got {shots}"):
-        FewShotModule.from_basis(torch.randn(16, 3), shots=shots)
+        DataRequest(population="unseen", shots=shots)
 
 
 def test_protocol_without_unseen_users_stops_before_training():
@@ -136,7 +136,7 @@ def test_protocol_without_unseen_users_stops_before_training():
     model = BasisModule(rank=2)
     with pytest.raises(LoreDataError, match="ProtocolEvaluation adapts unseen users few-shot, but ArrayData has no "
                                             "unseen users"):
-        tiny_trainer(max_epochs=5, callbacks=[ProtocolEvaluation(shots=2, steps=5)]).fit(
+        tiny_trainer(max_epochs=5, callbacks=[ProtocolEvaluation()]).fit(
             model, datamodule=ArrayData(splits, head))
     assert int(model.iterations_done) == 0  # stopped in setup, nothing trained
 
@@ -264,9 +264,9 @@ def test_a_damaged_shard_is_detected_by_the_manifest(tmp_path, damage, what):
 
 
 def test_a_damaged_shard_is_re_embedded_by_the_data_module(tmp_path, tiny_reward_model, monkeypatch):
-    from test_preference_file import make, write_preferences
+    from helpers import make, write_preferences
 
-    from lore_pl.embedding import TextEmbedder
+    from lore_pl.data.embedder import TextEmbedder
 
     write_preferences(tmp_path / "prefs.jsonl")
     first = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lore_pl import functional as LF
+from lore_pl.core import fewshot as FS
+from lore_pl.core import functional as LF
 
 
 def loop_loss(features, users, basis, logits, tau, weighting):
@@ -123,10 +124,10 @@ def test_hand_written_fewshot_gradient_equals_autograd(strength):
     users[users == 2] = 1  # user 2 has no pairs: only the prior acts on it
     logits = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     prior = torch.randn(4, generator=generator, dtype=torch.float64)
-    expected = LF.fewshot_loss(projected, users, logits, 3.0, prior, strength)
+    expected = FS.fewshot_loss(projected, users, logits, 3.0, prior, strength)
     (expected_grad,) = torch.autograd.grad(expected, logits)
-    padded = LF.PaddedPairs.from_flat(projected, users, 6)
-    loss, grad = LF.fewshot_loss_and_grad(padded, logits.detach(), 3.0, prior, strength)
+    padded = FS.PaddedPairs.from_flat(projected, users, 6)
+    loss, grad = FS.fewshot_loss_and_grad(padded, logits.detach(), 3.0, prior, strength)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
@@ -140,7 +141,7 @@ def test_hand_written_adam_follows_torch_adam():
     optimizer = torch.optim.Adam([logits], lr=0.1)
     for _ in range(50):
         optimizer.zero_grad()
-        LF.fewshot_loss(projected, users, logits, 2.0).backward()
+        FS.fewshot_loss(projected, users, logits, 2.0).backward()
         optimizer.step()
-    fitted = LF.fit_user_weights(projected, users, init, steps=50, lr=0.1, tau=2.0)
+    fitted = FS.fit_user_weights(projected, users, init, steps=50, lr=0.1, tau=2.0)
     torch.testing.assert_close(fitted, logits.detach(), rtol=1e-9, atol=1e-10)

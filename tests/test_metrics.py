@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lore_pl.metrics import PerUserAccuracy
+from lore_pl.modules.metrics import PerUserAccuracy
 
 
 def test_mean_and_std_against_a_hand_computation_with_an_empty_user():

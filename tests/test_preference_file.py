@@ -6,33 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, tiny_spec
+from helpers import WORDS, make, tiny_spec, write_preferences
 from datamodules import PreferenceFileDataModule
 from lore_pl import BasisModule
-from lore_pl.embedding import TextEmbedder
+from lore_pl.data.embedder import TextEmbedder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_preferences(path, users=8, prompts=12, seed=0, chat_every=3):
-    """A small preference file in the documented schema: every user judges some shared prompts."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(users):
-        for p in rng.choice(prompts, size=6, replace=False):
-            prompt = f"question {' '.join(WORDS[p:p + 4])}"
-            if chat_every and p % chat_every == 0:
-                prompt = [{"role": "system", "content": "be short"}, {"role": "user", "content": prompt}]
-            a, b = " ".join(rng.choice(WORDS, 5)), " ".join(rng.choice(WORDS, 7))
-            rows.append({"user_id": f"rater-{u}", "prompt": prompt, "chosen": a, "rejected": b + " long"})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return rows
-
-
-def make(path, model, tmp_path, **kwargs):
-    settings = dict(cache_dir=str(tmp_path / "cache"), embedder=tiny_spec(model), shard_size=10, progress=False)
-    settings.update(kwargs)
-    return PreferenceFileDataModule(str(path), **settings)
 
 
 @pytest.fixture
@@ -97,8 +76,8 @@ KILLER = """
 import os, signal, sys
 import numpy as np
 sys.path[:0] = {paths!r}
-import lore_pl.feature_cache as feature_cache
-from conftest import tiny_spec
+import lore_pl.data.feature_cache as feature_cache
+from helpers import tiny_spec
 from datamodules import PreferenceFileDataModule
 
 written = []
@@ -159,7 +138,7 @@ def test_cache_key_changes_with_model_settings(tmp_path, tiny_reward_model):
 
 
 def test_encoder_data_has_no_reference_head_for_k0_or_the_regularizer(tmp_path, tiny_reward_model):
-    from conftest import tiny_trainer
+    from helpers import tiny_trainer
 
     write_preferences(tmp_path / "prefs.jsonl")
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, embedder=tiny_spec(tiny_reward_model, kind="encoder"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lore_pl.cli import build_cli
-from test_cli import ROOT, TINY_DATA
+from helpers import ROOT, TINY_DATA
 
 CONFIG = """
 seed_everything: 0
@@ -36,14 +36,13 @@ trainer:
         save_on_train_epoch_end: true   # validation (which would trigger saving) never runs here
         save_last: true
     - class_path: callbacks.ProtocolEvaluation
-      init_args:
-        shots: 4
-        steps: 50
+    - class_path: callbacks.BasisExport
 model:
   class_path: lore_pl.BasisModule
   init_args:
     rank: 3
     lr: 0.1
+    fewshot: {{shots: 4, steps: 50}}
 data:
   class_path: datamodules.SyntheticPopulationDataModule
 """
@@ -111,7 +110,7 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill
     expected, got = final_state(unbroken_dir), final_state(killed_dir)
     assert got["epoch"] == expected["epoch"] == epochs - 1
     assert int(got["state_dict"]["iterations_done"]) == epochs
-    for name in ("basis", "user_logits", "active_columns", "iterations_done"):
+    for name in ("model.basis", "model.user_logits", "model.active_columns", "iterations_done"):
         assert torch.equal(got["state_dict"][name], expected["state_dict"][name]), name
     # the optimizer state too, so the equality is not an accident of the last steps
     for a, b in zip(got["optimizer_states"][0]["state"].values(), expected["optimizer_states"][0]["state"].values()):
@@ -123,7 +122,7 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    import lore_pl.checkpoint_io as checkpoint_io
+    import lore_pl.modules.checkpoint_io as checkpoint_io
 
     io = checkpoint_io.AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -142,7 +141,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_basis_exports_are_atomic(tmp_path, monkeypatch):
-    import lore_pl.export as export
+    import lore_pl.data.basis_file as export
 
     path = tmp_path / "basis.safetensors"
     export.save_basis(path, export.BasisFile(torch.ones(4, 2), 100.0))
@@ -166,18 +165,18 @@ def run_in_process(directory: Path, *extra: str):
 
 
 def test_the_same_seed_gives_identical_results_and_the_seed_is_saved(tmp_path):
-    from lore_pl.checkpoint_io import AtomicCheckpointIO
+    from lore_pl.modules.checkpoint_io import AtomicCheckpointIO
 
     first, second = run_in_process(tmp_path / "a"), run_in_process(tmp_path / "b")
     assert isinstance(first.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the CLI installs it
     for name in ("basis", "user_logits"):
-        assert torch.equal(getattr(first.model, name), getattr(second.model, name)), name
+        assert torch.equal(getattr(first.model.model, name), getattr(second.model.model, name)), name
     results = [json.loads((d / "protocol.json").read_text()) for d in (tmp_path / "a", tmp_path / "b")]
     assert results[0] == results[1]
     assert "seed_everything: 0\n" in (tmp_path / "a" / "config.yaml").read_text()
 
     other = run_in_process(tmp_path / "c", "--seed_everything=1")
-    assert not torch.equal(other.model.basis, first.model.basis)  # the seed matters: V's start is drawn from it
+    assert not torch.equal(other.model.model.basis, first.model.model.basis)  # the seed matters: V's start is drawn from it
 
 
 def test_a_random_seed_is_written_into_the_saved_config(tmp_path):
@@ -186,4 +185,4 @@ def test_a_random_seed_is_written_into_the_saved_config(tmp_path):
     seed = [line for line in saved.splitlines() if line.startswith("seed_everything:")]
     assert len(seed) == 1 and seed[0].split(":")[1].strip().isdigit(), seed  # an int, not "true"
     rerun = run_in_process(tmp_path / "r2", f"--seed_everything={seed[0].split(':')[1].strip()}", "--trainer.max_epochs=2")
-    assert torch.equal(rerun.model.basis, cli.model.basis)  # the saved seed reproduces the run
+    assert torch.equal(rerun.model.model.basis, cli.model.model.basis)  # the saved seed reproduces the run

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_spec
-from lore_pl.export import BasisFile, save_basis
-from lore_pl.rewardbench import correct, evaluate_rewardbench, subset_accuracy
+from helpers import tiny_spec
+from lore_pl.data.basis_file import BasisFile, save_basis
+from lore_pl.experiments.rewardbench import correct, evaluate_rewardbench, subset_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

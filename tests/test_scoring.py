@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lore_pl import BasisFile, PersonalRewardModel, save_basis
-from lore_pl import functional as LF
+from lore_pl.core import fewshot as FS
+from lore_pl.core import functional as LF
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_personalize_a_new_user_matches_the_batched_fit_and_is_fast(model):
     w = loaded.personalize("new", chosen, rejected, steps=500)
     elapsed = time.perf_counter() - start
     prior = LF.population_logits(weights)
-    expected = LF.fit_user_weights(LF.project(chosen - rejected, basis), torch.zeros(6, dtype=torch.long),
+    expected = FS.fit_user_weights(LF.project(chosen - rejected, basis), torch.zeros(6, dtype=torch.long),
                                    prior[None].clone(), steps=500, tau=10.0)
     torch.testing.assert_close(w, torch.softmax(expected[0], dim=0))
     assert loaded.user_ids[-1] == "new" and torch.equal(loaded.weights("new"), w)
@@ -73,5 +74,5 @@ def test_bad_input(model):
 
 
 def test_scoring_needs_no_lightning():
-    code = "import sys, lore_pl.scoring; sys.exit(1 if 'lightning' in sys.modules else 0)"
+    code = "import sys, lore_pl.inference; sys.exit(1 if 'lightning' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

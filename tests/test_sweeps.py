@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
-from lore_pl import functional as LF
-from lore_pl.functional import fit_user_weights
-from lore_pl.sweeps import choose_prior_strength, per_fit_accuracy, shots_sweep, stack_shots
+from helpers import ROOT, TINY_DATA
+from lore_pl import FewShotSettings
+from lore_pl.core import functional as LF
+from lore_pl.core.fewshot import fit_user_weights, per_fit_accuracy, stack_shots
+from lore_pl.experiments.sweeps import choose_prior_strength, shots_sweep
 
 
 @pytest.fixture
@@ -61,25 +63,25 @@ def test_per_fit_accuracy_by_hand():
 
 def test_more_shots_help_and_the_prior_choice_is_from_the_grid(tiny_data, basis):
     pool, test = tiny_data.split("unseen_pool"), tiny_data.split("unseen_test")
-    accuracy = shots_sweep(basis, 1.0, pool, test, [1, 8], trials=4, steps=100, seed=0)
+    accuracy = shots_sweep(basis, 1.0, pool, test, [1, 8], trials=4, settings=FewShotSettings(steps=100))
     assert accuracy.shape == (2, 4)
     assert accuracy[1].mean() > accuracy[0].mean()
     strength = choose_prior_strength(basis, 1.0, tiny_data.split("seen_train"), tiny_data.split("seen_test"),
-                                     tiny_data.true_weights["seen"], shots=2, grid=(0.0, 1.0), steps=50)
+                                     tiny_data.true_weights["seen"], shots=2, grid=(0.0, 1.0),
+                                     settings=FewShotSettings(steps=50))
     assert strength in (0.0, 1.0)
 
 
 @pytest.mark.slow
 def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
     from lore_pl import BasisFile, save_basis
-    from lore_pl.experiments import main
-    from tests.test_cli import ROOT, TINY_DATA
+    from lore_pl.experiments.sweeps import main
 
     save_basis(tmp_path / "basis.safetensors",
                BasisFile(tiny_data.true_directions, 1.0, tiny_data.reference_head, tiny_data.seen_user_ids,
                          tiny_data.true_weights["seen"]))
-    main(["shots", "--config", str(ROOT / "configs/sweep_shots.yaml"), f"--basis_path={tmp_path / 'basis.safetensors'}",
-          "--shots=[1, 4]", "--trials=2", "--steps=30", "--methods=[reference, population, map]",
+    main(["shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={tmp_path / 'basis.safetensors'}",
+          "--shots=[1, 4]", "--trials=2", "--fewshot.steps=30", "--methods=[reference, population, map]",
           "--prior_grid=[0.0, 1.0]", "--loop_sample=2", f"--out_dir={tmp_path / 'shots'}", *TINY_DATA])
     results = json.loads((tmp_path / "shots" / "results.json").read_text())
     assert set(results["methods"]) == {"reference", "population", "map"}
@@ -88,7 +90,7 @@ def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
     assert (tmp_path / "shots" / "results.csv").read_text().startswith("shots,reference_mean")
     assert list((tmp_path / "shots").glob("events.out.tfevents.*"))
 
-    main(["rank", "--config", str(ROOT / "configs/sweep_rank.yaml"), "--ranks=[0, 2]",
+    main(["rank", "--config", str(ROOT / "configs/sweep/rank.yaml"), "--ranks=[0, 2]",
           f"--overrides=[{', '.join(TINY_DATA)}, --trainer.max_epochs=5]", f"--out_dir={tmp_path / 'rank'}"])
     results = json.loads((tmp_path / "rank" / "results.json").read_text())
     assert results["labels"] == ["ref", "2"]

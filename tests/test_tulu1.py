@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import ROOT
 from lore_pl.cli import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+
 TULU1 = ROOT.parent / "shared" / "data" / "tulu1-human-eval" / "preferences.jsonl"
 
 pytestmark = [
@@ -29,7 +30,7 @@ def test_tulu1_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     subset = tmp_path / "tulu1-subset.jsonl"
     subset.write_text("".join(json.dumps(r) + "\n" for r in rows if r["user_id"] in raters))
 
-    args = ["fit", "--config", str(ROOT / "configs/tulu1.yaml"), f"--data.init_args.path={subset}",
+    args = ["fit", "--config", str(ROOT / "configs/experiment/tulu1.yaml"), f"--data.init_args.path={subset}",
             f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.embedder.max_length=128",
             "--data.init_args.progress=false", "--trainer.max_epochs=100", "--trainer.check_val_every_n_epoch=100",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--trainer.default_root_dir={tmp_path}"]

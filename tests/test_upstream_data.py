@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, tiny_spec
+from helpers import WORDS, tiny_spec
 from datamodules import PersonalLLMDataModule, PRISMDataModule, RedditTLDRDataModule
 from datamodules.prism import conversation_pairs
 
@@ -151,7 +151,7 @@ def test_prism_split_rules_and_identical_templates(tmp_path, tiny_reward_model):
     items = data.feature_cache.items()
     for chosen, rejected in zip(table["chosen"], table["rejected"]):
         assert items[chosen][0] == items[rejected][0] and isinstance(items[rejected][1], str)
-    embedder_texts = __import__("lore_pl.embedding", fromlist=["TextEmbedder"]).TextEmbedder(data.embedder_spec).texts(
+    embedder_texts = __import__("lore_pl.data.embedder", fromlist=["TextEmbedder"]).TextEmbedder(data.embedder_spec).texts(
         [items[table["chosen"][0]], items[table["rejected"][0]]])
     prefix = len(embedder_texts[0]) - len(items[table["chosen"][0]][1]) - len(" </s> ")
     assert embedder_texts[0][:prefix] == embedder_texts[1][:prefix]

@@ -1,0 +1,188 @@
+"""The LoRe model as one plain ``nn.Module``: what phase 1 trains, phase 2 extends and scoring uses."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lore_pl.core import functional as LF
+from lore_pl.errors import LoreDataError
+
+
+class LoreModel(nn.Module):
+    """A basis ``V`` ``[d, K]``, per-user logits ``W`` ``[C, K]``, a pruning mask and ``tau``.
+
+    User u's reward of a response with embedding e is ``e . V w_u``, ``w_u = softmax(W[u])`` over
+    the columns that survived pruning; the Bradley-Terry logit of a pair is ``x . V w_u / tau``.
+    Without logits (K = 1, or the K = 0 reference model, whose one column is ``V_ref``) every
+    user's weight is [1].
+
+    Args:
+        basis: V ``[d, K]``.
+        user_logits: W ``[C, K]`` (``None``: every user weighs the columns [1]; needs K = 1).
+        tau: the temperature dividing every logit.
+        reference_head: ``V_ref`` ``[d]``, the reward model's own head, where there is one.
+        num_users: C when there are no logits.
+        user_ids: the users' names, row by row (kept with the weights for export and scoring).
+        embedder: identity of the embedder whose features the model was trained on ("" unknown).
+        train_basis: V is a parameter (phase 1) or a frozen buffer (phase 2, scoring).
+        train_logits: W is a parameter, or a buffer (scoring).
+    """
+
+    def __init__(
+        self,
+        basis: Tensor,
+        user_logits: Tensor | None = None,
+        *,
+        tau: float = 100.0,
+        reference_head: Tensor | None = None,
+        num_users: int | None = None,
+        user_ids: Sequence[str] = (),
+        embedder: str = "",
+        train_basis: bool = True,
+        train_logits: bool = True,
+    ) -> None:
+        super().__init__()
+        if basis.ndim != 2 or basis.shape[1] < 1:
+            raise LoreDataError(f"a basis must be [d, K] with K >= 1, got shape {tuple(basis.shape)}")
+        if not tau > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        dim, rank = basis.shape
+        if user_logits is not None and user_logits.shape[1] != rank:
+            raise LoreDataError(f"user logits {tuple(user_logits.shape)} do not match a basis of K={rank} columns")
+        if user_logits is None and rank != 1:
+            raise LoreDataError(f"a basis of K={rank} columns needs per-user logits")
+        if reference_head is not None and reference_head.shape != (dim,):
+            raise LoreDataError(f"V_ref has shape {tuple(reference_head.shape)}, the basis has d={dim}")
+        for name, tensor in (("basis", basis), ("user logits", user_logits), ("V_ref", reference_head)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise LoreDataError(f"the {name} holds NaN or Inf")
+        if not basis.is_floating_point():
+            raise LoreDataError(f"a basis must be floating point, got {basis.dtype}")
+        basis = basis.detach().clone()
+        if train_basis:
+            self.basis = nn.Parameter(basis)
+        else:
+            self.register_buffer("basis", basis)
+        if user_logits is None:
+            self.user_logits = None
+            self.num_users = int(num_users or 0)
+        else:
+            logits = user_logits.detach().clone().to(basis.dtype)
+            if train_logits:
+                self.user_logits = nn.Parameter(logits)
+            else:
+                self.register_buffer("user_logits", logits)
+            self.num_users = logits.shape[0]
+        if user_ids and len(user_ids) != self.num_users:
+            raise LoreDataError(f"{len(user_ids)} user ids for {self.num_users} users")
+        self.user_ids = list(user_ids)
+        self.embedder = embedder
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float64))
+        self.register_buffer("reference_head", None if reference_head is None else reference_head.detach().clone().to(basis.dtype))
+        self.register_buffer("active_columns", torch.ones(rank, dtype=torch.bool))
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def initial(
+        cls,
+        dim: int,
+        rank: int,
+        num_users: int,
+        *,
+        tau: float = 100.0,
+        reference_head: Tensor | None = None,
+        weight_init: str = "randn",
+        generator: torch.Generator | None = None,
+        user_ids: Sequence[str] = (),
+        embedder: str = "",
+    ) -> "LoreModel":
+        """A model to train: ``V ~ randn(d, K)`` and ``W`` by ``weight_init`` (the reference's starts).
+
+        ``rank`` 0 is the reference model: its one column is ``reference_head``, frozen.
+        """
+        if rank < 0:
+            raise LoreDataError(f"rank must be >= 0, got {rank}")
+        if rank > dim:
+            raise LoreDataError(f"rank K={rank} exceeds the feature dimension d={dim}: V is [d, K] with K <= d")
+        if rank == 0:
+            if reference_head is None:
+                raise LoreDataError("rank K=0 (the reference model) needs a reference head V_ref, and the data "
+                                    "module provides none")
+            return cls(reference_head[:, None], tau=tau, reference_head=reference_head, num_users=num_users,
+                       user_ids=user_ids, embedder=embedder, train_basis=False)
+        basis = torch.randn(dim, rank, generator=generator)
+        logits = LF.initial_user_logits(num_users, rank, weight_init, generator) if rank >= 2 else None
+        return cls(basis, logits, tau=tau, reference_head=reference_head, num_users=num_users, user_ids=user_ids,
+                   embedder=embedder)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, *, train_basis: bool = True, train_logits: bool = True) -> "LoreModel":
+        """The model a ``state_dict()`` came from (shapes, users and all)."""
+        extra = state.get("_extra_state", {})
+        model = cls(state["basis"], state.get("user_logits"), tau=float(state["tau"]),
+                    reference_head=state.get("reference_head"), num_users=extra.get("num_users"),
+                    user_ids=extra.get("user_ids", ()), embedder=extra.get("embedder", ""), train_basis=train_basis,
+                    train_logits=train_logits)
+        model.load_state_dict(state)
+        return model
+
+    def get_extra_state(self) -> dict:
+        # plain values only: a checkpoint loads with torch.load(weights_only=True)
+        return {"num_users": self.num_users, "user_ids": list(self.user_ids), "embedder": self.embedder}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.num_users = int(state.get("num_users", self.num_users))
+        self.user_ids = list(state.get("user_ids", self.user_ids))
+        self.embedder = str(state.get("embedder", self.embedder))
+
+    # ------------------------------------------------------------------------------------ shape
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """K, the number of basis columns (pruned ones included)."""
+        return self.basis.shape[1]
+
+    @property
+    def personalized(self) -> bool:
+        """Whether users have weights of their own (K >= 2)."""
+        return self.user_logits is not None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.tau)
+
+    # ------------------------------------------------------------------------------------ model
+    def user_weights(self) -> Tensor:
+        """Every user's simplex weights ``[C, K]`` (0 on pruned columns; [1] without logits)."""
+        if self.user_logits is None:
+            return self.basis.new_ones(self.num_users, self.rank)
+        return LF.simplex_weights(self.user_logits, self.active_columns)
+
+    def forward(self, features: Tensor, users: Tensor) -> Tensor:
+        """Bradley-Terry logits ``x_i . V w_{u_i} / tau`` of the pairs ``features`` ``[N, d]``."""
+        return LF.pair_logits(features, users, self.basis, self.user_weights(), self.temperature)
+
+    def heads(self) -> Tensor:
+        """Every user's reward direction ``V w_u`` as the columns of ``[d, C]``."""
+        return self.basis @ self.user_weights().t()
+
+    def kept(self) -> tuple[Tensor, Tensor]:
+        """The basis and the users' weights restricted to the columns that survived pruning (detached)."""
+        keep = self.active_columns
+        return self.basis[:, keep].detach(), self.user_weights()[:, keep].detach()
+
+    @torch.no_grad()
+    def prune_(self, threshold: float) -> int:
+        """Drop the columns no user weighs at ``threshold`` or more. Idempotent; returns the K kept."""
+        if self.personalized and threshold > 0:
+            self.active_columns &= LF.prune_mask(self.user_weights(), threshold)
+        return int(self.active_columns.sum())
+
+    def extra_repr(self) -> str:
+        return f"d={self.dim}, K={self.rank}, users={self.num_users}, tau={self.temperature:g}"

@@ -1,0 +1,208 @@
+"""Per-user preference tensors: one split of pairs, and how batches are drawn from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from lore_pl.core.functional import shard
+from lore_pl.errors import LoreDataError
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What a LightningModule asks its data module to serve (``PreferenceDataModule.connect``).
+
+    Args:
+        population: whose pairs to train on: the ``seen`` users' train pairs (phase 1) or the
+            ``unseen`` users' few-shot pool (phase 2, always one full batch).
+        shots: train on at most this many random pairs per user (``None``: all of them).
+        shot_seed: seed of that subsample (drawn on the whole split, before any sharding).
+        shard: under DDP give each rank its shard of every batch (``False``: every rank gets all).
+        embed: an embedding job: the loader yields the feature cache's missing shards of text.
+    """
+
+    population: Literal["seen", "unseen"] = "seen"
+    shots: int | None = None
+    shot_seed: int = 0
+    shard: bool = True
+    embed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.population not in ("seen", "unseen"):
+            raise ValueError(f"population must be 'seen' or 'unseen', got {self.population!r}")
+        if self.shots is not None and self.shots <= 0:
+            raise LoreDataError(f"shots must be a positive number of pairs per user (or null for all), got {self.shots}")
+
+
+class ShardIndex(NamedTuple):
+    """What ``IndexBatchSampler`` yields: this rank's rows of one step's batch, and the whole batch.
+
+    ``rows`` and ``step`` index the split (a slice, or an index tensor); ``rows`` is part of ``step``.
+    """
+
+    rows: Tensor | slice
+    step: Tensor | slice
+
+
+@dataclass(eq=False)
+class PreferenceSplit(Dataset):
+    """A split of preference pairs, packed.
+
+    ``features[i] = e(chosen_i) - e(rejected_i)`` (``[N, d]``), ``users[i]`` the row of pair i's
+    user in ``user_ids`` (``[N]``, long). Indexing takes an index tensor (or slice) and returns the
+    batch ``{"features", "users"}`` by plain tensor indexing: no per-sample Python work.
+    """
+
+    features: Tensor
+    users: Tensor
+    user_ids: Sequence[str]
+    name: str = "split"
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2:
+            raise LoreDataError(f"{self.name}: features must be [N, d], got shape {tuple(self.features.shape)}")
+        if self.users.shape != (self.features.shape[0],):
+            raise LoreDataError(
+                f"{self.name}: users must be [N] with N = {self.features.shape[0]}, got {tuple(self.users.shape)}"
+            )
+        self.users = self.users.long()
+        self.user_ids = list(self.user_ids)
+        if self.users.numel() and (int(self.users.min()) < 0 or int(self.users.max()) >= len(self.user_ids)):
+            raise LoreDataError(f"{self.name}: user index out of range for {len(self.user_ids)} user ids")
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """NaN or Inf in a feature row would turn the whole loss into NaN: name the first bad row."""
+        if not self.features.is_floating_point() or self.features.numel() == 0:
+            return
+        # A row sum is non-finite if any entry is (or, rarely, if it overflows): O(N) extra memory
+        # instead of an [N, d] mask; the candidates are then checked entry by entry.
+        suspects = torch.nonzero(~torch.isfinite(self.features.sum(dim=1)))[:, 0]
+        for row in suspects.tolist():
+            bad = torch.nonzero(~torch.isfinite(self.features[row]))[:, 0]
+            if bad.numel():
+                value = float(self.features[row, bad[0]])
+                count = sum(int((~torch.isfinite(self.features[r])).any()) for r in suspects.tolist())
+                raise LoreDataError(
+                    f"split {self.name!r}: row {row} (user {self.user_ids[int(self.users[row])]!r}) has a non-finite "
+                    f"feature ({value} at dimension {int(bad[0])}); {count} row(s) of {len(self)} have NaN or Inf"
+                )
+
+    def duplicate_rows(self) -> Tensor:
+        """``[M, 2]`` pairs (first row, later row) with the same user and bit-identical features.
+
+        Rows are hashed exactly (the float bits as integers, times random odd weights, summed with
+        int64 wrap-around), so identical rows always collide; collisions are then confirmed.
+        """
+        if len(self) < 2 or not self.features.is_floating_point():
+            return torch.zeros(0, 2, dtype=torch.long)
+        features = self.features.detach().cpu().float().contiguous()
+        weights = torch.randint(1, 2**31, (features.shape[1],), generator=torch.Generator().manual_seed(0)) * 2 + 1
+        hashes = torch.cat([(chunk.view(torch.int32).long() * weights).sum(dim=1)
+                            for chunk in features.split(4096)])  # chunks bound the int64 copy
+        keys = torch.stack([self.users.cpu(), hashes], dim=1)
+        _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+        rows = torch.nonzero(counts[inverse] > 1)[:, 0]
+        rows = rows[torch.argsort(inverse[rows], stable=True)]  # each group's rows together, in row order
+        duplicates, firsts = [], {}
+        for row, group in zip(rows.tolist(), inverse[rows].tolist()):
+            first = firsts.setdefault(group, row)
+            if first != row and torch.equal(features[first], features[row]):
+                duplicates.append((first, row))
+        return torch.tensor(duplicates, dtype=torch.long).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: Tensor | slice | ShardIndex) -> dict[str, Tensor]:
+        """The batch at ``index``. A ``ShardIndex`` also gives ``counts``: the per-user pair counts
+        of the whole step's batch (all ranks), which the loss is normalized by."""
+        if isinstance(index, ShardIndex):
+            counts = torch.bincount(self.users[index.step], minlength=self.num_users)
+            return {"features": self.features[index.rows], "users": self.users[index.rows], "counts": counts}
+        return {"features": self.features[index], "users": self.users[index]}
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def pairs_per_user(self) -> Tensor:
+        return torch.bincount(self.users, minlength=self.num_users)
+
+    def subset(self, index: Tensor, name: str | None = None) -> "PreferenceSplit":
+        """The pairs at ``index``, same user table."""
+        return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name)
+
+    def loader(
+        self, batch_size: int | None = None, shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
+        """A DataLoader of whole batches built by tensor indexing.
+
+        ``batch_size=None`` gives the full split as one batch per epoch (the reference's
+        full-batch optimisation). Otherwise batches of ``batch_size`` pairs, reshuffled each epoch
+        when ``shuffle``. With ``world_size > 1`` each step's batch is split into disjoint,
+        unpadded shards, and this loader yields rank ``rank``'s: the ranks together see exactly the
+        one-process batches (``batch_size`` is the global batch size).
+        """
+        sampler = IndexBatchSampler(len(self), batch_size, shuffle, seed, rank, world_size)
+        # batch_size=None: the loader does no collation; each sampled item is already a batch.
+        return DataLoader(self, sampler=sampler, batch_size=None)
+
+
+class IndexBatchSampler(DistributedSampler):
+    """Yields ``ShardIndex``es (index tensors or slices), each turned into a batch by ``PreferenceSplit``.
+
+    Every rank draws the same global order (same ``seed`` and epoch), splits it into step batches of
+    ``batch_size`` and keeps its own contiguous shard of each: no padding, no duplicate, every
+    rank has the same number of steps. It subclasses ``DistributedSampler`` only so that Lightning
+    leaves it alone under DDP (``use_distributed_sampler`` wraps any other sampler in one that pads
+    the last shard with duplicates); none of the parent's logic is used.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int | None, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be positive or None (full batch), got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        # No super().__init__: it would query torch.distributed and compute padded sizes.
+        self.size = size
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.num_replicas = world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if self.batch_size is None:
+            return 1
+        return -(-self.size // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[ShardIndex]:
+        if self.batch_size is None:
+            # contiguous shard of the whole split: a view, no copy
+            yield ShardIndex(shard(self.size, self.rank, self.num_replicas), slice(None))
+            return
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        self.epoch += 1  # reshuffles outside Lightning too (Lightning calls set_epoch each epoch)
+        for step in order.split(self.batch_size):
+            yield ShardIndex(step[shard(step.numel(), self.rank, self.num_replicas)], step)

@@ -1,0 +1,282 @@
+"""The protocol's sweeps as commands: ``lore-pl-sweep shots|rank --config configs/sweep/*.yaml``.
+
+The shots sweep fits every (shots, trial, unseen user) as one batched problem: each fit is a
+"virtual user" of one run of the few-shot solver, which gives exactly each fit's own answer because
+the few-shot objective is a sum of independent per-user terms. Each command writes ``results.json``,
+``results.csv`` and ``results.png`` into its output folder and the same figure to TensorBoard there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from datamodules.base import PreferenceDataModule
+from lore_pl.core import functional as LF
+from lore_pl.core.fewshot import FewShotSettings, adapt_users, fit_stacked, per_fit_accuracy, stack_shots
+from lore_pl.data.atomic import write_atomic
+from lore_pl.data.basis_file import check_embedder, load_basis
+from lore_pl.data.preferences import PreferenceSplit
+
+#: Few-shot methods compared by the shots sweep: (weight init, prior strength). ``auto`` picks the
+#: prior strength with ``choose_prior_strength``.
+METHODS = {
+    "reference": ("randn", 0.0),  # the reference: random start, no prior
+    "population": ("population", 0.0),  # start at the seen users' mean weights
+    "map": ("population", "auto"),  # that start plus a Gaussian prior around it (MAP)
+}
+DEFAULT_PRIOR_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def choose_prior_strength(basis: Tensor, tau: float, seen_train: PreferenceSplit, seen_test: PreferenceSplit,
+                          seen_weights: Tensor, shots: int, grid=DEFAULT_PRIOR_GRID, trials: int = 2,
+                          settings: FewShotSettings = FewShotSettings()) -> float:
+    """Pick the prior strength by simulating the few-shot problem on the seen users.
+
+    Each seen user is treated as new: ``shots`` of their train pairs, fitted from the population
+    start with each strength of ``grid``, scored on their test pairs; the strength with the best
+    mean accuracy wins (ties: the weaker prior). Optimistic in absolute terms (V was trained on
+    these users' pairs), but it ranks strengths on the real shots count and population spread.
+    """
+    prior = LF.population_logits(seen_weights)
+    stacked = stack_shots(LF.project(seen_train.features, basis), seen_train.users, seen_train.num_users,
+                          [shots], trials, settings.shot_generator())
+    projected_test = LF.project(seen_test.features, basis)
+    scores = []
+    for strength in grid:
+        weights = fit_stacked(stacked, replace(settings, weight_init="population", prior_strength=strength), tau, prior)
+        scores.append(float(per_fit_accuracy(projected_test, seen_test.users, weights, tau).mean()))
+    best = max(range(len(grid)), key=lambda i: (round(scores[i], 6), -grid[i]))
+    return float(grid[best])
+
+
+def shots_sweep(basis: Tensor, tau: float, pool: PreferenceSplit, test: PreferenceSplit, shots: list[int],
+                trials: int, settings: FewShotSettings = FewShotSettings(), prior_logits: Tensor | None = None) -> Tensor:
+    """Unseen users' test accuracy (mean over users) for each (shots, trial): ``[len(shots), trials]``.
+
+    Every (shots, trial) draws a fresh subsample (``settings.shot_seed``); the fits are ``settings``'s.
+    """
+    stacked = stack_shots(LF.project(pool.features, basis), pool.users, pool.num_users, shots, trials,
+                          settings.shot_generator())
+    weights = fit_stacked(stacked, settings, tau, prior_logits)
+    return per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau).reshape(len(shots), trials)
+
+
+PROTOCOL_KEYS = ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc")
+
+
+def _write_outputs(out: Path, payload: dict, header: list[str], rows: list[list], figure) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    # atomic (temporary file, then rename): a killed sweep leaves the previous results whole
+    write_atomic(out / "results.json", lambda stream: json.dump(payload, stream, indent=2))
+    def write_csv(stream) -> None:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+    write_atomic(out / "results.csv", write_csv)
+    figure.savefig(out / "results.png", dpi=120, bbox_inches="tight")
+    tensorboard = SummaryWriter(str(out))
+    tensorboard.add_figure(f"sweeps/{out.name}", figure)
+    tensorboard.close()
+
+
+def _time_loop(projected: Tensor, users: Tensor, num_users: int, shots: int, settings: FewShotSettings, tau: float,
+               prior: Tensor | None, sample: int) -> float:
+    """Seconds per fit of a per-user Python loop doing the same fits (timed on ``sample`` fits)."""
+    stacked = stack_shots(projected, users, num_users, [shots], 1, settings.shot_generator())
+    chosen = torch.randperm(num_users, generator=settings.init_generator())[:sample]
+    start = time.perf_counter()
+    for user in chosen.tolist():
+        rows = stacked.users == user
+        adapt_users(stacked.projected[rows], torch.zeros(int(rows.sum()), dtype=torch.long), 1, settings, tau, prior)
+    return (time.perf_counter() - start) / len(chosen)
+
+
+def shots(
+    basis_path: str,
+    data: PreferenceDataModule,
+    shots: list[int] = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50],  # noqa: B006 - read by jsonargparse
+    trials: int = 20,
+    methods: list[str] = ["reference"],  # noqa: B006
+    fewshot: FewShotSettings = FewShotSettings(),
+    prior_shots: int = 10,
+    prior_grid: list[float] = list(DEFAULT_PRIOR_GRID),  # noqa: B006
+    loop_sample: int = 0,
+    out_dir: str = "lightning_logs/sweeps/shots",
+) -> dict:
+    """Unseen users' test accuracy against the number of shots, mean and std over trials.
+
+    Args:
+        basis_path: a trained basis: ``basis.safetensors`` of a run, or a BasisModule ``.ckpt``.
+        data: the data module whose unseen users are adapted (``unseen_pool``, ``unseen_test``).
+        shots: pairs per user to adapt on.
+        trials: independent subsamples per shots value.
+        methods: few-shot methods to compare: ``reference`` (random start), ``population`` (start at
+            the seen users' mean weights), ``map`` (that start and a prior, its strength chosen by
+            ``choose_prior_strength`` on the seen users).
+        fewshot: the few-shot fit (Adam steps and lr; ``shot_seed`` seeds the subsamples and the
+            starts; ``shots``, ``weight_init`` and ``prior_strength`` are set per shots value and method).
+        prior_shots: shots at which ``map`` chooses its prior strength (the pull then scales as 1/shots).
+        prior_grid: prior strengths ``map`` chooses from.
+        loop_sample: also time a per-user Python loop on this many fits, to compare (0: skip).
+        out_dir: where results.json, results.csv, results.png and the TensorBoard figure go.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown few-shot methods {sorted(unknown)}; choose from {sorted(METHODS)}")
+    loaded = load_basis(basis_path)
+    basis, tau = loaded.basis.float(), loaded.tau
+    check_embedder(loaded.embedder, data.embedder, basis_path)
+    pool, test = data.split("unseen_pool"), data.split("unseen_test")
+    prior = None if loaded.user_weights is None else LF.population_logits(loaded.user_weights.float())
+    payload: dict = {"basis_path": str(basis_path), "rank": basis.shape[1], "shots": shots, "trials": trials,
+                     "users": pool.num_users, "methods": {}}
+    for method in methods:
+        init, strength = METHODS[method]
+        if init == "population" and prior is None:
+            raise ValueError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
+        if strength == "auto":
+            selection = data.split("seen_val") if data.has_split("seen_val") else data.split("seen_test")
+            strength = choose_prior_strength(basis, tau, data.split("seen_train"), selection,
+                                             loaded.user_weights.float(), prior_shots, prior_grid, settings=fewshot)
+        settings = replace(fewshot, weight_init=init, prior_strength=strength)
+        start = time.perf_counter()
+        accuracy = shots_sweep(basis, tau, pool, test, shots, trials, settings, prior)
+        seconds = time.perf_counter() - start
+        result = {"init": init, "prior_strength": strength, "mean": accuracy.mean(1).tolist(),
+                  "std": accuracy.std(1, unbiased=False).tolist(), "seconds": seconds}
+        if loop_sample > 0:
+            per_fit = _time_loop(LF.project(pool.features, basis), pool.users, pool.num_users,
+                                 shots[len(shots) // 2], settings, tau, prior, loop_sample)
+            fits = len(shots) * trials * pool.num_users
+            result.update(loop_seconds_per_fit=per_fit, loop_fits_timed=loop_sample,
+                          loop_seconds_estimated=per_fit * fits, speedup=per_fit * fits / seconds)
+        payload["methods"][method] = result
+
+    header = ["shots"] + [f"{m}_{stat}" for m in methods for stat in ("mean", "std")]
+    rows = [[s] + [payload["methods"][m][stat][i] for m in methods for stat in ("mean", "std")]
+            for i, s in enumerate(shots)]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        result = payload["methods"][method]
+        axis.errorbar(shots, result["mean"], yerr=result["std"], marker="o", capsize=3, label=method)
+    axis.set(xlabel="shots per unseen user", ylabel="unseen users' test accuracy",
+             title=f"K={basis.shape[1]}, {trials} trials, mean ± std over trials")
+    axis.legend()
+    _write_outputs(Path(out_dir), payload, header, rows, figure)
+    plt.close(figure)
+    print(format_shots_table(payload))
+    return payload
+
+
+def format_shots_table(payload: dict) -> str:
+    methods = list(payload["methods"])
+    lines = [f"{'shots':>5}" + "".join(f"{m:>22}" for m in methods)]
+    for i, s in enumerate(payload["shots"]):
+        cells = "".join(f"{payload['methods'][m]['mean'][i]:>13.4f} ± {payload['methods'][m]['std'][i]:.4f}"
+                        for m in methods)
+        lines.append(f"{s:>5}{cells}")
+    for m in methods:
+        r = payload["methods"][m]
+        extra = f", prior strength {r['prior_strength']:g}" if r["prior_strength"] else ""
+        if "speedup" in r:
+            extra += (f"; a per-user loop would take {r['loop_seconds_estimated']:.1f} s "
+                      f"(timed on {r['loop_fits_timed']} fits): {r['speedup']:.0f}x slower")
+        lines.append(f"{m}: batched sweep {r['seconds']:.2f} s{extra}")
+    return "\n".join(lines)
+
+
+def rank(
+    experiment: str = "configs/experiment/synthetic.yaml",
+    ranks: list[int] = [0, 1, 2, 3, 5, 8],  # noqa: B006 - read by jsonargparse
+    overrides: list[str] = [],  # noqa: B006
+    out_dir: str = "lightning_logs/sweeps/rank",
+) -> dict:
+    """The four protocol numbers against the rank K (0 is the reference head, shown as "ref").
+
+    Runs ``lightning fit --config EXPERIMENT --model.init_args.rank=K`` for each K (the experiment
+    must include the ``ProtocolEvaluation`` callback) and collects its results. ``--config`` takes
+    a sweep config (``configs/sweep/rank.yaml``) or an experiment config (then it is the experiment).
+
+    Args:
+        experiment: the fit config to run for every rank.
+        ranks: the ranks to run; 0 is the reference model (needs a data set with a reference head).
+        overrides: extra ``lightning fit`` arguments for every run, e.g. ``--trainer.max_epochs=500``.
+        out_dir: where results.json, results.csv, results.png, the runs and the TensorBoard figure go.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from callbacks.protocol import ProtocolEvaluation
+    from lore_pl.cli import build_cli
+
+    results = {}
+    for k in ranks:
+        cli = build_cli(["fit", "--config", experiment, f"--model.init_args.rank={k}",
+                         f"--trainer.logger.init_args.save_dir={out_dir}",
+                         f"--trainer.logger.init_args.name=rank_{k}", *overrides])
+        found = [c.results for c in cli.trainer.callbacks if isinstance(c, ProtocolEvaluation)]
+        if not found or found[0] is None:
+            raise ValueError(f"{experiment} has no ProtocolEvaluation callback, or it produced no results")
+        results[k] = found[0]
+    labels = ["ref" if k == 0 else str(k) for k in ranks]
+    payload = {"experiment": experiment, "ranks": ranks, "labels": labels, "results": {str(k): r for k, r in results.items()}}
+    header = ["rank"] + [f"{key}{suffix}" for key in PROTOCOL_KEYS for suffix in ("", "_std")]
+    rows = [[label] + [results[k].get(f"{key}{suffix}") for key in PROTOCOL_KEYS for suffix in ("", "_std")]
+            for k, label in zip(ranks, labels)]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key in PROTOCOL_KEYS:
+        axis.plot(labels, [results[k].get(key, float("nan")) for k in ranks], marker="o", label=key)
+    axis.set(xlabel="rank K", ylabel="accuracy (mean over users)", title="LoRe rank sweep")
+    axis.legend()
+    _write_outputs(Path(out_dir), payload, header, rows, figure)
+    plt.close(figure)
+    lines = [f"{'K':>4}" + "".join(f"{key:>22}" for key in PROTOCOL_KEYS)]
+    for row in rows:
+        lines.append(f"{row[0]:>4}" + "".join(f"{row[1 + 2 * i]:>22.4f}" for i in range(len(PROTOCOL_KEYS))))
+    print("\n".join(lines))
+    return payload
+
+
+def _experiment_as_config(args: list[str]) -> list[str]:
+    """``rank --config EXPERIMENT``: an experiment config (it has a ``trainer`` or ``model``) given to
+    ``--config`` is the experiment to sweep, not the sweep's own settings."""
+    import yaml
+
+    args = list(args)
+    if not args or args[0] != "rank":
+        return args
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("--config", "-c") and Path(args[i + 1]).is_file():
+            content = yaml.safe_load(Path(args[i + 1]).read_text()) or {}
+            if isinstance(content, dict) and ({"trainer", "model"} & set(content)):
+                args[i] = "--experiment"
+    return args
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``lore-pl-sweep``."""
+    from jsonargparse import CLI
+
+    CLI([shots, rank], args=_experiment_as_config(sys.argv[1:] if args is None else args), as_positional=False)
+
+
+if __name__ == "__main__":
+    main()

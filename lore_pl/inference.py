@@ -1,0 +1,131 @@
+"""Use a learned basis without Lightning: score responses for a user, rank candidates, add a user.
+
+    model = PersonalRewardModel.load("lightning_logs/synthetic/version_0/basis.safetensors")
+    rewards = model.score(embeddings, "seen-00001")          # [n] rewards e . V w_u
+    best_first = model.rank(candidate_embeddings, "seen-00001")
+    model.personalize("new-user", chosen_embeddings, rejected_embeddings)  # K numbers, milliseconds
+
+Embeddings must come from the embedder the basis was trained on (``model.embedder``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from lore_pl.core import functional as LF
+from lore_pl.core.fewshot import FewShotSettings, adapt_users
+from lore_pl.data.basis_file import BasisFile, load_basis, save_basis
+
+
+class PersonalRewardModel:
+    """A frozen ``LoreModel``: a basis V, tau, and named users; every user's reward is ``e . V w_u``."""
+
+    def __init__(self, exported: BasisFile) -> None:
+        weights = exported.user_weights
+        if weights is not None and len(exported.user_ids) != weights.shape[0]:
+            raise ValueError(f"{len(exported.user_ids)} user ids but {weights.shape[0]} rows of user weights")
+        self.model = exported.to_model()
+        self._row = {user: i for i, user in enumerate(self.model.user_ids)}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PersonalRewardModel":
+        return cls(load_basis(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_basis(path, BasisFile.from_model(self.model))
+
+    @property
+    def basis(self) -> Tensor:
+        return self.model.basis
+
+    @property
+    def tau(self) -> float:
+        return self.model.temperature
+
+    @property
+    def reference_head(self) -> Tensor | None:
+        return self.model.reference_head
+
+    @property
+    def embedder(self) -> str:
+        return self.model.embedder
+
+    @property
+    def user_ids(self) -> list[str]:
+        return self.model.user_ids
+
+    @property
+    def user_weights(self) -> Tensor:
+        """Every user's weights ``[C, K]``, row by row as ``user_ids``."""
+        return self.model.user_weights()
+
+    @property
+    def basis_rank(self) -> int:
+        """K, the number of basis columns."""
+        return self.model.rank
+
+    def weights(self, user: str) -> Tensor:
+        if user not in self._row:
+            raise KeyError(f"unknown user {user!r}: not among the {len(self.user_ids)} users of this model")
+        return self.user_weights[self._row[user]]
+
+    def head(self, user: str) -> Tensor:
+        """The user's personal reward direction ``V w_u`` ``[d]``."""
+        return self.basis @ self.weights(user)
+
+    def _embeddings(self, embeddings: Tensor) -> Tensor:
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
+        if embeddings.ndim == 1:
+            embeddings = embeddings[None]
+        if embeddings.shape[-1] != self.basis.shape[0]:
+            raise ValueError(f"embeddings have d={embeddings.shape[-1]}, the basis has d={self.basis.shape[0]}")
+        return embeddings
+
+    def score(self, embeddings: Tensor, user: str) -> Tensor:
+        """Rewards ``e . V w_u`` of responses ``[n, d]`` (or one ``[d]``) for ``user``: ``[n]``."""
+        return self._embeddings(embeddings) @ self.head(user)
+
+    def rank(self, candidates: Tensor, user: str) -> Tensor:
+        """Indices of ``candidates`` ``[n, d]`` from the user's best to worst (personalized best-of-n)."""
+        return torch.argsort(self.score(candidates, user), descending=True, stable=True)
+
+    def preference_probability(self, chosen: Tensor, rejected: Tensor, user: str) -> Tensor:
+        """``P(user prefers chosen)`` = ``sigmoid((e_c - e_r) . V w_u / tau)``, per pair."""
+        return torch.sigmoid((self.score(chosen, user) - self.score(rejected, user)) / self.tau)
+
+    def personalize(self, user: str, chosen: Tensor, rejected: Tensor, *, steps: int = 500, lr: float = 0.1,
+                    init: str = "population", prior_strength: float = 0.0, seed: int = 0,
+                    settings: FewShotSettings | None = None) -> Tensor:
+        """Fit a new (or refit an existing) user's weights from a few pairs; returns ``w`` ``[K]``.
+
+        V stays frozen: the pairs are projected once and only K logits are fitted by the project's
+        one few-shot solver (phase 2), with ``settings`` or the keyword arguments (all pairs are used).
+        ``init='population'`` starts at the mean of the stored users' weights (``randn``: the reference).
+        """
+        differences = self._embeddings(chosen) - self._embeddings(rejected)
+        prior = LF.population_logits(self.user_weights) if self.user_weights.shape[0] else None
+        if settings is None:
+            if init == "population" and prior is None:
+                init = "zeros"  # no stored users to average: start from uniform weights
+            settings = FewShotSettings(shots=None, shot_seed=seed, steps=steps, lr=lr, weight_init=init,
+                                       prior_strength=prior_strength)
+        settings = replace(settings, shots=None)
+        users = torch.zeros(differences.shape[0], dtype=torch.long)
+        logits = adapt_users(LF.project(differences, self.basis), users, 1, settings, self.tau, prior)
+        self._set_user(user, logits[0])
+        return self.weights(user)
+
+    def _set_user(self, user: str, logits: Tensor) -> None:
+        model = self.model
+        if user not in self._row:
+            self._row[user] = model.num_users
+            model.user_ids.append(user)
+            model.num_users += 1
+            if model.personalized:
+                model.user_logits = torch.cat([model.user_logits, logits[None].to(model.user_logits)])
+        elif model.personalized:
+            model.user_logits[self._row[user]] = logits
