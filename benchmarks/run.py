@@ -142,8 +142,8 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
     from lightning import Callback, Trainer
 
     from datamodules.base import PreferenceData, PreferenceDataModule
-    from lore_pl.modules.basis import BasisModule
     from lore_pl.data.preferences import PreferenceSplit
+    from lore_pl.modules.basis import BasisModule
 
     features, users = population(num_users, 30, dim)
     ids = [str(u) for u in range(num_users)]

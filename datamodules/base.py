@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lore_pl.core import functional as LF
-from lore_pl.errors import LoreDataError, LoreDataWarning
 from lore_pl.data.preferences import DataRequest, PreferenceSplit
+from lore_pl.errors import LoreDataError, LoreDataWarning
 
 #: The protocol's four roles: seen users' train pairs and test pairs (unseen prompts), unseen
 #: users' few-shot pool and test pairs; and ``seen_val``, pairs held out of ``seen_train`` for

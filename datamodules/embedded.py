@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import PreferenceData, PreferenceDataModule
 from datamodules.sources import resolve
-from lore_pl.data.embedder import EmbedderSpec
-from lore_pl.errors import LoreDataWarning
 from lore_pl.data.atomic import write_json_atomic
+from lore_pl.data.embedder import EmbedderSpec
 from lore_pl.data.feature_cache import FeatureCache
+from lore_pl.errors import LoreDataWarning
 
 TABLE = "table.json"
 
@@ -110,8 +110,8 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         write_json_atomic(cache.directory / TABLE, table)
         if self._embedding_job():
             return  # the predict loop embeds the missing shards
-        from lore_pl.data.feature_cache import embed_missing
         from lore_pl.data.embedder import TextEmbedder
+        from lore_pl.data.feature_cache import embed_missing
 
         embed_missing(cache, TextEmbedder(self.embedder_spec), progress=self.progress)
 

@@ -13,7 +13,6 @@ from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split
 from datamodules.sources import find_files, read_all
 
 
-
 def conversation_pairs(conversation: dict[str, Any]) -> list[tuple[list[dict[str, str]], str, str]]:
     """(prompt messages, chosen reply, one rejected reply) for every rejected reply of every turn.
 

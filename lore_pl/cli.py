@@ -9,9 +9,10 @@ import warnings
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-#: Lightning's start-up banners ("GPU available: ...", tips), said at INFO on these loggers
-QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed")
+#: Lightning's start-up banners and tips, said at INFO; what it says of checkpoints (restored from ...) stays
+BANNERS = ("GPU available", "TPU available", "HPU available", "IPU available", "💡 Tip", "`Trainer.fit` stopped",
+           "Seed set to", "LOCAL_RANK", "You are using a CUDA device", "Initializing distributed",
+           "distributed_backend=", "-----")
 #: warnings about Lightning's and jsonargparse's own code, or about settings that are deliberate here
 QUIET_WARNINGS = (
     r".*is smaller than the logging interval.*",  # one batch per epoch: full-batch training logs per epoch
@@ -22,10 +23,18 @@ QUIET_WARNINGS = (
 )
 
 
+class _NoBanners(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(BANNERS)
+
+
 def quiet() -> None:
     """The commands print progress and results, not library banners or deprecation notices."""
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBanners) for f in logger.filters):
+            logger.addFilter(_NoBanners())
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 

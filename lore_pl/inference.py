@@ -32,7 +32,7 @@ class PersonalRewardModel:
         self._row = {user: i for i, user in enumerate(self.model.user_ids)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PersonalRewardModel":
+    def load(cls, path: str | os.PathLike) -> PersonalRewardModel:
         return cls(load_basis(path))
 
     def save(self, path: str | os.PathLike) -> None:

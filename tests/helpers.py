@@ -58,12 +58,7 @@ def run_dir(tmp_path: Path, name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------- real data
-WORDS = (
-    "the a an is are was be to of and or in on for with that this it you i we they what how why "
-    "summary post reply answer question good bad best worst short long model user assistant system "
-    "hello world cats dogs rain sun water tea coffee bread books music code python data paris france "
-    "capital city one two three four five yes no please thanks sure here is my your"
-).split()
+WORDS = ["the", "a", "an", "is", "are", "was", "be", "to", "of", "and", "or", "in", "on", "for", "with", "that", "this", "it", "you", "i", "we", "they", "what", "how", "why", "summary", "post", "reply", "answer", "question", "good", "bad", "best", "worst", "short", "long", "model", "user", "assistant", "system", "hello", "world", "cats", "dogs", "rain", "sun", "water", "tea", "coffee", "bread", "books", "music", "code", "python", "data", "paris", "france", "capital", "city", "one", "two", "three", "four", "five", "yes", "no", "please", "thanks", "sure", "here", "is", "my", "your"]
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} {{ eos_token }} "

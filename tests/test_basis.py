@@ -2,9 +2,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
+from helpers import tiny_trainer
 from lore_pl import BasisModule
 from lore_pl.core import functional as LF
-from helpers import tiny_trainer
 
 
 def fit(model, data, epochs=20, **kwargs):

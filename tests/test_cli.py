@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lore_pl import BasisModule, load_basis
 from helpers import ROOT, TINY_DATA, run_dir
+from lore_pl import BasisModule, load_basis
 from lore_pl.cli import build_cli
 
 QUIET: list[str] = []  # the configs print one line per EpochSummary interval, no progress bar

@@ -1,14 +1,11 @@
 """Every shipped config parses and instantiates (no data are read, nothing is downloaded)."""
 
-from pathlib import Path
 
 import pytest
 
-from lore_pl import BasisModule, EmbeddingModule
 from helpers import ROOT
+from lore_pl import BasisModule, EmbeddingModule
 from lore_pl.cli import build_cli
-
-
 
 
 @pytest.mark.parametrize("name", ["tldr", "prism", "personalllm", "tulu1"])

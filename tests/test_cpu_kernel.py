@@ -172,8 +172,8 @@ def test_project_widens_bfloat16_block_by_block(monkeypatch):
 
 def test_bfloat16_storage_trains_and_evaluates_like_float32(tmp_path):
     from datamodules import SyntheticPopulationDataModule
-    from lore_pl import BasisModule
     from helpers import TINY, tiny_trainer
+    from lore_pl import BasisModule
 
     results = {}
     for dtype in ("float32", "bfloat16"):

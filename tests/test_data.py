@@ -3,8 +3,8 @@ import torch
 
 from callbacks.protocol import accuracy
 from datamodules import SyntheticPopulationDataModule
-from lore_pl.data.preferences import PreferenceSplit
 from helpers import TINY
+from lore_pl.data.preferences import PreferenceSplit
 
 
 def test_the_four_roles_and_their_sizes(tiny_data):

@@ -16,10 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks import ProtocolEvaluation, RestoreBestCheckpoint
 from callbacks.protocol import PROTOCOL_ROWS
 from datamodules import SyntheticPopulationDataModule
+from helpers import ROOT, TINY, tiny_trainer
 from lore_pl import BasisModule, FewShotModule, FewShotSettings, LoreModel
 from lore_pl.core import functional as LF
 from lore_pl.data.preferences import IndexBatchSampler, PreferenceSplit
-from helpers import ROOT, TINY, tiny_trainer
 
 # 11 seen users x 9 pairs = 99 training pairs: the full-batch shards are 50 and 49 pairs
 DATA = {**TINY, "num_seen_users": 11, "train_prompts_per_user": 9}
@@ -43,7 +43,8 @@ class SaveRankZero(Callback):
     def on_fit_end(self, trainer, pl_module):
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
-            state = {key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()}
+            state = {key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()
+                     if torch.is_tensor(value)}
             torch.save({"state": state, "metrics": metrics}, self.path)
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, tiny_trainer
 from datamodules import PreferenceData, PreferenceDataModule, SyntheticPopulationDataModule
 from datamodules.preference_file import parse_rows
 from datamodules.sources import read_records
+from helpers import TINY, tiny_trainer
 from lore_pl import BasisModule, FewShotModule, LoreDataError, LoreDataWarning
 from lore_pl.data.basis_file import BasisFile, save_basis
 from lore_pl.data.feature_cache import FeatureCache
@@ -265,7 +265,6 @@ def test_a_damaged_shard_is_detected_by_the_manifest(tmp_path, damage, what):
 
 def test_a_damaged_shard_is_re_embedded_by_the_data_module(tmp_path, tiny_reward_model, monkeypatch):
     from helpers import make, write_preferences
-
     from lore_pl.data.embedder import TextEmbedder
 
     write_preferences(tmp_path / "prefs.jsonl")

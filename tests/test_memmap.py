@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from datamodules import MemmapPreferenceDataModule, SyntheticPopulationDataModule, write_memmap_dataset
-from lore_pl import BasisModule
 from helpers import TINY, tiny_trainer
+from lore_pl import BasisModule
 
 
 def test_memmap_training_equals_in_memory_training(tmp_path):

@@ -2,12 +2,10 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import WORDS, make, tiny_spec, write_preferences
-from datamodules import PreferenceFileDataModule
+from helpers import make, tiny_spec, write_preferences
 from lore_pl import BasisModule
 from lore_pl.data.embedder import TextEmbedder
 

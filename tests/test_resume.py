@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lore_pl.cli import build_cli
 from helpers import ROOT, TINY_DATA
+from lore_pl.cli import build_cli
 
 CONFIG = """
 seed_everything: 0

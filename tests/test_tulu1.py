@@ -1,14 +1,12 @@
 """End to end on real text: Tulu-1 human raters -> all-MiniLM-L6-v2 (offline) -> basis -> few-shot."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import ROOT
 from lore_pl.cli import build_cli
-
 
 TULU1 = ROOT.parent / "shared" / "data" / "tulu1-human-eval" / "preferences.jsonl"
 

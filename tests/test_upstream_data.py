@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import WORDS, tiny_spec
 from datamodules import PersonalLLMDataModule, PRISMDataModule, RedditTLDRDataModule
 from datamodules.prism import conversation_pairs
+from helpers import WORDS, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

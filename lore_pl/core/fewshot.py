@@ -115,7 +115,7 @@ class PaddedPairs:
     pairs: Tensor  # [C]: m_u, at least 1 (users with no pairs feel only the prior)
 
     @classmethod
-    def from_flat(cls, projected: Tensor, users: Tensor, num_users: int) -> "PaddedPairs":
+    def from_flat(cls, projected: Tensor, users: Tensor, num_users: int) -> PaddedPairs:
         rank = rank_within_user(users)
         per_user = torch.bincount(users, minlength=num_users)
         width = max(int(per_user.max()) if users.numel() else 0, 1)

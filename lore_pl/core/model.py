@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +98,7 @@ class LoreModel(nn.Module):
         generator: torch.Generator | None = None,
         user_ids: Sequence[str] = (),
         embedder: str = "",
-    ) -> "LoreModel":
+    ) -> LoreModel:
         """A model to train: ``V ~ randn(d, K)`` and ``W`` by ``weight_init`` (the reference's starts).
 
         ``rank`` 0 is the reference model: its one column is ``reference_head``, frozen.
@@ -119,7 +119,7 @@ class LoreModel(nn.Module):
                    embedder=embedder)
 
     @classmethod
-    def from_state_dict(cls, state: dict, *, train_basis: bool = True, train_logits: bool = True) -> "LoreModel":
+    def from_state_dict(cls, state: dict, *, train_basis: bool = True, train_logits: bool = True) -> LoreModel:
         """The model a ``state_dict()`` came from (shapes, users and all)."""
         extra = state.get("_extra_state", {})
         model = cls(state["basis"], state.get("user_logits"), tau=float(state["tau"]),

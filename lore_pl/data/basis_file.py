@@ -46,7 +46,7 @@ class BasisFile:
         return self.basis.shape[1]
 
     @classmethod
-    def from_model(cls, model: LoreModel) -> "BasisFile":
+    def from_model(cls, model: LoreModel) -> BasisFile:
         """The kept (unpruned) columns of ``model`` and its users' weights on them."""
         basis, weights = model.kept()
         return cls(basis, model.temperature, model.reference_head, list(model.user_ids),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -139,7 +140,7 @@ class PreferenceSplit(Dataset):
     def pairs_per_user(self) -> Tensor:
         return torch.bincount(self.users, minlength=self.num_users)
 
-    def subset(self, index: Tensor, name: str | None = None) -> "PreferenceSplit":
+    def subset(self, index: Tensor, name: str | None = None) -> PreferenceSplit:
         """The pairs at ``index``, same user table."""
         return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name)
 

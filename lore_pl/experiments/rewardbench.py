@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lore_pl.data.embedder import EmbedderSpec, as_messages, template_id
-from lore_pl.data.basis_file import load_basis
 from lore_pl.data.atomic import write_json_atomic
+from lore_pl.data.basis_file import load_basis
+from lore_pl.data.embedder import EmbedderSpec, as_messages, template_id
 from lore_pl.data.feature_cache import FeatureCache
 
 TABLE = "table.json"
@@ -118,8 +118,8 @@ def evaluate_rewardbench(
         output: write the scores to this JSON file.
         progress: show a progress bar while embedding.
     """
-    from lore_pl.data.feature_cache import embed_missing
     from lore_pl.data.embedder import TextEmbedder
+    from lore_pl.data.feature_cache import embed_missing
 
     spec = embedder if embedder is not None else EmbedderSpec()
     items, table, resolved = read_examples(source, revision)

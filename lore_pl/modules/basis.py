@@ -103,7 +103,7 @@ class BasisModule(PreferenceModule):
         self._initial: LoreModel | None = None
 
     @classmethod
-    def from_initial(cls, model: LoreModel, **kwargs) -> "BasisModule":
+    def from_initial(cls, model: LoreModel, **kwargs) -> BasisModule:
         """A module that starts from ``model``'s V and W (tensors you made) instead of random ones.
 
         ``rank`` is the model's K; its users must be the data's seen users (checked in ``setup``).

@@ -51,7 +51,7 @@ class FewShotModule(PreferenceModule):
 
     @classmethod
     def from_basis(cls, basis: Tensor, tau: float = 100.0, seen_weights: Tensor | None = None,
-                   fewshot: FewShotSettings | None = None, embedder: str = "") -> "FewShotModule":
+                   fewshot: FewShotSettings | None = None, embedder: str = "") -> FewShotModule:
         """A module around an in-memory basis ``[d, K]`` (no file), optionally with the seen users' weights."""
         module = cls(fewshot=fewshot, tau=tau)
         module._basis = BasisFile(basis.detach(), tau, user_weights=seen_weights,
