@@ -3,7 +3,7 @@ benchmark, one per line. The machine is shared and noisy: read the ratios and me
 
     python benchmarks/run.py --quick          # a small subset, under 2 minutes on 2 cores
     python benchmarks/run.py                  # the full set (the reference-loop baseline at 5000 users is slow)
-    python benchmarks/run.py --only fewshot   # one benchmark: basis_step, fewshot, lightning, memory
+    python benchmarks/run.py --only fewshot   # one benchmark: basis_step, fewshot, fewshot_module, lightning, memory
 """
 
 from __future__ import annotations
@@ -135,6 +135,58 @@ def bench_fewshot(num_users: int = 500, shots: int = 50, rank: int = 5, steps: i
             "speedup": per_fit * num_users / batched}
 
 
+def bench_fewshot_module(num_users: int = 500, shots: int = 50, dim: int = 4096, rank: int = 5, steps: int = 500,
+                         repeats: int = 3) -> dict:
+    """Phase 2 through ``Trainer.fit`` (``FewShotModule``: loaders, the shots subsample, projection, the
+    solver, checkpoint-free) against the bare solver on the same pairs (projection + ``adapt_users``)."""
+    from lightning import Trainer
+
+    from datamodules.base import PreferenceData, PreferenceDataModule
+    from lore_pl.core.fewshot import FewShotSettings, adapt_users
+    from lore_pl.data.preferences import PreferenceSplit
+    from lore_pl.cli import quiet
+    from lore_pl.modules.fewshot import FewShotModule
+
+    quiet()
+    features, users = population(num_users, shots, dim)
+    ids = [str(u) for u in range(num_users)]
+    basis = torch.randn(dim, rank, generator=torch.Generator().manual_seed(1))
+    settings = FewShotSettings(shots=shots, steps=steps, lr=0.1)
+
+    class InMemory(PreferenceDataModule):
+        def load(self):
+            pool = PreferenceSplit(features, users, ids)
+            return PreferenceData({"unseen_pool": pool, "unseen_test": pool})
+
+    data = InMemory()
+    data.setup("fit")
+
+    def lightning_fit() -> float:
+        trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                          num_sanity_val_steps=0, log_every_n_steps=1)
+        module = FewShotModule.from_basis(basis, 100.0, fewshot=settings)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        return time.perf_counter() - start
+
+    def bare() -> tuple[float, float]:
+        start = time.perf_counter()
+        kept = LF.sample_shots(users, shots, settings.shot_generator())
+        projected = LF.project(features[kept], basis)
+        middle = time.perf_counter()
+        adapt_users(projected, users[kept], num_users, settings, 100.0)
+        end = time.perf_counter()
+        return end - start, end - middle
+
+    lightning_fit(), bare()  # warm-up
+    rounds = [(*bare(), lightning_fit()) for _ in range(repeats)]
+    solver, fit_only, fit = (sorted(values)[len(values) // 2] for values in zip(*rounds))
+    return {"benchmark": "fewshot_module", "users": num_users, "shots": shots, "d": dim, "K": rank, "steps": steps,
+            "bare_solver_s": solver, "bare_solver_without_projection_s": fit_only, "lightning_fit_s": fit,
+            "ratio": fit / solver}
+
+
 def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps: int = 200) -> dict:
     """``Trainer.fit`` against a bare loop of the same math (the same ``LF.pair_loss`` step, Adam and
     per-user accuracy counts). ``ratio`` compares the training loops (a callback times Lightning's
@@ -231,12 +283,13 @@ def bench_memory(num_users: int = 1000, dim: int = 4096, rank: int = 5) -> list[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small subset, under 2 minutes")
-    parser.add_argument("--only", choices=["basis_step", "fewshot", "lightning", "memory"], action="append")
+    parser.add_argument("--only", choices=["basis_step", "fewshot", "fewshot_module", "lightning", "memory"],
+                        action="append")
     parser.add_argument("--users", type=int, nargs="+", help="basis_step: only these numbers of users C")
     parser.add_argument("--dims", type=int, nargs="+", help="basis_step: only these feature dimensions d")
     parser.add_argument("--ranks", type=int, nargs="+", help="basis_step: only these ranks K")
     args = parser.parse_args(argv)
-    chosen = set(args.only or ["basis_step", "fewshot", "lightning", "memory"])
+    chosen = set(args.only or ["basis_step", "fewshot", "fewshot_module", "lightning", "memory"])
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}))
     if "basis_step" in chosen:
         cases = [(100, 1024, 5), (1000, 1024, 5)] if args.quick else [
@@ -246,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_basis_step(cases, loop_max_users=1000 if args.quick else 5000)
     if "fewshot" in chosen:
         print(json.dumps(bench_fewshot(steps=100 if args.quick else 500)), flush=True)
+    if "fewshot_module" in chosen:
+        print(json.dumps(bench_fewshot_module(**({"dim": 1024, "steps": 100} if args.quick else {}))), flush=True)
     if "lightning" in chosen:
         print(json.dumps(bench_lightning(steps=50 if args.quick else 200)), flush=True)
         if not args.quick:  # the basis_step headline size: there Lightning's fixed cost is a small share

@@ -16,9 +16,14 @@ from lore_pl.data.preferences import DataRequest, PreferenceSplit
 from lore_pl.errors import LoreDataError, LoreDataWarning
 
 #: The protocol's four roles: seen users' train pairs and test pairs (unseen prompts), unseen
-#: users' few-shot pool and test pairs; and ``seen_val``, pairs held out of ``seen_train`` for
-#: early stopping when ``val_fraction`` > 0.
-ROLES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
+#: users' few-shot pool and test pairs; and the validation roles ``seen_val`` and ``unseen_val``:
+#: the pairs on held-out prompts (``val_fraction``), disjoint from every training and test prompt,
+#: on which early stopping, checkpoint choice and every automatic choice are made.
+ROLES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_val", "unseen_test")
+#: the share of training prompts held out for validation when the data know their prompts
+DEFAULT_VAL_FRACTION = 0.1
+#: (training role, the validation role cut from its prompts)
+VALIDATION_ROLES = (("seen_train", "seen_val"), ("unseen_pool", "unseen_val"))
 
 #: Roles where every user of the split's user table needs pairs: a seen user without train pairs
 #: keeps its random initial weights, an unseen user without a pool gets no few-shot fit.
@@ -41,17 +46,23 @@ class PreferenceDataModule(LightningDataModule):
     Subclasses implement ``load()``; the data are loaded lazily and once, so ``num_users``, ``dim``
     and ``reference_head`` can be read before ``setup`` (LightningCLI links read them early). What
     to serve is said by ``connect(DataRequest)`` (the CLI and the LightningModules' ``setup`` call
-    it with the module's ``data_request``): the ``seen`` population trains on ``seen_train`` and is
-    validated and tested on ``seen_test``; the ``unseen`` one trains on ``unseen_pool`` (always one
-    full batch, optionally subsampled to ``shots`` per user) and is evaluated on ``unseen_test``.
-    With ``val_fraction`` > 0 the seen population is validated on ``seen_val`` (its users'
-    held-out train pairs) instead, so early stopping never sees test pairs.
+    it with the module's ``data_request``): the ``seen`` population trains on ``seen_train``, is
+    validated on ``seen_val`` and tested on ``seen_test``; the ``unseen`` one trains on
+    ``unseen_pool`` (always one full batch, optionally subsampled to ``shots`` per user), is
+    validated on ``unseen_val`` and tested on ``unseen_test``. Validation never reads test pairs:
+    without validation pairs (``val_fraction`` 0) there is no validation.
+
+    The validation pairs are cut by prompt: ``val_fraction`` of the prompts of the training roles
+    (``seen_train`` and ``unseen_pool``) are drawn at random (``val_seed``), and every pair on them,
+    of any user, moves to ``seen_val`` / ``unseen_val``. So no validation prompt is a training
+    prompt of anyone (the shared basis never saw its responses), nor a test prompt.
 
     Args:
         batch_size: pairs per training batch; ``null`` trains on the whole split as one batch.
         eval_batch_size: pairs per evaluation batch; ``null`` evaluates the whole split at once.
         shuffle: reshuffle the training pairs each epoch (only with a ``batch_size``).
-        val_fraction: fraction of each seen user's train pairs held out as ``seen_val`` (0: none).
+        val_fraction: fraction of the training prompts held out, with every pair on them, as the
+            validation roles (0: no validation; ``null``: 0.1 where the splits know their prompts).
         val_seed: seed of that hold-out.
         feature_dtype: how the features are kept in memory: ``float32``, ``bfloat16`` (half the
             memory and, on the CPU kernel, half the bytes read per step; all arithmetic stays float32)
@@ -63,12 +74,12 @@ class PreferenceDataModule(LightningDataModule):
         batch_size: int | None = None,
         eval_batch_size: int | None = None,
         shuffle: bool = True,
-        val_fraction: float = 0.0,
+        val_fraction: float | None = None,
         val_seed: int = 0,
         feature_dtype: Literal["float32", "bfloat16", "float64"] = "float32",
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
+        if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
@@ -109,19 +120,53 @@ class PreferenceDataModule(LightningDataModule):
         dtype = FEATURE_DTYPES[self.feature_dtype]
         if all(split.features.dtype == dtype for split in data.splits.values()):
             return data
-        splits = {role: PreferenceSplit(split.features.to(dtype), split.users, split.user_ids, split.name)
-                  for role, split in data.splits.items()}
+        splits = {role: split.with_features(split.features.to(dtype)) for role, split in data.splits.items()}
         return PreferenceData(splits, data.reference_head)
 
     def _hold_out_validation(self, data: PreferenceData) -> PreferenceData:
-        if self.val_fraction <= 0 or "seen_train" not in data.splits:
-            return data
-        train = data.splits["seen_train"]
-        held = LF.holdout_pairs(train.users, self.val_fraction, torch.Generator().manual_seed(self.val_seed))
+        training = [role for role, _ in VALIDATION_ROLES if role in data.splits]
+        missing = [role for role in training if data.splits[role].prompts is None]
+        fraction = self.val_fraction
+        if fraction is None:
+            fraction = DEFAULT_VAL_FRACTION if training and not missing else 0.0
+        if fraction <= 0 or any(role in data.splits for _, role in VALIDATION_ROLES):
+            return data  # no hold-out asked for, or the data came with their validation splits
+        if missing:
+            raise LoreDataError(f"{type(self).__name__}: val_fraction holds out prompts, but split {missing[0]!r} does "
+                                "not say which prompt each pair is on (PreferenceSplit.prompts)")
+        prompts = torch.unique(torch.cat([data.splits[role].prompts for role in training]))
+        count = int(round(fraction * prompts.numel()))
+        order = prompts[torch.randperm(prompts.numel(), generator=torch.Generator().manual_seed(self.val_seed))]
+        held = self._keep_every_user_trainable(data, training, order[:count], order)
         splits = dict(data.splits)
-        splits["seen_train"] = train.subset(torch.nonzero(~held)[:, 0], "seen_train")
-        splits["seen_val"] = train.subset(torch.nonzero(held)[:, 0], "seen_val")
-        return PreferenceData(splits, data.reference_head)
+        for role, val_role in VALIDATION_ROLES:
+            if role in splits:
+                on_held = torch.isin(splits[role].prompts, held)
+                splits[val_role] = splits[role].subset(torch.nonzero(on_held)[:, 0], val_role)
+                splits[role] = splits[role].subset(torch.nonzero(~on_held)[:, 0], role)
+        narrowed = PreferenceData(splits, data.reference_head)
+        self._check_users_keep_pairs(narrowed, f"after holding out {count} of {prompts.numel()} prompts "
+                                               f"(val_fraction={fraction}); lower val_fraction")
+        return narrowed
+
+    @staticmethod
+    def _keep_every_user_trainable(data: PreferenceData, roles: list[str], held: Tensor, order: Tensor) -> Tensor:
+        """``held`` minus, for each user whose every training prompt it holds, that user's first
+        prompt in ``order`` (it stays a training prompt, for everyone): no user loses all their pairs."""
+        rank = torch.empty(int(order.max()) + 1, dtype=torch.long)
+        rank[order] = torch.arange(order.numel())
+        released = []
+        for role in roles:
+            split = data.splits[role]
+            kept = ~torch.isin(split.prompts, held)
+            lacking = torch.nonzero(torch.bincount(split.users[kept], minlength=split.num_users) == 0)[:, 0]
+            for user in lacking.tolist():
+                mine = split.prompts[split.users == user]
+                if mine.numel():
+                    released.append(mine[torch.argmin(rank[mine])])
+        if not released:
+            return held
+        return held[~torch.isin(held, torch.stack(released))]
 
     @property
     def embedder(self) -> str:
@@ -139,26 +184,18 @@ class PreferenceDataModule(LightningDataModule):
         dims = {role: split.dim for role, split in data.splits.items()}
         if len(set(dims.values())) > 1:
             raise LoreDataError(f"the splits' feature dimensions differ: {dims}")
-        for first, second in (("seen_train", "seen_test"), ("unseen_pool", "unseen_test")):
-            if first in data.splits and second in data.splits:
-                if data.splits[first].user_ids != data.splits[second].user_ids:
-                    raise LoreDataError(f"splits {first} and {second} must index the same user table")
+        for population in ("seen", "unseen"):
+            tables = {role: data.splits[role].user_ids for role in ROLES if role.startswith(population)
+                      and role in data.splits}
+            if len({tuple(table) for table in tables.values()}) > 1:
+                raise LoreDataError(f"splits {sorted(tables)} must index the same user table")
         if data.reference_head is not None and dims and data.reference_head.shape != (next(iter(dims.values())),):
             raise LoreDataError(
                 f"reference head V_ref has shape {tuple(data.reference_head.shape)}, but the features have d={dims}"
             )
         if data.reference_head is not None and not bool(torch.isfinite(data.reference_head).all()):
             raise LoreDataError("reference head V_ref has NaN or Inf entries")
-        for role, what in NEEDS_EVERY_USER.items():
-            if role in data.splits:
-                split = data.splits[role]
-                empty = [split.user_ids[i] for i in torch.nonzero(split.pairs_per_user() == 0)[:, 0].tolist()]
-                if empty:
-                    shown = ", ".join(repr(user) for user in empty[:5]) + (", ..." if len(empty) > 5 else "")
-                    raise LoreDataError(
-                        f"split {role!r}: {len(empty)} of its {split.num_users} users have no {what}: {shown}; "
-                        "drop them from the data (or give them pairs)"
-                    )
+        PreferenceDataModule._check_users_keep_pairs(data, "drop them from the data (or give them pairs)")
         for role, split in data.splits.items():
             duplicates = split.duplicate_rows()
             if len(duplicates):
@@ -170,6 +207,17 @@ class PreferenceDataModule(LightningDataModule):
                     "separate pair in the loss and the accuracy",
                     category=LoreDataWarning,
                 )
+
+    @staticmethod
+    def _check_users_keep_pairs(data: PreferenceData, advice: str) -> None:
+        for role, what in NEEDS_EVERY_USER.items():
+            if role in data.splits:
+                split = data.splits[role]
+                empty = [split.user_ids[i] for i in torch.nonzero(split.pairs_per_user() == 0)[:, 0].tolist()]
+                if empty:
+                    shown = ", ".join(repr(user) for user in empty[:5]) + (", ..." if len(empty) > 5 else "")
+                    raise LoreDataError(
+                        f"split {role!r}: {len(empty)} of its {split.num_users} users have no {what}: {shown}; {advice}")
 
     def has_split(self, role: str) -> bool:
         return role in self.data.splits
@@ -227,11 +275,10 @@ class PreferenceDataModule(LightningDataModule):
         rank, world_size = self._shard() if shard else (0, 1)
         return split.loader(batch_size, shuffle=shuffle, rank=rank, world_size=world_size)
 
-    def _eval_loader(self, stage: str) -> DataLoader:
-        if self.request.population == "unseen":
-            role = "unseen_test"
-        else:
-            role = "seen_val" if stage == "val" and self.has_split("seen_val") else "seen_test"
+    def _eval_loader(self, stage: str) -> DataLoader | list:
+        role = f"{self.request.population}_{'val' if stage == 'val' else 'test'}"
+        if stage == "val" and not self.has_split(role):
+            return []  # no validation pairs: no validation (never the test pairs)
         return self._loader(self.split(role), self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:

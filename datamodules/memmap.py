@@ -18,14 +18,17 @@ USERS_FILE = "users.json"
 
 def write_memmap_dataset(directory: str | os.PathLike, data: PreferenceData) -> Path:
     """Write ``data`` in the layout ``MemmapPreferenceDataModule`` reads: per role
-    ``<role>.features.npy`` (float32 ``[N, d]``) and ``<role>.users.npy`` (int64 ``[N]``), the user
-    tables in ``users.json``, and ``reference_head.npy`` when there is one."""
+    ``<role>.features.npy`` (float32 ``[N, d]``), ``<role>.users.npy`` (int64 ``[N]``) and, where the
+    split has them, ``<role>.prompts.npy`` (int64 ``[N]``), the user tables in ``users.json``, and
+    ``reference_head.npy`` when there is one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     users = {}
     for role, split in data.splits.items():
         write_npy_atomic(directory / f"{role}.features.npy", split.features.float().numpy())
         write_npy_atomic(directory / f"{role}.users.npy", split.users.long().numpy())
+        if split.prompts is not None:
+            write_npy_atomic(directory / f"{role}.prompts.npy", split.prompts.long().numpy())
         users[role] = list(split.user_ids)
     if data.reference_head is not None:
         write_npy_atomic(directory / "reference_head.npy", data.reference_head.float().numpy())
@@ -44,13 +47,14 @@ class MemmapPreferenceDataModule(PreferenceDataModule):
         batch_size: pairs per training batch (a full batch would read the whole file into memory).
         eval_batch_size: pairs per evaluation batch.
         shuffle: reshuffle the training pairs each epoch.
-        val_fraction: fraction of each seen user's train pairs held out for validation (0: none; the
-            hold-out is copied into memory).
+        val_fraction: fraction of the training prompts held out for validation (0: none; needs the
+            ``<role>.prompts.npy`` files; the hold-out is copied into memory). Validation roles
+            written as files (``seen_val``, ``unseen_val``) are read as they are.
         val_seed: seed of that hold-out.
     """
 
     def __init__(self, directory: str, batch_size: int | None = 65536, eval_batch_size: int | None = 65536,
-                 shuffle: bool = True, val_fraction: float = 0.0, val_seed: int = 0) -> None:
+                 shuffle: bool = True, val_fraction: float | None = None, val_seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
                          val_fraction=val_fraction, val_seed=val_seed)
         self.directory = Path(directory)
@@ -71,7 +75,9 @@ class MemmapPreferenceDataModule(PreferenceDataModule):
                 raise ValueError(f"{path}: features must be a float32 [N, d] array, got {features.dtype} "
                                  f"{tuple(features.shape)}")
             users = torch.from_numpy(np.load(self.directory / f"{role}.users.npy"))
-            splits[role] = PreferenceSplit(features, users, user_tables[role], name=role)
+            prompts_path = self.directory / f"{role}.prompts.npy"
+            prompts = torch.from_numpy(np.load(prompts_path)) if prompts_path.is_file() else None
+            splits[role] = PreferenceSplit(features, users, user_tables[role], name=role, prompts=prompts)
         head_path = self.directory / "reference_head.npy"
         head = torch.from_numpy(np.load(head_path)) if head_path.is_file() else None
         return PreferenceData(splits, head)

@@ -82,9 +82,11 @@ def build_preference_data(table: dict[str, list[Any]], embeddings: Tensor, refer
     """Splits whose features are ``e(chosen) - e(rejected)``, gathered by tensor indexing.
 
     ``role_rows[role]`` are the table rows of that role. The seen roles share one user table, the
-    unseen roles another (sorted user ids).
+    unseen roles another (sorted user ids). Each pair's prompt (its ``group``) becomes an id shared
+    by every split.
     """
     users = np.asarray(table["user"], dtype=object)
+    _, prompt_ids = np.unique(np.asarray(table["group"], dtype=object).astype(str), return_inverse=True)
     chosen = torch.as_tensor(table["chosen"], dtype=torch.long)
     rejected = torch.as_tensor(table["rejected"], dtype=torch.long)
     splits = {}
@@ -96,7 +98,8 @@ def build_preference_data(table: dict[str, list[Any]], embeddings: Tensor, refer
             rows = torch.as_tensor(role_rows[role], dtype=torch.long)
             features = embeddings[chosen[rows]] - embeddings[rejected[rows]]
             user_rows = torch.as_tensor([position[users[row]] for row in role_rows[role]], dtype=torch.long)
-            splits[role] = PreferenceSplit(features.float(), user_rows, user_ids, name=role)
+            splits[role] = PreferenceSplit(features.float(), user_rows, user_ids, name=role,
+                                           prompts=torch.as_tensor(prompt_ids[role_rows[role]], dtype=torch.long))
     if not splits:
         raise ValueError("no pairs are left after the split rules")
     return PreferenceData(splits, reference_head=reference_head)

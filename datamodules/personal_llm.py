@@ -105,6 +105,7 @@ class PersonalLLMDataModule(HubPreferenceDataModule):
         weights = {name: rng.dirichlet(np.full(len(REWARD_MODELS), self.dirichlet_alpha), size=count)
                    for name, count in population.items()}
         self.true_weights = {name: torch.from_numpy(w).float() for name, w in weights.items()}
+        first_id = {"train": 0, "test": len(prompts["train"][0])}  # prompt ids, distinct across the two splits
         splits = {}
         for role, (split, count) in per_user.items():
             name = role.split("_")[0]
@@ -121,5 +122,6 @@ class PersonalLLMDataModule(HubPreferenceDataModule):
             keep = chosen != rejected  # all eight scores tied: no preference
             features = embeddings[torch.as_tensor(chosen[keep])] - embeddings[torch.as_tensor(rejected[keep])]
             user_ids = [f"{name}-{i:05d}" for i in range(num_users)]
-            splits[role] = PreferenceSplit(features.float(), torch.as_tensor(users[keep]), user_ids, name=role)
+            splits[role] = PreferenceSplit(features.float(), torch.as_tensor(users[keep]), user_ids, name=role,
+                                           prompts=torch.as_tensor(prompt_of[keep] + first_id[split]))
         return PreferenceData(splits, reference_head=reference_head)

@@ -21,8 +21,11 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
     and ``w_u ~ Dirichlet(dirichlet_alpha)``. A pair is the best against the worst response under
     the user's true reward (the PersonalLLM simulator) or, with ``labels: bradley_terry``, two random
     responses labelled by a Bradley-Terry draw. Train and test prompts are disjoint; seen and unseen
-    users are disjoint. ``V_ref`` is the population-mean direction ``D 1/M``, and the true model is
-    kept, so the oracle's accuracy is reported beside the model's.
+    users are disjoint; the validation prompts are held out of the train prompts (``val_fraction``).
+    ``V_ref`` is by default the population-mean direction ``D 1/M`` (the truth: use ``reference_head``
+    to make it less informed), and the true model is kept, so the oracle's accuracy is reported
+    beside the model's. ``num_directions: 1`` is a population without personal signal: every user
+    has the same true direction.
 
     Args:
         dim: embedding dimension d.
@@ -40,6 +43,8 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         noise_temperature: Bradley-Terry temperature on the true reward difference.
         spectrum_decay: embedding variance of coordinate i is proportional to ``i^-spectrum_decay``
             (0: isotropic; about 1 resembles real embeddings' decaying spectrum).
+        reference_head: the ``V_ref`` the data provide: ``mean`` (the true population-mean direction),
+            ``none``, or a number c: a direction of the same norm at cosine c to the true mean.
         seed: seed of everything generated.
         **kwargs: the loading arguments of ``PreferenceDataModule`` (batch sizes, shuffling, validation hold-out).
     """
@@ -60,6 +65,7 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         labels: Literal["best_worst", "bradley_terry"] = "best_worst",
         noise_temperature: float = 1.0,
         spectrum_decay: float = 0.0,
+        reference_head: Literal["mean", "none"] | float = "mean",
         seed: int = 0,
         **kwargs,
     ) -> None:
@@ -76,6 +82,9 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
             raise ValueError("dirichlet_alpha and noise_temperature must be positive")
         if labels not in ("best_worst", "bradley_terry"):
             raise ValueError(f"labels must be 'best_worst' or 'bradley_terry', got {labels!r}")
+        if reference_head not in ("mean", "none") and not (isinstance(reference_head, (int, float))
+                                                          and -1.0 <= reference_head <= 1.0):
+            raise ValueError(f"reference_head must be 'mean', 'none' or a cosine in [-1, 1], got {reference_head!r}")
         self.save_hyperparameters()
         self.true_directions: Tensor | None = None
         self.true_weights: dict[str, Tensor] = {}
@@ -112,17 +121,33 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
             "unseen_pool": ("train", self._count(hp.fewshot_prompts_per_user, hp.num_train_prompts, "fewshot_prompts_per_user")),
             "unseen_test": ("test", self._count(hp.test_prompts_per_user, hp.num_test_prompts, "test_prompts_per_user")),
         }
+        first_id = {"train": 0, "test": hp.num_train_prompts}  # prompt ids, distinct across the two sets
         splits = {}
         for role, (prompt_set, count) in per_user.items():
             population_name = role.split("_")[0]
             if population[population_name] == 0:
                 continue
             user_ids = [f"{population_name}-{i:05d}" for i in range(population[population_name])]
-            features, users = self._simulate(rng, prompts[prompt_set], directions, weights[population_name], count)
-            splits[role] = PreferenceSplit(features, users, user_ids, name=role)
+            features, users, prompt_of = self._simulate(rng, prompts[prompt_set], directions, weights[population_name],
+                                                        count)
+            splits[role] = PreferenceSplit(features, users, user_ids, name=role, prompts=prompt_of + first_id[prompt_set])
         self.true_directions = torch.from_numpy(directions).float()
         self.true_weights = {name: torch.from_numpy(w).float() for name, w in weights.items()}
-        return PreferenceData(splits, reference_head=self.true_directions.mean(dim=1))
+        return PreferenceData(splits, reference_head=self._reference_head(self.true_directions.mean(dim=1)))
+
+    def _reference_head(self, mean: Tensor) -> Tensor | None:
+        choice = self.hparams.reference_head
+        if choice == "none":
+            return None
+        if choice == "mean":
+            return mean
+        # a direction at cosine c to the truth, of its norm: c m + sqrt(1 - c^2) |m| r with r orthogonal to m
+        other = torch.randn(mean.shape[0], generator=torch.Generator().manual_seed(self.hparams.seed + 1), dtype=torch.float64)
+        unit = (mean / mean.norm()).double()
+        other = other - (other @ unit) * unit
+        other = other / other.norm()
+        cosine = float(choice)
+        return (mean.norm() * (cosine * unit + (1 - cosine**2) ** 0.5 * other)).float()
 
     def _simulate(self, rng, embeddings: np.ndarray, directions: np.ndarray, weights: np.ndarray, per_user: int):
         """Pairs of every user on ``per_user`` distinct random prompts, as ``x = e(chosen) - e(rejected)``."""
@@ -142,7 +167,7 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
             first_wins = rng.random(users.size) < 1.0 / (1.0 + np.exp(-margin))
             chosen, rejected = np.where(first_wins, first, second), np.where(first_wins, second, first)
         features = embeddings[prompt_of, chosen] - embeddings[prompt_of, rejected]
-        return torch.from_numpy(features).float(), torch.from_numpy(users).long()
+        return torch.from_numpy(features).float(), torch.from_numpy(users).long(), torch.from_numpy(prompt_of).long()
 
     def oracle_logits(self, role: str, split: PreferenceSplit) -> Tensor | None:
         self.data  # noqa: B018 - the truth exists once the data are generated

@@ -117,3 +117,12 @@ def make(path, model, tmp_path, **kwargs):
     settings = dict(cache_dir=str(tmp_path / "cache"), embedder=tiny_spec(model), shard_size=10, progress=False)
     settings.update(kwargs)
     return PreferenceFileDataModule(str(path), **settings)
+
+
+def assert_validation_is_prompt_disjoint(data):
+    """Every validation prompt is held out for everyone: in no training, pool or test split."""
+    held = torch.cat([data.split(role).prompts for role in ("seen_val", "unseen_val") if data.has_split(role)])
+    assert held.numel() > 0
+    for role in ("seen_train", "seen_test", "unseen_pool", "unseen_test"):
+        if data.has_split(role):
+            assert not torch.isin(data.split(role).prompts, held).any(), role

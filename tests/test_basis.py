@@ -229,3 +229,41 @@ def test_full_batch_training_logs_every_n_steps_and_the_last(tiny_data):
     # and the last iteration's reach callback_metrics (EpochSummary's final line)
     assert logger.written["train/nll"] == [4, 9]
     assert len(logger.written["train/acc"]) == 3  # the train accuracy of exactly those one-batch epochs
+
+
+def test_initial_basis_and_weights_from_a_file_and_v_ref_from_a_file(tiny_data, tmp_path):
+    import numpy as np
+
+    from lore_pl import BasisFile, LoreModel, save_basis
+
+    start = LoreModel.initial(tiny_data.dim, 3, tiny_data.num_users, user_ids=tiny_data.seen_user_ids)
+    save_basis(tmp_path / "start.safetensors", BasisFile.from_model(start))
+    head = torch.randn(tiny_data.dim)
+    np.save(tmp_path / "head.npy", head.numpy())
+    model = fit(BasisModule(rank=3, initial_basis=str(tmp_path / "start.safetensors"),
+                            reference_head_file=str(tmp_path / "head.npy")), tiny_data, epochs=0)
+    assert torch.equal(model.model.basis, start.basis)
+    torch.testing.assert_close(model.user_weights(), start.user_weights(), rtol=0, atol=1e-6)
+    assert torch.equal(model.model.reference_head, head)  # from the file, not the data module's
+    # the file's users are not this data's: V is kept, W starts afresh
+    other = LoreModel.initial(tiny_data.dim, 3, 5, user_ids=[f"x{i}" for i in range(5)])
+    save_basis(tmp_path / "other.safetensors", BasisFile.from_model(other))
+    model = fit(BasisModule(rank=3, initial_basis=str(tmp_path / "other.safetensors")), tiny_data, epochs=0)
+    assert torch.equal(model.model.basis, other.basis) and model.model.num_users == tiny_data.num_users
+    with pytest.raises(ValueError, match="K=3, but this run has .* rank=2"):
+        fit(BasisModule(rank=2, initial_basis=str(tmp_path / "start.safetensors")), tiny_data, epochs=0)
+    with pytest.raises(FileNotFoundError, match="nowhere.npy"):
+        fit(BasisModule(rank=0, reference_head_file=str(tmp_path / "nowhere.npy")), tiny_data, epochs=0)
+
+
+def test_initial_tensors_are_where_training_starts(tiny_data):
+    from lore_pl import LoreModel
+
+    start = LoreModel(torch.randn(tiny_data.dim, 2), torch.randn(tiny_data.num_users, 2), tau=7.0)
+    untrained = fit(BasisModule.from_initial(start), tiny_data, epochs=0)
+    assert torch.equal(untrained.model.basis, start.basis) and torch.equal(untrained.model.user_logits, start.user_logits)
+    assert untrained.model.temperature == 7.0 and untrained.hparams.rank == 2
+    trained = fit(BasisModule.from_initial(start, lr=0.1), tiny_data, epochs=5)
+    assert not torch.equal(trained.model.basis, start.basis)
+    with pytest.raises(ValueError, match="has 3 users, the data's seen users are 12"):
+        fit(BasisModule.from_initial(LoreModel(torch.randn(tiny_data.dim, 2), torch.randn(3, 2))), tiny_data, epochs=0)

@@ -7,7 +7,9 @@ from helpers import TINY
 from lore_pl.data.preferences import PreferenceSplit
 
 
-def test_the_four_roles_and_their_sizes(tiny_data):
+def test_the_four_roles_and_their_sizes():
+    tiny_data = SyntheticPopulationDataModule(**TINY, val_fraction=0.0)
+    assert not tiny_data.has_split("seen_val") and not tiny_data.has_split("unseen_val")
     assert tiny_data.num_users == TINY["num_seen_users"]
     assert tiny_data.num_unseen_users == TINY["num_unseen_users"]
     assert tiny_data.dim == TINY["dim"]
@@ -26,7 +28,7 @@ def test_the_four_roles_and_their_sizes(tiny_data):
 
 
 def test_fractions_of_prompts():
-    data = SyntheticPopulationDataModule(**{**TINY, "train_prompts_per_user": 0.25})
+    data = SyntheticPopulationDataModule(**{**TINY, "train_prompts_per_user": 0.25}, val_fraction=0.0)
     assert torch.all(data.split("seen_train").pairs_per_user() == 15)
     with pytest.raises(ValueError, match="train_prompts_per_user"):
         SyntheticPopulationDataModule(**{**TINY, "train_prompts_per_user": 61}).setup()
@@ -91,15 +93,40 @@ def test_missing_role_is_a_clear_error(tiny_data):
         no_unseen.split("unseen_pool")
 
 
-def test_validation_holds_out_a_fraction_of_each_seen_users_train_pairs():
-    whole = SyntheticPopulationDataModule(**TINY)
+def test_validation_holds_out_whole_prompts_for_every_user():
+    whole = SyntheticPopulationDataModule(**TINY, val_fraction=0.0)
     held = SyntheticPopulationDataModule(**TINY, val_fraction=0.3)
-    train, val = held.split("seen_train"), held.split("seen_val")
-    assert torch.all(val.pairs_per_user() == 3) and torch.all(train.pairs_per_user() == 7)
-    # together they are exactly the original train pairs, each once
-    rows = torch.cat([train.features, val.features])
-    order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
-    torch.testing.assert_close(order(rows), order(whole.split("seen_train").features))
-    assert held.seen_user_ids == whole.seen_user_ids
+    val_prompts = torch.cat([held.split("seen_val").prompts, held.split("unseen_val").prompts]).unique()
+    train_prompts = torch.cat([whole.split("seen_train").prompts, whole.split("unseen_pool").prompts]).unique()
+    assert len(val_prompts) <= round(0.3 * len(train_prompts)) and len(val_prompts) > 0.2 * len(train_prompts)
+    for role, val_role in (("seen_train", "seen_val"), ("unseen_pool", "unseen_val")):
+        train, val, before = held.split(role), held.split(val_role), whole.split(role)
+        # prompt-disjoint: no validation prompt is anyone's training prompt, nor a test prompt
+        assert not torch.isin(train.prompts, val_prompts).any()
+        assert not torch.isin(held.split(role.split("_")[0] + "_test").prompts, val_prompts).any()
+        # every pair on a held prompt moved, each once: together they are the original pairs
+        assert len(train) + len(val) == len(before) and torch.isin(val.prompts, val_prompts).all()
+        order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+        torch.testing.assert_close(order(torch.cat([train.features, val.features])), order(before.features))
+        assert train.user_ids == val.user_ids == before.user_ids
+    again = SyntheticPopulationDataModule(**TINY, val_fraction=0.3)
+    assert torch.equal(again.split("seen_val").features, held.split("seen_val").features)  # seeded
+    assert SyntheticPopulationDataModule(**TINY).has_split("seen_val")  # on by default: 10% of the prompts
     with pytest.raises(ValueError, match="val_fraction"):
         SyntheticPopulationDataModule(**TINY, val_fraction=1.0)
+    # a hold-out that would take all of a user's training prompts leaves each user one
+    greedy = SyntheticPopulationDataModule(**TINY, val_fraction=0.95)
+    assert greedy.split("seen_train").pairs_per_user().min() >= 1
+    assert greedy.split("unseen_pool").pairs_per_user().min() >= 1
+
+
+def test_validation_never_reads_the_test_pairs():
+    from lore_pl import DataRequest
+
+    without = SyntheticPopulationDataModule(**TINY, val_fraction=0.0)
+    assert without.val_dataloader() == []  # no validation rather than the test split
+    held = SyntheticPopulationDataModule(**TINY)
+    for population in ("seen", "unseen"):
+        held.connect(DataRequest(population=population))
+        batch = next(iter(held.val_dataloader()))
+        assert torch.equal(batch["features"], held.split(f"{population}_val").features)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import make, tiny_spec, write_preferences
+from helpers import assert_validation_is_prompt_disjoint, make, tiny_spec, write_preferences
 from lore_pl import BasisModule
 from lore_pl.data.embedder import TextEmbedder
 
@@ -28,7 +28,7 @@ def counted_forward(monkeypatch):
 
 def test_split_rules(tmp_path, tiny_reward_model):
     rows = write_preferences(tmp_path / "prefs.jsonl")
-    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, val_fraction=0.0)
     data.setup("fit")
     seen, unseen = set(data.seen_user_ids), set(data.unseen_user_ids)
     assert seen and unseen and not seen & unseen
@@ -46,6 +46,19 @@ def test_split_rules(tmp_path, tiny_reward_model):
         (test_groups if x in features else train_groups).add(group)
     assert test_groups and train_groups and not train_groups & test_groups
     assert data.reference_head is not None and data.dim == 16
+
+
+def test_validation_holds_out_whole_prompts(tmp_path, tiny_reward_model):
+    rows = write_preferences(tmp_path / "prefs.jsonl", users=10, prompts=30)
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, val_fraction=0.25)
+    data.setup("fit")
+    assert_validation_is_prompt_disjoint(data)
+    # the prompt ids are the prompts: pairs on one prompt text share one id, whoever judged them
+    texts = {}
+    for role in ("seen_train", "seen_val", "unseen_pool", "unseen_val", "seen_test", "unseen_test"):
+        for prompt in data.split(role).prompts.tolist():
+            texts.setdefault(prompt, role)
+    assert len(texts) <= len({json.dumps(row["prompt"]) for row in rows})
 
 
 def test_chat_prompts_are_kept_as_chat_lists(tmp_path, tiny_reward_model):

@@ -8,7 +8,7 @@ import torch
 
 from datamodules import PersonalLLMDataModule, PRISMDataModule, RedditTLDRDataModule
 from datamodules.prism import conversation_pairs
-from helpers import WORDS, tiny_spec
+from helpers import WORDS, assert_validation_is_prompt_disjoint, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,8 +24,10 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def settings(tmp_path, model):
-    return dict(cache_dir=str(tmp_path / "cache"), embedder=tiny_spec(model), shard_size=64, progress=False)
+def settings(tmp_path, model, val_fraction=0.0):
+    """The paper's splits (no validation hold-out) unless ``val_fraction`` says otherwise."""
+    return dict(cache_dir=str(tmp_path / "cache"), embedder=tiny_spec(model), shard_size=64, progress=False,
+                val_fraction=val_fraction)
 
 
 def table_and_roles(data):
@@ -208,3 +210,24 @@ def test_personal_llm_missing_score_is_a_clear_error(tmp_path, tiny_reward_model
     data = PersonalLLMDataModule(str(tmp_path / "pllm"), **settings(tmp_path, tiny_reward_model))
     with pytest.raises(ValueError, match="test row 2: missing or empty score field 'response_3_gemma_7b'"):
         data.prepare_data()
+
+
+@pytest.mark.parametrize("name", ["tldr", "prism", "personalllm"])
+def test_every_upstream_data_set_holds_out_whole_prompts(name, tmp_path, tiny_reward_model):
+    rng = np.random.default_rng(0)
+    if name == "tldr":
+        records = [tldr_record(rng, f"w{i % 6}", f"t{i % 40}", "train") for i in range(120)]
+        records += [tldr_record(rng, f"w{i % 6}", f"v{i}", "valid1") for i in range(24)]
+        write_jsonl(tmp_path / "tldr/comparisons/train.jsonl", records[:120])
+        write_jsonl(tmp_path / "tldr/comparisons/validation.jsonl", records[120:])
+        data = RedditTLDRDataModule(str(tmp_path / "tldr"), drop_fewest=0, **settings(tmp_path, tiny_reward_model, 0.3))
+    elif name == "prism":
+        write_prism(tmp_path / "prism", rng)
+        data = PRISMDataModule(str(tmp_path / "prism"), **settings(tmp_path, tiny_reward_model, 0.3))
+    else:
+        write_personal_llm(tmp_path / "pllm", rng, {"train": 40, "test": 10})
+        data = PersonalLLMDataModule(str(tmp_path / "pllm"), num_seen_users=20, num_unseen_users=10,
+                                     seen_train_prompts=0.2, unseen_train_prompts=0.1,
+                                     **settings(tmp_path, tiny_reward_model, 0.3))
+    data.setup("fit")
+    assert_validation_is_prompt_disjoint(data)

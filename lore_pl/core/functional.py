@@ -272,15 +272,6 @@ def sample_shots(users: Tensor, shots: int, generator: torch.Generator | None = 
     return torch.nonzero(random_rank_within_user(users, generator) < shots)[:, 0]
 
 
-def holdout_pairs(users: Tensor, fraction: float, generator: torch.Generator | None = None) -> Tensor:
-    """A mask of ``floor(fraction * m_u)`` random pairs of each user u (m_u: u's pairs), to hold out."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
-    counts = torch.bincount(users)
-    held = torch.floor(counts.double() * fraction).long()
-    return random_rank_within_user(users, generator) < held[users]
-
-
 def population_logits(seen_weights: Tensor, floor: float = 1e-6) -> Tensor:
     """Logits ``[K]`` of the seen users' mean weights: a new user's prior and starting point."""
     return seen_weights.mean(dim=0).clamp(min=floor).log()

@@ -56,14 +56,17 @@ class PreferenceSplit(Dataset):
     """A split of preference pairs, packed.
 
     ``features[i] = e(chosen_i) - e(rejected_i)`` (``[N, d]``), ``users[i]`` the row of pair i's
-    user in ``user_ids`` (``[N]``, long). Indexing takes an index tensor (or slice) and returns the
-    batch ``{"features", "users"}`` by plain tensor indexing: no per-sample Python work.
+    user in ``user_ids`` (``[N]``, long), and optionally ``prompts[i]``, an id of pair i's prompt
+    (``[N]``, long; the same prompt has the same id in every split of a data set), which is what a
+    prompt-disjoint validation split is cut by. Indexing takes an index tensor (or slice) and
+    returns the batch ``{"features", "users"}`` by plain tensor indexing: no per-sample Python work.
     """
 
     features: Tensor
     users: Tensor
     user_ids: Sequence[str]
     name: str = "split"
+    prompts: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
@@ -76,6 +79,10 @@ class PreferenceSplit(Dataset):
         self.user_ids = list(self.user_ids)
         if self.users.numel() and (int(self.users.min()) < 0 or int(self.users.max()) >= len(self.user_ids)):
             raise LoreDataError(f"{self.name}: user index out of range for {len(self.user_ids)} user ids")
+        if self.prompts is not None:
+            self.prompts = torch.as_tensor(self.prompts).long()
+            if self.prompts.shape != self.users.shape:
+                raise LoreDataError(f"{self.name}: prompts must be [N] with N = {len(self)}, got {tuple(self.prompts.shape)}")
         self._check_finite()
 
     def _check_finite(self) -> None:
@@ -142,7 +149,12 @@ class PreferenceSplit(Dataset):
 
     def subset(self, index: Tensor, name: str | None = None) -> PreferenceSplit:
         """The pairs at ``index``, same user table."""
-        return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name)
+        prompts = None if self.prompts is None else self.prompts[index]
+        return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name, prompts)
+
+    def with_features(self, features: Tensor) -> PreferenceSplit:
+        """The same pairs with other features (e.g. another dtype)."""
+        return PreferenceSplit(features, self.users, self.user_ids, self.name, self.prompts)
 
     def loader(
         self, batch_size: int | None = None, shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1

@@ -47,7 +47,7 @@ class BasisModule(PreferenceModule):
             (compiled on first use; without a C compiler the PyTorch path, same results).
         initial_basis: start from this basis instead of a random one: a ``basis.safetensors`` or a
             ``BasisModule`` checkpoint of K columns (and its users' weights, when it has the same users).
-        reference_head: read ``V_ref`` from this file instead of the data module's (a basis file or
+        reference_head_file: read ``V_ref`` from this file instead of the data module's (a basis file or
             checkpoint with a reference head, a ``.safetensors`` with a tensor ``reference_head``, or
             a ``.npy`` vector).
         fewshot: how new users are adapted to this basis (phase 2: ``ProtocolEvaluation`` uses it).
@@ -69,7 +69,7 @@ class BasisModule(PreferenceModule):
         prune_threshold: float = 1e-2,
         cpu_kernel: bool = True,
         initial_basis: str | None = None,
-        reference_head: str | None = None,
+        reference_head_file: str | None = None,
         fewshot: FewShotSettings | None = None,
     ) -> None:
         super().__init__()
@@ -141,9 +141,10 @@ class BasisModule(PreferenceModule):
 
     def _initial_model(self, datamodule) -> LoreModel:
         hp = self.hparams
-        reference = datamodule.reference_head if hp.reference_head is None else read_reference_head(hp.reference_head)
+        path = hp.reference_head_file
+        reference = datamodule.reference_head if path is None else read_reference_head(path)
         if reference is not None and reference.shape != (datamodule.dim,):
-            raise LoreDataError(f"V_ref {hp.reference_head or ''} has d={reference.shape[0]}, the data have d={datamodule.dim}")
+            raise LoreDataError(f"V_ref {path or ''} has d={reference.shape[0]}, the data have d={datamodule.dim}")
         if hp.rank == 0 or hp.regularizer != "none":
             if reference is None:
                 what = "rank K=0 (the reference model)" if hp.rank == 0 else f"regularizer={hp.regularizer!r}"
