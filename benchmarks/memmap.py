@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-        model = BasisModule(rank=5, prune_threshold=0.0)
+        model = BasisModule(estimator="adam", rank=5, prune_threshold=0.0)
         trainer.fit(model, datamodule=MemmapPreferenceDataModule(str(directory), batch_size=args.batch_size))
         trained = time.perf_counter() - start
         sampler.running = False

@@ -218,7 +218,7 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                           num_sanity_val_steps=0, log_every_n_steps=50, callbacks=[timer])
         start = time.perf_counter()
-        trainer.fit(BasisModule(rank=rank, prune_threshold=0.0), datamodule=InMemory())
+        trainer.fit(BasisModule(estimator="adam", rank=rank, prune_threshold=0.0), datamodule=InMemory())
         return timer.seconds, time.perf_counter() - start
 
     def bare_loop() -> float:

@@ -1,4 +1,5 @@
-"""After the basis is trained: adapt the unseen users and report the protocol's four numbers."""
+"""After the basis is trained: adapt the unseen users and report the protocol's four numbers,
+beside one shared reward model (K=1) and the population-average weights on the same users and prompts."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from torch import Tensor
 
 from datamodules.base import PreferenceDataModule
 from lore_pl.core import functional as LF
+from lore_pl.core.estimator import MapSettings, shared_direction
 from lore_pl.core.fewshot import FewShotSettings
 from lore_pl.core.model import LoreModel
+from lore_pl.core.stats import paired_bootstrap, per_user_accuracy
 from lore_pl.data.atomic import write_json_atomic
 from lore_pl.data.preferences import PreferenceSplit
 from lore_pl.errors import LoreDataError
 from lore_pl.modules.basis import BasisModule
 from lore_pl.modules.fewshot import FewShotModule
-from lore_pl.modules.metrics import PerUserAccuracy
 
 #: (result key, data role, label in the printed table)
 PROTOCOL_ROWS = (
@@ -26,14 +28,39 @@ PROTOCOL_ROWS = (
     ("unseen/fewshot_acc", "unseen_pool", "unseen users, few-shot pairs"),
     ("unseen/test_acc", "unseen_test", "unseen users, unseen prompts"),
 )
+#: the rows every baseline is scored on, and the personalization gain is measured on
+COMPARED = ("seen/test_acc", "unseen/test_acc")
+BASELINES = {"shared": "one shared model (K=1)", "population": "population-average weights"}
 
 
 def accuracy(logits: Tensor, split: PreferenceSplit) -> tuple[float, float]:
-    """(mean over users, std over users) of per-user accuracy."""
-    metric = PerUserAccuracy(split.num_users)
-    metric.update(logits.detach().cpu(), split.users.cpu())
-    result = metric.compute()
-    return float(result["mean"]), float(result["std"])
+    """(mean over users, plain std over users) of per-user accuracy; users without pairs left out."""
+    per_user = per_user_accuracy(logits.detach().cpu(), split.users.cpu(), split.num_users)
+    per_user = per_user[~torch.isnan(per_user)]
+    if per_user.numel() == 0:
+        return float("nan"), float("nan")
+    return float(per_user.mean()), float(per_user.std(unbiased=False))
+
+
+def logits_of(split: PreferenceSplit, basis: Tensor, weights: Tensor, tau: float, device) -> Tensor:
+    return LF.pair_logits(split.features.to(device), split.users.to(device), basis, weights.to(device), tau)
+
+
+def shared_baseline(model: LoreModel, datamodule: PreferenceDataModule, settings: MapSettings = MapSettings()
+                    ) -> tuple[Tensor, float]:
+    """(``v`` ``[d, 1]`` on the logit scale, a note) of one shared Bradley-Terry direction fitted on the seen
+    users' train pairs by the MAP ridge path, its ridge chosen on the validation pairs. A K=1 model is its
+    own baseline."""
+    if model.rank == 1 and not model.personalized:
+        return model.basis.detach() / model.temperature, "the model itself (K=1)"
+    train = datamodule.split("seen_train")
+    if datamodule.has_split("seen_val") and len(datamodule.split("seen_val")):
+        val = datamodule.split("seen_val")
+    else:  # no validation pairs: one middle strength, chosen by nobody
+        settings = MapSettings(shared_path=(1e3,))
+        val = train
+    v, ridge, _ = shared_direction(train.features, train.users, val.features, val.users, train.num_users, settings)
+    return v, f"ridge {ridge:g}" + ("" if val is not train else " (fixed: no validation pairs)")
 
 
 @torch.no_grad()
@@ -42,12 +69,18 @@ def evaluate_protocol(
     datamodule: PreferenceDataModule,
     fewshot: FewShotSettings = FewShotSettings(),
     device: torch.device | str | None = None,
-) -> dict[str, float | int]:
-    """The four protocol accuracies (each with its std over users), and the oracle's where known.
+    shared: Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, float | int | str]:
+    """The four protocol accuracies (each with its std over users), the oracle's where known, and the
+    baselines on the same users and prompts, with the gain over each and its 95% paired-bootstrap
+    interval over users.
 
     The seen users are scored with their own weights; the unseen users are adapted to the pruned
-    basis by ``FewShotModule`` with ``fewshot`` (``shots`` pairs each, drawn with ``shot_seed``), and
-    their few-shot accuracy is measured on those pairs.
+    basis by ``FewShotModule`` with ``fewshot`` (``shots`` pairs each, drawn with ``shot_seed``; a prior
+    chosen on their validation pairs where asked), and their few-shot accuracy is measured on those
+    pairs. Baselines: ``shared`` (``v`` ``[d, 1]``, a K=1 direction on the logit scale, when given) and
+    ``population`` (every user at the seen users' mean weights, on this basis).
     """
     device = torch.device(device) if device is not None else model.basis.device
     basis, seen_weights = (tensor.to(device) for tensor in model.kept())
@@ -55,23 +88,22 @@ def evaluate_protocol(
     evaluated: dict[str, tuple[PreferenceSplit, Tensor]] = {}
     for role in ("seen_train", "seen_test"):
         if datamodule.has_split(role):
-            split = datamodule.split(role)
-            logits = LF.pair_logits(split.features.to(device), split.users.to(device), basis, seen_weights, tau)
-            evaluated[role] = (split, logits)
+            evaluated[role] = (datamodule.split(role), logits_of(datamodule.split(role), basis, seen_weights, tau, device))
+    results: dict[str, float | int | str] = {"rank": model.rank, "kept_rank": int(basis.shape[1]),
+                                             "shots": fewshot.shots or 0}
+    unseen_weights = None
     if datamodule.has_split("unseen_pool"):
         pool = datamodule.split("unseen_pool")
-        adapter = FewShotModule.from_basis(basis, tau, seen_weights, fewshot=fewshot).to(device)
-        unseen_weights = adapter.adapt(pool)
+        val = datamodule.split("unseen_val") if datamodule.has_split("unseen_val") else None
+        adapter = FewShotModule.from_model(model, fewshot).to(device)
+        unseen_weights = adapter.adapt(pool, val)
+        if adapter.prior_choice:
+            results["fewshot_prior"] = adapter.prior_choice
         shots = adapter.shots_of(pool)
-        evaluated["unseen_pool"] = (shots, LF.pair_logits(shots.features.to(device), shots.users.to(device), basis,
-                                                          unseen_weights, tau))
+        evaluated["unseen_pool"] = (shots, logits_of(shots, basis, unseen_weights, tau, device))
         if datamodule.has_split("unseen_test"):
             test = datamodule.split("unseen_test")
-            logits = LF.pair_logits(test.features.to(device), test.users.to(device), basis, unseen_weights, tau)
-            evaluated["unseen_test"] = (test, logits)
-
-    results: dict[str, float | int] = {"rank": model.rank, "kept_rank": int(basis.shape[1]),
-                                       "shots": fewshot.shots or 0}
+            evaluated["unseen_test"] = (test, logits_of(test, basis, unseen_weights, tau, device))
     for key, role, _ in PROTOCOL_ROWS:
         if role not in evaluated:
             continue
@@ -80,28 +112,58 @@ def evaluate_protocol(
         oracle = datamodule.oracle_logits(role, split)
         if oracle is not None:
             results[f"oracle/{key}"], results[f"oracle/{key}_std"] = accuracy(oracle, split)
+
+    heads = {"population": (basis, seen_weights.mean(0, keepdim=True), tau)}
+    if shared is not None:
+        heads["shared"] = (shared.to(device), torch.ones(1, 1, device=device), 1.0)
+    for key in COMPARED:
+        role = {"seen/test_acc": "seen_test", "unseen/test_acc": "unseen_test"}[key]
+        if role not in evaluated:
+            continue
+        split, logits = evaluated[role]
+        mine = per_user_accuracy(logits.cpu(), split.users, split.num_users)
+        for name, (head_basis, weights, head_tau) in heads.items():
+            baseline = logits_of(split, head_basis, weights.expand(split.num_users, -1), head_tau, device)
+            results[f"baselines/{name}/{key}"], results[f"baselines/{name}/{key}_std"] = accuracy(baseline, split)
+            gain = paired_bootstrap(mine, per_user_accuracy(baseline.cpu(), split.users, split.num_users), seed=seed)
+            results[f"gain/{name}/{key}"] = gain["gain"]
+            results[f"gain/{name}/{key}_low"], results[f"gain/{name}/{key}_high"] = gain["low"], gain["high"]
     return results
 
 
-def format_table(results: dict[str, float | int]) -> str:
+def format_table(results: dict) -> str:
     has_oracle = any(key.startswith("oracle/") for key in results)
-    header = f"{'LoRe protocol (K=' + str(results['rank']) + ', kept ' + str(results['kept_rank']) + ')':<34}{'accuracy':>18}"
-    header += f"{'oracle':>18}" if has_oracle else ""
+    names = [name for name in BASELINES if any(key.startswith(f"baselines/{name}/") for key in results)]
+    columns = ["this model"] + [{"shared": "shared K=1", "population": "population w"}[n] for n in names]
+    columns += ["oracle"] if has_oracle else []
+    header = f"{'LoRe protocol (K=' + str(results['rank']) + ', kept ' + str(results['kept_rank']) + ')':<34}"
+    header += "".join(f"{column:>18}" for column in columns)
     lines = [header, "-" * len(header)]
+    cell = lambda key: (f"{results[key]:>10.4f} ± {results[key + '_std']:.4f}" if key in results  # noqa: E731
+                        else f"{'':>18}")
     for key, _, label in PROTOCOL_ROWS:
         if key not in results:
             continue
-        row = f"{label:<34}{results[key]:>10.4f} ± {results[key + '_std']:.4f}"
-        if f"oracle/{key}" in results:
-            row += f"{results['oracle/' + key]:>10.4f} ± {results['oracle/' + key + '_std']:.4f}"
+        row = f"{label:<34}{cell(key)}" + "".join(cell(f"baselines/{name}/{key}") for name in names)
+        row += cell(f"oracle/{key}") if has_oracle else ""
         lines.append(row)
     lines.append("(mean over users ± plain std over users)")
+    for key, label in (("unseen/test_acc", "unseen users, unseen prompts"), ("seen/test_acc", "seen users, unseen prompts")):
+        gains = [f"{results[f'gain/{name}/{key}']:+.4f} [{results[f'gain/{name}/{key}_low']:+.4f}, "
+                 f"{results[f'gain/{name}/{key}_high']:+.4f}] over {BASELINES[name]}"
+                 for name in names if f"gain/{name}/{key}" in results]
+        if gains:
+            lines.append(f"gain on {label}: " + "; ".join(gains))
+    if names:
+        lines.append("(mean over users of the per-user difference, [95% paired bootstrap interval over users])")
     return "\n".join(lines)
 
 
 class ProtocolEvaluation(Callback):
     """At the end of ``fit`` of a ``BasisModule``: adapt the unseen users with few-shot, then log,
-    print and save the four protocol accuracies (and the oracle's, where the data know it).
+    print and save the four protocol accuracies (and the oracle's, where the data know it), beside
+    one shared model (K=1, the same seen users' pairs, its ridge chosen on the validation pairs) and
+    the population-average weights, with the gain over each and its 95% interval.
 
     The unseen users are adapted as the module says (``BasisModule.fewshot``). Writes
     ``protocol.json`` into the run directory, logs every number to the logger, and the unseen
@@ -110,13 +172,14 @@ class ProtocolEvaluation(Callback):
 
     Args:
         filename: name of the JSON file written into the run directory.
+        baselines: also fit and report the shared K=1 model (the population-average one costs nothing).
     """
 
     reads_final_model = True  # RestoreBestCheckpoint must run before this
 
-    def __init__(self, filename: str = "protocol.json") -> None:
-        self.filename = filename
-        self.results: dict[str, float | int] | None = None
+    def __init__(self, filename: str = "protocol.json", baselines: bool = True) -> None:
+        self.filename, self.baselines = filename, baselines
+        self.results: dict | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Check before training, not after it: the few-shot half of the protocol needs unseen users.
@@ -137,16 +200,24 @@ class ProtocolEvaluation(Callback):
             return  # a stopped run has no finished basis to report
         # on_fit_end runs after the strategy moved the module back to the CPU: evaluate on the
         # training device instead
-        self.results = evaluate_protocol(pl_module.model, datamodule, pl_module.fewshot, device=trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        shared, note = shared_baseline(pl_module.model, datamodule, pl_module.map_settings) if self.baselines else (None, "")
+        self.results = evaluate_protocol(pl_module.model, datamodule, pl_module.fewshot, device=device, shared=shared)
+        if note:
+            self.results["baselines/shared/fit"] = note
+        if pl_module.selection:
+            self.results["selection"] = pl_module.selection
         # log_dir broadcasts from rank 0: every rank must ask, or rank 0 waits forever under DDP
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         write_json_atomic(run_dir / self.filename, self.results)
         for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in self.results.items() if "/" in k}, step=trainer.global_step)
+            logger.log_metrics({k: v for k, v in self.results.items() if "/" in k and isinstance(v, (int, float))},
+                               step=trainer.global_step)
             if "unseen/test_acc" in self.results:
-                sizes = {"num_users": pl_module.model.num_users, "feature_dim": pl_module.model.dim}
+                sizes = {"num_users": pl_module.model.num_users, "feature_dim": pl_module.model.dim,
+                         "chosen_rank": pl_module.model.rank}
                 logger.log_hyperparams({**pl_module.hparams, **sizes}, {"hp_metric": self.results["unseen/test_acc"]})
             logger.save()
         print("\n" + format_table(self.results) + f"\nwritten: {run_dir / self.filename}", flush=True)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lore_pl.core import functional as LF
-from lore_pl.core.fewshot import FewShotSettings, adapt_users
+from lore_pl.core.fewshot import FewShotSettings, adapt_users, weight_covariance
 from lore_pl.data.basis_file import BasisFile, load_basis, save_basis
 
 
@@ -97,17 +97,39 @@ class PersonalRewardModel:
         """``P(user prefers chosen)`` = ``sigmoid((e_c - e_r) . V w_u / tau)``, per pair."""
         return torch.sigmoid((self.score(chosen, user) - self.score(rejected, user)) / self.tau)
 
+    def weight_covariance(self, user: str) -> Tensor | None:
+        """The posterior covariance ``[K, K]`` of the user's weights (Laplace), where the model has it."""
+        covariance = self.model.weight_covariance
+        if covariance is None:
+            self.weights(user)  # unknown users still raise
+            return None
+        return covariance[self._row[user]] if user in self._row else self.weights(user)
+
+    def score_std(self, embeddings: Tensor, user: str) -> Tensor | None:
+        """The posterior standard deviation of the rewards ``e . V w_u`` ``[n]`` that comes from not
+        knowing ``w_u`` exactly (a user with few pairs has a wide one); None without a covariance."""
+        covariance = self.weight_covariance(user)
+        if covariance is None:
+            return None
+        directions = self._embeddings(embeddings) @ self.basis  # [n, K]: e . V
+        return ((directions @ covariance.float()) * directions).sum(-1).clamp(min=0).sqrt()
+
     def personalize(self, user: str, chosen: Tensor, rejected: Tensor, *, steps: int = 500, lr: float = 0.1,
-                    init: str = "population", prior_strength: float = 0.0, seed: int = 0,
+                    init: str = "population", prior_strength: float | None = None, seed: int = 0,
                     settings: FewShotSettings | None = None) -> Tensor:
         """Fit a new (or refit an existing) user's weights from a few pairs; returns ``w`` ``[K]``.
 
         V stays frozen: the pairs are projected once and only K logits are fitted by the project's
         one few-shot solver (phase 2), with ``settings`` or the keyword arguments (all pairs are used).
-        ``init='population'`` starts at the mean of the stored users' weights (``randn``: the reference).
+        The user starts at the population's mean logits and is pulled towards them by the basis's own
+        prior (``prior_strength`` null; chosen on held-out prompts when the basis was trained), so one
+        pair moves a user little and many pairs move them to their own fit; ``prior_strength`` 0 and
+        ``init='randn'`` are the reference's plain fit. The user's weight covariance is kept too.
         """
         differences = self._embeddings(chosen) - self._embeddings(rejected)
-        prior = LF.population_logits(self.user_weights) if self.user_weights.shape[0] else None
+        if not bool(torch.isfinite(differences).all()):
+            raise ValueError(f"personalize({user!r}): the embeddings hold NaN or Inf; nothing was stored")
+        prior = self.model.population_logits()
         if settings is None:
             if init == "population" and prior is None:
                 init = "zeros"  # no stored users to average: start from uniform weights
@@ -115,17 +137,28 @@ class PersonalRewardModel:
                                        prior_strength=prior_strength)
         settings = replace(settings, shots=None)
         users = torch.zeros(differences.shape[0], dtype=torch.long)
-        logits = adapt_users(LF.project(differences, self.basis), users, 1, settings, self.tau, prior)
-        self._set_user(user, logits[0])
+        projected = LF.project(differences, self.basis)
+        precision = self.model.prior_precision if settings.prior_strength is None else settings.prior_strength
+        logits = adapt_users(projected, users, 1, settings, self.tau, prior, prior_precision=self.model.prior_precision)
+        covariance = None
+        if self.model.personalized:
+            covariance = weight_covariance(projected, users, logits, self.tau, precision)[0]
+        self._set_user(user, logits[0], covariance)
         return self.weights(user)
 
-    def _set_user(self, user: str, logits: Tensor) -> None:
+    def _set_user(self, user: str, logits: Tensor, covariance: Tensor | None) -> None:
         model = self.model
+        known = self.model.weight_covariance is not None
         if user not in self._row:
             self._row[user] = model.num_users
             model.user_ids.append(user)
             model.num_users += 1
             if model.personalized:
                 model.user_logits = torch.cat([model.user_logits, logits[None].to(model.user_logits)])
+                if covariance is not None and (known or model.num_users == 1):
+                    previous = model.weight_covariance if known else covariance.new_zeros(0, *covariance.shape)
+                    model.weight_covariance = torch.cat([previous, covariance[None].to(previous)])
         elif model.personalized:
             model.user_logits[self._row[user]] = logits
+            if covariance is not None and known:
+                model.weight_covariance[self._row[user]] = covariance

@@ -181,7 +181,7 @@ def test_bfloat16_storage_trains_and_evaluates_like_float32(tmp_path):
         data.setup("fit")
         assert data.split("seen_train").features.dtype == getattr(torch, dtype)
         torch.manual_seed(0)
-        model = BasisModule(rank=3, lr=0.1, prune_threshold=0.0)
+        model = BasisModule(estimator="adam", rank=3, lr=0.1, prune_threshold=0.0)
         trainer = tiny_trainer(30)
         trainer.fit(model, datamodule=data)
         results[dtype] = (model.model.basis.detach(), trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])

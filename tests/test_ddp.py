@@ -125,12 +125,12 @@ def test_nothing_to_train_under_ddp_is_a_clear_error():
     from lightning.pytorch.trainer.states import TrainerFn
 
     fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=2)
-    reference = BasisModule(rank=0)
+    reference = BasisModule(estimator="adam", rank=0)
     reference._install(LoreModel.initial(4, 0, 3, reference_head=torch.randn(4)))
     reference._trainer = fitting
     with pytest.raises(ValueError, match="K=0 has nothing to train.*devices=1"):
         reference.configure_model()
-    trained = BasisModule(rank=2)
+    trained = BasisModule(estimator="adam", rank=2)
     trained._install(LoreModel.initial(4, 2, 3))
     trained._trainer = fitting
     trained.configure_model()  # has parameters: DDP wraps it
@@ -148,14 +148,14 @@ def test_the_synthetic_experiment_runs_under_ddp_by_two_flags(tmp_path):
                     run=False)
     assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
     # the flags change nothing else: the logger, the callbacks and the model are the experiment's
-    assert cli.trainer.logger.name == "synthetic" and cli.model.hparams.rank == 5
+    assert cli.trainer.logger.name == "synthetic" and cli.model.hparams.rank == "auto"
 
 
 # ------------------------------------------------------------------- 2 processes against 1
 @pytest.mark.slow
 def test_ddp_joint_full_batch_equals_one_process(tmp_path):
     def make():
-        return BasisModule(rank=3, lr=0.1, prune_threshold=0.0, fewshot=FEWSHOT)
+        return BasisModule(estimator="adam", rank=3, lr=0.1, prune_threshold=0.0, fewshot=FEWSHOT)
 
     one = train(make, tmp_path / "one", 1, epochs=25)
     two = train(make, tmp_path / "two", 2, epochs=25)
@@ -166,7 +166,7 @@ def test_ddp_joint_full_batch_equals_one_process(tmp_path):
 def test_ddp_alternating_minibatch_user_mean_equals_one_process(tmp_path):
     # 99 pairs in batches of 32: the last step's shards hold 2 and 1 pairs; eval batches are uneven too
     def make():
-        return BasisModule(rank=3, lr=0.1, schedule="alternating", loss_weighting="user_mean",
+        return BasisModule(estimator="adam", rank=3, lr=0.1, schedule="alternating", loss_weighting="user_mean",
                            regularizer="cosine", alpha=0.5, weight_init="rand", prune_threshold=0.0, fewshot=FEWSHOT)
 
     data = {"batch_size": 32, "eval_batch_size": 25}
@@ -195,7 +195,7 @@ def test_ddp_held_out_validation_and_best_checkpoint_equal_one_process(tmp_path)
     # val_fraction holds pairs out of seen_train as seen_val (validated every 5 epochs); the protocol
     # is evaluated on the best val/acc checkpoint, on every rank the same file
     def make():
-        return BasisModule(rank=3, lr=0.3, prune_threshold=0.0, fewshot=FEWSHOT)
+        return BasisModule(estimator="adam", rank=3, lr=0.3, prune_threshold=0.0, fewshot=FEWSHOT)
 
     data = {"val_fraction": 0.3}
     runs = [train(make, tmp_path / name, devices, epochs=20, data_kwargs=data, best_checkpoint=True,

@@ -106,12 +106,12 @@ def test_clean_data_gives_no_warning():
 # ------------------------------------------------------------------------------------- settings
 def test_rank_above_the_dimension_names_both(tiny_data):
     with pytest.raises(LoreDataError, match="rank K=17 exceeds the feature dimension d=16"):
-        tiny_trainer(max_epochs=1).fit(BasisModule(rank=17), datamodule=tiny_data)
+        tiny_trainer(max_epochs=1).fit(BasisModule(estimator="adam", rank=17), datamodule=tiny_data)
 
 
 @pytest.mark.parametrize("model, what", [
-    (lambda: BasisModule(rank=0), "rank K=0 \\(the reference model\\)"),
-    (lambda: BasisModule(rank=2, regularizer="l2", alpha=1.0), "regularizer='l2'"),
+    (lambda: BasisModule(estimator="adam", rank=0), "rank K=0 \\(the reference model\\)"),
+    (lambda: BasisModule(estimator="adam", rank=2, regularizer="l2", alpha=1.0), "regularizer='l2'"),
 ])
 def test_k0_or_a_regularizer_without_a_reference_head(model, what):
     splits, _ = population(head=False)
@@ -133,7 +133,7 @@ def test_protocol_without_unseen_users_stops_before_training():
     from callbacks import ProtocolEvaluation
 
     splits, head = population(unseen=False)
-    model = BasisModule(rank=2)
+    model = BasisModule(estimator="adam", rank=2)
     with pytest.raises(LoreDataError, match="ProtocolEvaluation adapts unseen users few-shot, but ArrayData has no "
                                             "unseen users"):
         tiny_trainer(max_epochs=5, callbacks=[ProtocolEvaluation()]).fit(
@@ -160,7 +160,7 @@ def tiny_checkpoint(tmp_path_factory):
     data = SyntheticPopulationDataModule(**TINY)
     trainer = tiny_trainer(max_epochs=2, enable_checkpointing=True,
                            default_root_dir=str(tmp_path_factory.mktemp("ckpt")))
-    trainer.fit(BasisModule(rank=3), datamodule=data)
+    trainer.fit(BasisModule(estimator="adam", rank=3), datamodule=data)
     return trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
 
 
@@ -170,7 +170,7 @@ def tiny_checkpoint(tmp_path_factory):
 ])
 def test_resuming_from_a_checkpoint_of_another_shape_names_the_file(tiny_checkpoint, change, what):
     data = SyntheticPopulationDataModule(**{**TINY, **{k: v for k, v in change.items() if k == "dim"}})
-    model = BasisModule(rank=change.get("rank", 3))
+    model = BasisModule(estimator="adam", rank=change.get("rank", 3))
     with pytest.raises(LoreDataError, match=rf"checkpoint {tiny_checkpoint} does not match this run \({what}\)"):
         tiny_trainer(max_epochs=4).fit(model, datamodule=data, ckpt_path=tiny_checkpoint)
 

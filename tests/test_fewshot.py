@@ -9,13 +9,15 @@ from lore_pl.core.fewshot import adapt_users, fit_user_weights
 
 @pytest.fixture
 def trained_basis(tiny_data):
-    model = BasisModule(rank=3, lr=0.1)
+    model = BasisModule(estimator="adam", rank=3, lr=0.1)
     tiny_trainer(20).fit(model, datamodule=tiny_data)
     return model
 
 
 def settings(**kwargs) -> FewShotSettings:
-    return FewShotSettings(**{"shots": 4, "steps": 30, "lr": 0.1, **kwargs})
+    """The reference's few-shot fit (random start, no prior) unless told otherwise."""
+    return FewShotSettings(**{"shots": 4, "steps": 30, "lr": 0.1, "weight_init": "randn", "prior_strength": 0.0,
+                              **kwargs})
 
 
 def test_v_stays_bit_identical_and_only_user_weights_move(tiny_data, trained_basis):
@@ -157,6 +159,6 @@ def test_a_basis_from_another_embedder_is_refused(tiny_data, tmp_path):
 
 def test_checkpoints_carry_the_embedder(tiny_data, tmp_path):
     trainer = tiny_trainer(1)
-    trainer.fit(BasisModule(rank=2), datamodule=tiny_data)
+    trainer.fit(BasisModule(estimator="adam", rank=2), datamodule=tiny_data)
     trainer.save_checkpoint(tmp_path / "basis.ckpt")
     assert load_basis(tmp_path / "basis.ckpt").embedder == tiny_data.embedder

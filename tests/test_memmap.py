@@ -19,7 +19,7 @@ def test_memmap_training_equals_in_memory_training(tmp_path):
     results = []
     for data in (in_memory, mapped):
         torch.manual_seed(0)
-        model = BasisModule(rank=3, lr=0.1)
+        model = BasisModule(estimator="adam", rank=3, lr=0.1)
         trainer = tiny_trainer(4, limit_val_batches=1.0)
         trainer.fit(model, datamodule=data)
         results.append((model.model.basis.detach(), model.model.user_logits.detach(), float(trainer.callback_metrics["val/acc"])))

@@ -154,7 +154,7 @@ def test_encoder_data_has_no_reference_head_for_k0_or_the_regularizer(tmp_path, 
     write_preferences(tmp_path / "prefs.jsonl")
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, embedder=tiny_spec(tiny_reward_model, kind="encoder"))
     assert data.reference_head is None
-    for model in (BasisModule(rank=0), BasisModule(rank=2, regularizer="cosine", alpha=1.0)):
+    for model in (BasisModule(estimator="adam", rank=0), BasisModule(estimator="adam", rank=2, regularizer="cosine", alpha=1.0)):
         with pytest.raises(ValueError, match="needs a reference head V_ref"):
             tiny_trainer(max_epochs=1).fit(model, datamodule=data)
 

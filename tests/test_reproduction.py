@@ -67,7 +67,8 @@ def test_basis_module_follows_the_reference_loop_to_1e_10(schedule, weighting, r
     expected_basis, expected_logits = reference_fit(train.features, train.users, basis, logits,
                                                     data.reference_head.double(), **settings)
 
-    module = BasisModule.from_initial(LoreModel(basis, logits, tau=settings["tau"]), lr=0.5, schedule=schedule,
+    module = BasisModule.from_initial(LoreModel(basis, logits, tau=settings["tau"]), estimator="adam", lr=0.5,
+                                      schedule=schedule,
                                       loss_weighting=weighting, regularizer=regularizer, alpha=settings["alpha"],
                                       prune_threshold=0.0)
     tiny_trainer(ITERATIONS).fit(module, datamodule=data)

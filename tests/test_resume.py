@@ -41,6 +41,7 @@ model:
   class_path: lore_pl.BasisModule
   init_args:
     rank: 3
+    estimator: adam
     lr: 0.1
     fewshot: {{shots: 4, steps: 50}}
 data:

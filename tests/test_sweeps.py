@@ -63,7 +63,8 @@ def test_per_fit_accuracy_by_hand():
 
 def test_more_shots_help_and_the_prior_choice_is_from_the_grid(tiny_data, basis):
     pool, test = tiny_data.split("unseen_pool"), tiny_data.split("unseen_test")
-    accuracy = shots_sweep(basis, 1.0, pool, test, [1, 8], trials=4, settings=FewShotSettings(steps=100))
+    accuracy = shots_sweep(basis, 1.0, pool, test, [1, 8], trials=4,
+                           settings=FewShotSettings(steps=100, weight_init="randn", prior_strength=0.0))
     assert accuracy.shape == (2, 4)
     assert accuracy[1].mean() > accuracy[0].mean()
     strength = choose_prior_strength(basis, 1.0, tiny_data.split("seen_train"), tiny_data.split("seen_test"),

@@ -27,8 +27,12 @@ class LoreModel(nn.Module):
         num_users: C when there are no logits.
         user_ids: the users' names, row by row (kept with the weights for export and scoring).
         embedder: identity of the embedder whose features the model was trained on ("" unknown).
+        prior_mean: ``mu`` ``[K]``, the population's mean logits: new users start there and are pulled
+            towards it (learned with W when ``train_logits``).
+        prior_precision: the diagonal precision ``[K]`` of that Gaussian prior on a user's logits.
+        weight_covariance: each user's posterior covariance of their weights ``[C, K, K]`` (Laplace).
         train_basis: V is a parameter (phase 1) or a frozen buffer (phase 2, scoring).
-        train_logits: W is a parameter, or a buffer (scoring).
+        train_logits: W (and ``mu``) are parameters, or buffers (scoring).
     """
 
     def __init__(
@@ -41,6 +45,9 @@ class LoreModel(nn.Module):
         num_users: int | None = None,
         user_ids: Sequence[str] = (),
         embedder: str = "",
+        prior_mean: Tensor | None = None,
+        prior_precision: Tensor | None = None,
+        weight_covariance: Tensor | None = None,
         train_basis: bool = True,
         train_logits: bool = True,
     ) -> None:
@@ -56,7 +63,14 @@ class LoreModel(nn.Module):
             raise LoreDataError(f"a basis of K={rank} columns needs per-user logits")
         if reference_head is not None and reference_head.shape != (dim,):
             raise LoreDataError(f"V_ref has shape {tuple(reference_head.shape)}, the basis has d={dim}")
-        for name, tensor in (("basis", basis), ("user logits", user_logits), ("V_ref", reference_head)):
+        for name, tensor, shape in (("prior mean", prior_mean, (rank,)), ("prior precision", prior_precision, (rank,)),
+                                    ("weight covariance", weight_covariance, (None, rank, rank))):
+            if tensor is not None and (tensor.ndim != len(shape)
+                                       or any(a is not None and a != b for a, b in zip(shape, tensor.shape))):
+                raise LoreDataError(f"the {name} has shape {tuple(tensor.shape)}, expected {shape} for K={rank}")
+        for name, tensor in (("basis", basis), ("user logits", user_logits), ("V_ref", reference_head),
+                             ("prior mean", prior_mean), ("prior precision", prior_precision),
+                             ("weight covariance", weight_covariance)):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise LoreDataError(f"the {name} holds NaN or Inf")
         if not basis.is_floating_point():
@@ -83,6 +97,14 @@ class LoreModel(nn.Module):
         self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float64))
         self.register_buffer("reference_head", None if reference_head is None else reference_head.detach().clone().to(basis.dtype))
         self.register_buffer("active_columns", torch.ones(rank, dtype=torch.bool))
+        if prior_mean is not None and train_logits and user_logits is not None:
+            self.prior_mean = nn.Parameter(prior_mean.detach().clone().to(basis.dtype))
+        else:
+            self.register_buffer("prior_mean", None if prior_mean is None else prior_mean.detach().clone().to(basis.dtype))
+        self.register_buffer("prior_precision",
+                             None if prior_precision is None else prior_precision.detach().clone().to(basis.dtype))
+        self.register_buffer("weight_covariance",
+                             None if weight_covariance is None else weight_covariance.detach().clone().to(basis.dtype))
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -124,7 +146,9 @@ class LoreModel(nn.Module):
         extra = state.get("_extra_state", {})
         model = cls(state["basis"], state.get("user_logits"), tau=float(state["tau"]),
                     reference_head=state.get("reference_head"), num_users=extra.get("num_users"),
-                    user_ids=extra.get("user_ids", ()), embedder=extra.get("embedder", ""), train_basis=train_basis,
+                    user_ids=extra.get("user_ids", ()), embedder=extra.get("embedder", ""),
+                    prior_mean=state.get("prior_mean"), prior_precision=state.get("prior_precision"),
+                    weight_covariance=state.get("weight_covariance"), train_basis=train_basis,
                     train_logits=train_logits)
         model.load_state_dict(state)
         return model
@@ -171,6 +195,16 @@ class LoreModel(nn.Module):
     def heads(self) -> Tensor:
         """Every user's reward direction ``V w_u`` as the columns of ``[d, C]``."""
         return self.basis @ self.user_weights().t()
+
+    def population_logits(self) -> Tensor | None:
+        """``mu``: the learned prior mean where there is one, else the log of the users' mean weights."""
+        if self.rank <= 1:
+            return None
+        if self.prior_mean is not None:
+            return self.prior_mean.detach()
+        if self.num_users == 0:
+            return None
+        return LF.population_logits(self.user_weights().detach())
 
     def kept(self) -> tuple[Tensor, Tensor]:
         """The basis and the users' weights restricted to the columns that survived pruning (detached)."""

@@ -28,7 +28,8 @@ CHECKPOINT_KINDS = ("basis", "fewshot")
 
 @dataclass
 class BasisFile:
-    """What phase 2 needs from phase 1: V, tau, and optionally V_ref and the users' weights."""
+    """What phase 2 needs from phase 1: V, tau, and optionally V_ref, the users' weights (and their
+    posterior covariance) and the population prior on a user's logits (mean and precision)."""
 
     basis: Tensor
     tau: float
@@ -36,6 +37,9 @@ class BasisFile:
     user_ids: list[str] = field(default_factory=list)
     user_weights: Tensor | None = None
     embedder: str = ""  # identity of the embedder whose features the basis was trained on
+    prior_mean: Tensor | None = None  # [K] the population's mean logits
+    prior_precision: Tensor | None = None  # [K] the precision of the prior on a user's logits
+    weight_covariance: Tensor | None = None  # [C, K, K] each user's posterior covariance of w
 
     @property
     def dim(self) -> int:
@@ -70,8 +74,10 @@ def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:
     tensors = {"basis": exported.basis.detach().float().cpu().contiguous()}
     if exported.reference_head is not None:
         tensors["reference_head"] = exported.reference_head.detach().float().cpu().contiguous()
-    if exported.user_weights is not None:
-        tensors["user_weights"] = exported.user_weights.detach().float().cpu().contiguous()
+    for name in ("user_weights", "prior_mean", "prior_precision", "weight_covariance"):
+        value = getattr(exported, name)
+        if value is not None:
+            tensors[name] = value.detach().float().cpu().contiguous()
     metadata = {
         "format": FORMAT,
         "tau": repr(float(exported.tau)),
@@ -106,6 +112,9 @@ def load_basis(path: str | os.PathLike) -> BasisFile:
         user_ids=list(json.loads(metadata.get("user_ids", "[]"))),
         user_weights=tensors.get("user_weights"),
         embedder=metadata.get("embedder", ""),
+        prior_mean=tensors.get("prior_mean"),
+        prior_precision=tensors.get("prior_precision"),
+        weight_covariance=tensors.get("weight_covariance"),
     )
 
 

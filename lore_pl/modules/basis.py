@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torchmetrics import MeanMetric
 
+from lore_pl.core import estimator as E
 from lore_pl.core import functional as LF
-from lore_pl.core.fewshot import FewShotSettings
+from lore_pl.core.fewshot import FewShotSettings, weight_covariance
 from lore_pl.core.model import LoreModel
 from lore_pl.data.basis_file import load_basis, read_reference_head
 from lore_pl.data.preferences import DataRequest
 from lore_pl.errors import LoreDataError
 from lore_pl.modules.base import PreferenceModule
+
+Estimator = Literal["map", "adam"]
+#: the Adam estimator's options, and their defaults: set with ``estimator: map`` they would be ignored
+ADAM_OPTIONS = {"lr": 0.5, "schedule": "joint", "loss_weighting": "pair_mean", "regularizer": "none", "alpha": 0.0,
+                "weight_init": "randn", "basis_weight_decay": 0.0}
+
+
+@rank_zero_only
+def say(text: str) -> None:
+    print(text, flush=True)
 
 
 class BasisModule(PreferenceModule):
@@ -22,14 +37,29 @@ class BasisModule(PreferenceModule):
 
     User u prefers chosen with probability ``sigmoid(x . V softmax(W[u]) / tau)``. ``rank`` K=0 is
     the reference model (the data's reference head ``V_ref``, nothing trained, every user weight
-    [1]); K=1 is plain Bradley-Terry (one shared direction, no per-user weights); K>=2 is LoRe.
+    [1]); K=1 is plain Bradley-Terry (one shared direction, no per-user weights); K>=2 is LoRe;
+    ``auto`` (the default) chooses among ``map_settings.ranks``, K=1 included, on the validation pairs.
+
+    Two estimators:
+
+    - ``map`` (the default): the MAP fit of ``lore_pl.core.estimator`` with a spectral start; in
+      ``setup`` it chooses K and the strengths of its priors (a ridge on V, a Gaussian on the users'
+      logits around a learned population mean) on the validation pairs, printing the held-out curve;
+      then every training epoch is one L-BFGS stage of a ridge path from strong to weak, each
+      validated, until the validation NLL gets worse (the best stage is kept). It needs validation
+      pairs (the data module's ``val_fraction``) and full-batch training; its models have tau = 1.
+    - ``adam``: the reference code's estimator: full-batch Adam on the mean NLL, joint or alternating,
+      with the reference's options (``lr``, ``schedule``, ``loss_weighting``, the pull to ``V_ref``, ...).
+
     The model (``self.model``, a ``LoreModel``) is built in ``setup`` from the data module's seen
     users, feature dimension and ``V_ref``, or from ``initial_basis``; a checkpoint carries its
     sizes, so it reloads without the data.
 
     Args:
-        rank: K, the number of basis columns (0: reference head, 1: Bradley-Terry, >=2: LoRe).
-        tau: temperature dividing every logit (100 in the reference).
+        rank: K (0: reference head, 1: Bradley-Terry, >=2: LoRe), or ``auto``: chosen on validation pairs.
+        estimator: ``map`` (held-out selection, priors, L-BFGS) or ``adam`` (the reference's).
+        tau: temperature dividing every logit (``null``: 1 for ``map``, 100 for ``adam`` as in the reference).
+        map_settings: the MAP estimator's candidates, grids and iterations.
         lr: Adam learning rate (0.5 in the reference).
         schedule: ``joint`` (one Adam over V and W) or ``alternating`` (per iteration a W step with
             V frozen, then a V step with W frozen; counts two optimizer steps in ``global_step``).
@@ -39,14 +69,14 @@ class BasisModule(PreferenceModule):
         alpha: regularizer strength, ramped 0 -> alpha between 20% and 80% of the iterations.
         weight_init: initial W logits: ``randn`` (the joint reference), ``rand`` (the alternating
             reference) or ``zeros`` (uniform weights).
-        basis_weight_decay: L2 penalty on V: Adam adds this times V to V's gradient (0: none). It
-            keeps V from memorizing when d is large against the number of pairs.
+        basis_weight_decay: L2 penalty on V: Adam adds this times V to V's gradient (0: none).
         prune_threshold: at the end of fit keep column k only if some user's weight on it is at
             least this (1e-2 in the reference; 0 keeps every column).
         cpu_kernel: train on the CPU with the fused C kernel, which reads the features once per step
             (compiled on first use; without a C compiler the PyTorch path, same results).
-        initial_basis: start from this basis instead of a random one: a ``basis.safetensors`` or a
-            ``BasisModule`` checkpoint of K columns (and its users' weights, when it has the same users).
+        initial_basis: start from this basis instead of a random one (``map``: instead of the spectral
+            selection): a ``basis.safetensors`` or a ``BasisModule`` checkpoint of K columns (and its
+            users' weights, when it has the same users).
         reference_head_file: read ``V_ref`` from this file instead of the data module's (a basis file or
             checkpoint with a reference head, a ``.safetensors`` with a tensor ``reference_head``, or
             a ``.npy`` vector).
@@ -57,8 +87,10 @@ class BasisModule(PreferenceModule):
 
     def __init__(
         self,
-        rank: int = 5,
-        tau: float = 100.0,
+        rank: int | Literal["auto"] = "auto",
+        estimator: Estimator = "map",
+        tau: float | None = None,
+        map_settings: E.MapSettings | None = None,
         lr: float = 0.5,
         schedule: Literal["joint", "alternating"] = "joint",
         loss_weighting: LF.LossWeighting = "pair_mean",
@@ -75,11 +107,27 @@ class BasisModule(PreferenceModule):
         super().__init__()
         if isinstance(fewshot, dict):  # a checkpoint's hyper-parameters
             fewshot = FewShotSettings(**fewshot)
+        if isinstance(map_settings, dict):
+            map_settings = E.MapSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in map_settings.items()})
         self.fewshot = fewshot if fewshot is not None else FewShotSettings()
-        if rank < 0:
-            raise LoreDataError(f"rank must be >= 0, got {rank}")
-        if tau <= 0:
+        self.map_settings = map_settings if map_settings is not None else E.MapSettings()
+        if rank != "auto" and (not isinstance(rank, int) or rank < 0):
+            raise LoreDataError(f"rank must be 'auto' or an int >= 0, got {rank!r}")
+        if estimator not in ("map", "adam"):
+            raise ValueError(f"estimator must be 'map' or 'adam', got {estimator!r}")
+        if rank == "auto" and estimator != "map":
+            raise ValueError("rank 'auto' chooses K on validation pairs with the MAP estimator: set estimator: map "
+                             "or an int rank")
+        if tau is not None and tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
+        if estimator == "map":
+            if tau not in (None, 1.0):
+                raise ValueError("the MAP estimator fits V on the logit scale (tau = 1): set tau only with estimator: adam")
+            given = {"lr": lr, "schedule": schedule, "loss_weighting": loss_weighting, "regularizer": regularizer,
+                     "alpha": alpha, "weight_init": weight_init, "basis_weight_decay": basis_weight_decay}
+            ignored = sorted(name for name, value in given.items() if value != ADAM_OPTIONS[name])
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)}: options of the Adam estimator; set estimator: adam to use them")
         if schedule not in ("joint", "alternating"):
             raise ValueError(f"schedule must be 'joint' or 'alternating', got {schedule!r}")
         if loss_weighting not in ("pair_mean", "user_mean"):
@@ -94,13 +142,17 @@ class BasisModule(PreferenceModule):
             raise ValueError(f"basis_weight_decay must be >= 0, got {basis_weight_decay}")
         if not 0 <= prune_threshold <= 1:
             raise ValueError(f"prune_threshold must be in [0, 1], got {prune_threshold}")
-        self.save_hyperparameters(ignore=["fewshot"])
-        self.hparams["fewshot"] = asdict(self.fewshot)  # plain values: checkpoints load with weights_only=True
-        # Manual optimization: the alternating schedule takes two optimizer steps per batch, and
-        # K=0 trains nothing; one code path serves all three.
+        self.save_hyperparameters(ignore=["fewshot", "map_settings"])
+        # plain values: checkpoints load with weights_only=True
+        self.hparams["fewshot"] = asdict(self.fewshot)
+        self.hparams["map_settings"] = {k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in asdict(self.map_settings).items()}
+        # Manual optimization: the alternating schedule takes two optimizer steps per batch, L-BFGS
+        # evaluates several times per step, and K=0 trains nothing; one code path serves them all.
         self.automatic_optimization = False
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
         self._initial: LoreModel | None = None
+        self.selection: dict = {}  # the held-out curve and what was chosen (map), for the logs and reports
 
     @classmethod
     def from_initial(cls, model: LoreModel, **kwargs) -> BasisModule:
@@ -108,7 +160,8 @@ class BasisModule(PreferenceModule):
 
         ``rank`` is the model's K; its users must be the data's seen users (checked in ``setup``).
         """
-        module = cls(rank=model.rank, tau=model.temperature, **kwargs)
+        kwargs.setdefault("tau", model.temperature if kwargs.get("estimator", "map") == "adam" else None)
+        module = cls(rank=model.rank, **kwargs)
         module._initial = model
         return module
 
@@ -117,8 +170,14 @@ class BasisModule(PreferenceModule):
     def data_request(self) -> DataRequest:
         return DataRequest(population="seen")
 
+    @property
+    def tau(self) -> float:
+        if self.hparams.tau is not None:
+            return float(self.hparams.tau)
+        return 1.0 if self.hparams.estimator == "map" else 100.0
+
     def _trains_basis(self) -> bool:
-        return self.hparams.rank >= 1
+        return self.hparams.rank != 0
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -137,9 +196,12 @@ class BasisModule(PreferenceModule):
                     f"but {type(datamodule).__name__} has {num_users} seen users x d={dim}"
                 )
             return
-        self._install(self._initial_model(datamodule))
+        if self.hparams.estimator == "map" and self.hparams.rank != 0:
+            self._install(self._selected_model(datamodule))
+        else:
+            self._install(self._initial_model(datamodule))
 
-    def _initial_model(self, datamodule) -> LoreModel:
+    def _reference_head(self, datamodule) -> Tensor | None:
         hp = self.hparams
         path = hp.reference_head_file
         reference = datamodule.reference_head if path is None else read_reference_head(path)
@@ -149,37 +211,60 @@ class BasisModule(PreferenceModule):
             if reference is None:
                 what = "rank K=0 (the reference model)" if hp.rank == 0 else f"regularizer={hp.regularizer!r}"
                 raise LoreDataError(f"{what} needs a reference head V_ref, and the data module provides none")
+        return reference
+
+    def _given_initial(self) -> LoreModel | None:
+        if self._initial is not None:
+            return self._initial
+        if self.hparams.initial_basis is not None:
+            return load_basis(self.hparams.initial_basis).to_model()
+        return None
+
+    def _initial_model(self, datamodule) -> LoreModel:
+        hp = self.hparams
+        reference = self._reference_head(datamodule)
         user_ids, embedder = list(datamodule.seen_user_ids), datamodule.embedder
-        initial = self._initial
-        if initial is None and hp.initial_basis is not None:
-            initial = load_basis(hp.initial_basis).to_model()
+        initial = self._given_initial()
         if initial is None:
-            return LoreModel.initial(datamodule.dim, hp.rank, datamodule.num_users, tau=hp.tau, reference_head=reference,
-                                     weight_init=hp.weight_init, user_ids=user_ids, embedder=embedder)
+            return LoreModel.initial(datamodule.dim, hp.rank, datamodule.num_users, tau=self.tau,
+                                     reference_head=reference, weight_init=hp.weight_init, user_ids=user_ids,
+                                     embedder=embedder)
         where = hp.initial_basis or "the initial model"
-        if initial.dim != datamodule.dim or initial.rank != max(hp.rank, 1):
+        rank = initial.rank if hp.rank == "auto" else hp.rank
+        if initial.dim != datamodule.dim or initial.rank != max(rank, 1):
             raise LoreDataError(f"{where} is d={initial.dim} x K={initial.rank}, but this run has d={datamodule.dim} "
                                 f"and rank={hp.rank}")
         logits = initial.user_logits
-        if hp.rank >= 2 and (initial.num_users != datamodule.num_users
-                             or (initial.user_ids and initial.user_ids != user_ids)):
+        if rank >= 2 and (initial.num_users != datamodule.num_users
+                          or (initial.user_ids and initial.user_ids != user_ids)):
             if self._initial is not None:
                 raise LoreDataError(f"{where} has {initial.num_users} users, the data's seen users are {datamodule.num_users}")
             logits = None  # another population: start their weights by weight_init
-        if hp.rank >= 2 and logits is None:
-            logits = LF.initial_user_logits(datamodule.num_users, hp.rank, hp.weight_init)
-        return LoreModel(initial.basis, logits if hp.rank >= 2 else None, tau=hp.tau,
+        if rank >= 2 and logits is None:
+            logits = LF.initial_user_logits(datamodule.num_users, rank, hp.weight_init)
+        mean = None
+        if hp.estimator == "map" and rank >= 2:
+            mean = initial.prior_mean if initial.prior_mean is not None else logits.detach().mean(0)
+        return LoreModel(initial.basis, logits if rank >= 2 else None, tau=self.tau,
                          reference_head=reference if reference is not None else initial.reference_head,
-                         num_users=datamodule.num_users, user_ids=user_ids, embedder=embedder,
-                         train_basis=hp.rank >= 1)
+                         num_users=datamodule.num_users, user_ids=user_ids, embedder=embedder, prior_mean=mean,
+                         prior_precision=None if mean is None else torch.full((rank,), self.map_settings.start_prior),
+                         train_basis=rank >= 1)
 
     def checkpoint_metadata(self) -> dict:
-        return {"prune_threshold": float(self.hparams.prune_threshold)}
+        return {"prune_threshold": float(self.hparams.prune_threshold), "selection": self.selection}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.selection = dict(checkpoint.get("lore_pl", {}).get("selection", {}))
 
     # ------------------------------------------------------------------------------------ model
     @property
     def rank(self) -> int:
-        return self.hparams.rank
+        """K: the chosen rank once the model is built (``auto`` before), 0 for the reference model."""
+        if self.hparams.rank == 0:
+            return 0
+        return self.model.rank if self.built else self.hparams.rank
 
     def kept_basis(self) -> tuple[Tensor, Tensor]:
         """The basis and the users' weights restricted to the columns that survived pruning."""
@@ -189,7 +274,7 @@ class BasisModule(PreferenceModule):
         """Drop the columns no user weighs at ``prune_threshold`` or more. Idempotent; returns K kept."""
         return self.model.prune_(self.hparams.prune_threshold)
 
-    # --------------------------------------------------------------------------------- training
+    # ------------------------------------------------------------------- training: the Adam estimator
     def _pair_loss(self, features: Tensor, users: Tensor, counts: Tensor | None) -> tuple[Tensor, Tensor]:
         """(this rank's NLL, the detached logits) of a training batch: one pass of ``LF.pair_loss``."""
         return LF.pair_loss(features, users, self.model.basis, self.model.user_weights(), self.model.temperature,
@@ -211,6 +296,8 @@ class BasisModule(PreferenceModule):
         return int(total)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.hparams.estimator == "map" and self.rank >= 1:
+            return self._map_step(batch)
         features, users, counts = batch["features"], batch["users"], batch.get("counts")
         alpha = 0.0
         if self.hparams.regularizer != "none" and self.rank >= 1:
@@ -251,33 +338,187 @@ class BasisModule(PreferenceModule):
         nll, logits = self._pair_loss(features, users, counts)
         regularizer = self._regularizer()
         optimizer.zero_grad()
-        if self._reduces_gradients_itself():
-            # DDP's reducer expects a gradient for every parameter in every backward and fails on
-            # the frozen group. Bypass it and average only the group being stepped: this works
-            # under plain strategy=ddp (find_unused_parameters would need a strategy flag, a graph
-            # search per backward, and all-reduces V and W in both steps of an iteration).
-            with self.trainer.strategy.block_backward_sync():
-                self.manual_backward(nll + alpha * regularizer)
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    param.grad.copy_(self.trainer.strategy.reduce(param.grad, reduce_op="mean"))
-        else:
-            self.manual_backward(nll + alpha * regularizer)
+        # DDP's reducer expects a gradient for every parameter in every backward and fails on the
+        # frozen group: _backward bypasses it and averages only the group being stepped (this works
+        # under plain strategy=ddp; find_unused_parameters would need a strategy flag, a graph search
+        # per backward, and all-reduces V and W in both steps of an iteration).
+        self._backward(nll + alpha * regularizer, [p for group in optimizer.param_groups for p in group["params"]])
         optimizer.step()
         self.untoggle_optimizer(optimizer)
         return logits, nll.detach(), regularizer.detach()
 
     def _reduces_gradients_itself(self) -> bool:
         """The alternating schedule under DDP averages its gradients over ranks by hand."""
-        return (self.hparams.schedule == "alternating" and self.rank >= 2 and self._trainer is not None
-                and self.trainer.world_size > 1)
+        return (self._trainer is not None and self.trainer.world_size > 1
+                and (self.hparams.estimator == "map" or (self.hparams.schedule == "alternating" and self.rank >= 2)))
+
+    def _backward(self, loss: Tensor, parameters) -> None:
+        """``manual_backward``; where the step is not DDP's one backward per forward (the alternating
+        schedule, L-BFGS's several evaluations), the gradients are averaged over ranks by hand."""
+        if not self._reduces_gradients_itself():
+            self.manual_backward(loss)
+            return
+        with self.trainer.strategy.block_backward_sync():
+            self.manual_backward(loss)
+        for param in parameters:
+            if param.grad is not None:
+                param.grad.copy_(self.trainer.strategy.reduce(param.grad, reduce_op="mean"))
+
+    # -------------------------------------------------------------------- training: the MAP estimator
+    def _selected_model(self, datamodule) -> LoreModel:
+        """The model the full-space path starts from: chosen in the spectral subspace on validation pairs."""
+        if not datamodule.has_split("seen_val") or len(datamodule.split("seen_val")) == 0:
+            raise LoreDataError(f"the MAP estimator chooses K and its strengths on validation pairs, and "
+                                f"{type(datamodule).__name__} has none: give it a val_fraction > 0 (or use "
+                                "estimator: adam with an int rank)")
+        settings, hp = self.map_settings, self.hparams
+        reference = self._reference_head(datamodule)
+        initial = self._given_initial()
+        if initial is not None:
+            model = self._initial_model(datamodule)
+            self.selection = {"rank": model.rank, "strengths": asdict(E.Strengths(settings.start_ridge, 1.0,
+                                                                                  settings.start_prior)),
+                              "curve": [], "start": hp.initial_basis or "given tensors"}
+            return model
+        train, val = datamodule.split("seen_train"), datamodule.split("seen_val")
+        ranks = settings.ranks if hp.rank == "auto" else (hp.rank,)
+        best, curve, _ = E.select_model(train.features, train.users, val.features, val.users, train.num_users,
+                                        settings, ranks)
+        self.selection = {"rank": best.rank, "strengths": asdict(best.strengths), "val_pairs": len(val),
+                          "curve": [{"rank": c.rank, **asdict(c.strengths), "val_nll": c.val_nll, "val_acc": c.val_acc}
+                                    for c in curve]}
+        say(f"model selection on {len(val)} validation pairs (held-out prompts) in a {settings.subspace}-dim "
+            f"spectral subspace:\n" + "\n".join(f"  {c.describe()}" for c in curve)
+            + f"\n  chosen: {best.describe()}")
+        prior = torch.full((best.rank,), best.strengths.prior) if best.rank >= 2 else None
+        return LoreModel(best.state.basis, best.state.logits, tau=self.tau, reference_head=reference,
+                         num_users=train.num_users, user_ids=list(datamodule.seen_user_ids), embedder=datamodule.embedder,
+                         prior_mean=best.state.mean, prior_precision=prior)
+
+    def _install(self, model: LoreModel) -> None:
+        super()._install(model)
+        if self.hparams.estimator == "map" and self.hparams.rank != 0:
+            # where the ridge path is and its best stage so far (buffers: a resumed fit goes on from them)
+            self.register_buffer("path_stage", torch.zeros((), dtype=torch.long))
+            self.register_buffer("best_val_nll", torch.tensor(float("inf"), dtype=torch.float64))
+            for name, tensor in self._map_parameters().items():
+                self.register_buffer(f"best_{name}", tensor.detach().clone())
+            self.metrics["val_nll"] = MeanMetric()
+
+    def _map_parameters(self) -> dict[str, Tensor]:
+        model = self.model
+        found = {"basis": model.basis, "user_logits": model.user_logits, "prior_mean": model.prior_mean}
+        return {name: tensor for name, tensor in found.items() if tensor is not None}
+
+    def _chosen(self) -> E.Strengths:
+        if self.selection.get("strengths"):
+            return E.Strengths(**self.selection["strengths"])
+        return E.Strengths(self.map_settings.start_ridge, 1.0, self.map_settings.start_prior)
+
+    @property
+    def ridge_path(self) -> tuple[float, ...]:
+        """The full-space ridges, strong to weak: around the one chosen in the subspace (K >= 2), or
+        the wide ``shared_path`` (K = 1)."""
+        if self.model.rank == 1:
+            return self.map_settings.shared_path
+        return tuple(self._chosen().ridge * factor for factor in self.map_settings.path)
+
+    def _strengths(self) -> E.Strengths:
+        path = self.ridge_path
+        return replace(self._chosen(), ridge=path[min(int(self.path_stage), len(path) - 1)])
+
+    def _map_step(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.trainer.num_training_batches != 1:
+            raise ValueError("the MAP estimator trains full-batch (L-BFGS): set the data module's batch_size to null")
+        features, users, counts = batch["features"], batch["users"], batch.get("counts")
+        optimizer = self.optimizers()
+        strengths = self._strengths()
+        state = E.MapState(self.model.basis, self.model.user_logits, self.model.prior_mean)
+        parameters = list(self._map_parameters().values())
+        outputs = {}
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss, nll, logits = E.map_loss(features, users, self.model.num_users, state, strengths, counts,
+                                           self._loss_scale(counts), fused=self.hparams.cpu_kernel)
+            self._backward(loss, parameters)
+            outputs.update(loss=loss.detach(), nll=nll.detach(), logits=logits)
+            # the line search must see the one objective on every rank: the mean over ranks of the shares
+            if self._reduces_gradients_itself():
+                return self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+            return loss
+
+        optimizer.step(closure=closure)
+        self.iterations_done += 1
+        self.metrics["train_acc"].update(outputs["logits"], users)
+        self.log_dict({"train/loss": outputs["loss"], "train/nll": outputs["nll"]}, on_step=True, on_epoch=False,
+                      batch_size=users.numel(), sync_dist=True)
+        self.log("train/ridge", strengths.ridge, on_step=True, on_epoch=False, batch_size=users.numel())
+        return outputs["nll"]
+
+    def _after_validation(self, val_nll: float) -> None:
+        """The ridge path: a better stage is kept and the next, weaker ridge comes; a worse one ends the
+        fit with the best stage restored."""
+        stage, path = int(self.path_stage), self.ridge_path
+        better = val_nll < float(self.best_val_nll)
+        self.selection.setdefault("path", []).append({"ridge": path[min(stage, len(path) - 1)], "val_nll": val_nll})
+        if better:
+            self.best_val_nll.fill_(val_nll)
+            for name, tensor in self._map_parameters().items():
+                getattr(self, f"best_{name}").copy_(tensor.detach())
+            self.selection["ridge"] = path[min(stage, len(path) - 1)]
+        if not better or stage + 1 >= len(path):
+            self._restore_best()
+            self.trainer.should_stop = True
+            steps = ", ".join(f"{entry['ridge']:g}: {entry['val_nll']:.4f}" for entry in self.selection["path"])
+            say(f"full-space ridge path (validation NLL): {steps}; kept ridge {self.selection.get('ridge', 0):g}")
+        else:
+            self.path_stage += 1
+
+    def _restore_best(self) -> None:
+        if torch.isfinite(self.best_val_nll):
+            with torch.no_grad():
+                for name, tensor in self._map_parameters().items():
+                    tensor.copy_(getattr(self, f"best_{name}"))
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        metric = self.metrics["val_nll"] if "val_nll" in self.metrics else None
+        if metric is None or not metric.update_called:
+            return
+        val_nll = float(metric.compute())
+        metric.reset()
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self._after_validation(val_nll)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if "val_nll" in self.metrics:
+            logits = self(batch["features"], batch["users"])
+            self.metrics["val_nll"].update(F.softplus(-logits.detach().double()))
+        return super().validation_step(batch, batch_idx)
+
+    def _posterior(self, datamodule) -> None:
+        """The seen users' posterior covariance of their weights (Laplace), for the export."""
+        if not (self.model.personalized and datamodule is not None and datamodule.has_split("seen_train")):
+            return
+        train = datamodule.split("seen_train")
+        with torch.no_grad():
+            projected = LF.project(train.features.to(self.model.basis.device), self.model.basis.detach())
+            covariance = weight_covariance(projected, train.users.to(projected.device), self.model.user_logits.detach(),
+                                           self.model.temperature, self.model.prior_precision)
+        self.model.weight_covariance = covariance.to(self.model.basis.dtype)
 
     def on_train_end(self) -> None:
+        if self.hparams.estimator == "map" and self.hparams.rank != 0:
+            self._restore_best()
+            self._posterior(getattr(self.trainer, "datamodule", None))
         self.prune_()
 
     def configure_optimizers(self):
         if self.rank == 0:
             return None
+        if self.hparams.estimator == "map":
+            return E.lbfgs(list(self._map_parameters().values()), self.map_settings.stage_iterations)
         lr, decay = self.hparams.lr, self.hparams.basis_weight_decay
         basis_group = {"params": [self.model.basis], "weight_decay": decay}
         if self.rank == 1:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lore_pl.core import functional as LF
-from lore_pl.core.fewshot import FewShotSettings, adapt_users
+from lore_pl.core.fewshot import FewShotSettings, adapt_users, choose_prior, logit_variance, weight_covariance
 from lore_pl.core.model import LoreModel
 from lore_pl.data.basis_file import BasisFile, check_embedder, load_basis
 from lore_pl.data.preferences import DataRequest, PreferenceSplit
@@ -25,6 +25,12 @@ class FewShotModule(PreferenceModule):
     logits fitted together by ``fewshot.steps`` full-batch Adam steps. Those steps are one training
     step, so one epoch fits (``trainer.max_epochs: 1``); validation and test then score the unseen
     users' held-out pairs. For K<=1 every user's weight is [1] and nothing is fitted.
+
+    The prior: users start at the population's mean logits (the basis file's learned ``prior_mean``,
+    else the log of the seen users' mean weights) and are pulled towards them with the precision
+    ``fewshot.prior_strength``; ``null`` chooses it on the unseen users' validation pairs
+    (``choose_prior``; the choice is ``prior_choice``), or takes the basis's own prior when there are
+    none. Each user's posterior covariance of their weights (Laplace) is kept in the model.
 
     Args:
         basis_path: a ``BasisModule`` checkpoint (``.ckpt``) or an exported ``.safetensors`` basis.
@@ -45,9 +51,13 @@ class FewShotModule(PreferenceModule):
         # plain values only, so a checkpoint loads with torch.load(weights_only=True)
         self.save_hyperparameters({"basis_path": basis_path, "fewshot": asdict(self.settings), "tau": tau})
         self.automatic_optimization = False  # the solver takes its own Adam steps
-        # logits of the seen users' mean weights: the population start and the prior's centre
+        # the population's mean logits: the start and the prior's centre; the prior's precision [K]
         self.register_buffer("prior_logits", None)
+        self.register_buffer("prior_precision", None)
+        self.prior_choice = ""  # which prior choose_prior picked, and the validation curve
+        self.prior_curve: list[tuple[str, float]] = []
         self._basis: BasisFile | None = None
+        self._val: PreferenceSplit | None = None
 
     @classmethod
     def from_basis(cls, basis: Tensor, tau: float = 100.0, seen_weights: Tensor | None = None,
@@ -57,6 +67,13 @@ class FewShotModule(PreferenceModule):
         module._basis = BasisFile(basis.detach(), tau, user_weights=seen_weights,
                                   user_ids=[] if seen_weights is None else [str(i) for i in range(len(seen_weights))],
                                   embedder=embedder)
+        return module
+
+    @classmethod
+    def from_model(cls, model: LoreModel, fewshot: FewShotSettings | None = None) -> FewShotModule:
+        """A module around a trained model's kept basis, its users' weights and its population prior."""
+        module = cls(fewshot=fewshot, tau=model.temperature)
+        module._basis = BasisFile.from_model(model)
         return module
 
     # ----------------------------------------------------------------------------- construction
@@ -82,14 +99,17 @@ class FewShotModule(PreferenceModule):
     def new_users(self, num_users: int, user_ids: list[str] | None = None, embedder: str = "") -> LoreModel:
         """A model of ``num_users`` new users on the frozen basis, at the settings' initial logits."""
         basis = self.basis_file
-        if basis.user_weights is not None and len(basis.user_weights):
+        if basis.rank >= 2 and basis.prior_mean is not None:
+            self.prior_logits = basis.prior_mean.float().clone()
+        elif basis.user_weights is not None and len(basis.user_weights):
             self.prior_logits = LF.population_logits(basis.user_weights.float())
+        if basis.rank >= 2 and basis.prior_precision is not None:
+            self.prior_precision = basis.prior_precision.float().clone()
         logits = None
         if basis.rank >= 2:
             init = self.settings.weight_init
             if init == "population" and self.prior_logits is None:
-                raise LoreDataError(f"weight_init 'population' needs the seen users' weights, and the basis "
-                                    f"{self.hparams.basis_path or '(in memory)'} has none")
+                self.prior_logits = torch.zeros(basis.rank)  # a basis without users: uniform weights
             logits = LF.initial_user_logits(num_users, basis.rank, init, self.settings.init_generator(), self.prior_logits)
         return LoreModel(basis.basis.float(), logits, tau=self.tau, reference_head=basis.reference_head,
                          num_users=num_users, user_ids=user_ids or (), embedder=embedder or basis.embedder,
@@ -116,29 +136,50 @@ class FewShotModule(PreferenceModule):
                                  f"but {type(datamodule).__name__} has {num_users} unseen users")
             return
         self._install(self.new_users(num_users, list(datamodule.unseen_user_ids), datamodule.embedder))
+        if datamodule.has_split("unseen_val") and len(datamodule.split("unseen_val")):
+            self._val = datamodule.split("unseen_val")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        if "prior_logits" in checkpoint["state_dict"]:  # a None buffer takes no state: give it a tensor first
-            self.prior_logits = torch.zeros_like(checkpoint["state_dict"]["prior_logits"])
+        for name in ("prior_logits", "prior_precision"):  # a None buffer takes no state: give it a tensor first
+            if name in checkpoint["state_dict"]:
+                setattr(self, name, torch.zeros_like(checkpoint["state_dict"][name]))
 
     # --------------------------------------------------------------------------------- fitting
-    def fit_users(self, projected: Tensor, users: Tensor) -> Tensor:
-        """Fit the users' logits from their projected pairs ``X V`` (the one solver); returns them."""
+    def fit_users(self, projected: Tensor, users: Tensor, val: PreferenceSplit | None = None) -> Tensor:
+        """Fit the users' logits from their projected pairs ``X V`` (the one solver); returns them.
+
+        With ``fewshot.prior_strength`` null and validation pairs ``val``, the prior is chosen on them first.
+        """
+        if not self.model.personalized:
+            return adapt_users(projected, users, self.model.num_users, self.settings, self.tau)
+        if self.settings.prior_strength is None and val is not None and self.prior_logits is not None:
+            variance = None
+            basis = self.basis_file
+            if basis.user_weights is not None and len(basis.user_weights):
+                variance = logit_variance(basis.user_weights.float().clamp(min=1e-30).log(), self.prior_logits)
+            device = projected.device
+            projected_val = LF.project(val.features.to(device), self.model.basis)
+            precision, self.prior_choice, self.prior_curve = choose_prior(
+                projected, users, projected_val, val.users.to(device), self.model.num_users, self.settings, self.tau,
+                self.prior_logits, variance)
+            self.prior_precision = precision.to(projected)
         logits = adapt_users(projected, users, self.model.num_users, self.settings, self.tau, self.prior_logits,
-                             init_logits=self.model.user_logits)
-        if self.model.personalized:
-            with torch.no_grad():
-                self.model.user_logits.copy_(logits)
+                             init_logits=self.model.user_logits, prior_precision=self.prior_precision)
+        precision = self.settings.prior_strength if self.settings.prior_strength is not None else self.prior_precision
+        with torch.no_grad():
+            self.model.user_logits.copy_(logits)
+            self.model.weight_covariance = weight_covariance(projected, users, logits, self.tau, precision)
         return logits
 
-    def adapt(self, pool: PreferenceSplit) -> Tensor:
-        """Without a Trainer: draw the shots of ``pool`` and fit its users; returns their weights ``[C, K]``."""
+    def adapt(self, pool: PreferenceSplit, val: PreferenceSplit | None = None) -> Tensor:
+        """Without a Trainer: draw the shots of ``pool`` and fit its users (the prior chosen on ``val``
+        where the settings say so); returns their weights ``[C, K]``."""
         if not self.built:
             self._install(self.new_users(pool.num_users, list(pool.user_ids)))
         shots = self.shots_of(pool)
         device = self.model.basis.device
-        self.fit_users(LF.project(shots.features.to(device), self.model.basis), shots.users.to(device))
+        self.fit_users(LF.project(shots.features.to(device), self.model.basis), shots.users.to(device), val)
         return self.model.user_weights()
 
     def shots_of(self, pool: PreferenceSplit) -> PreferenceSplit:
@@ -153,7 +194,7 @@ class FewShotModule(PreferenceModule):
             raise ValueError("FewShotModule fits on the whole few-shot pool as one batch")
         features, users = batch["features"], batch["users"]
         projected = LF.project(features, self.model.basis)  # V is frozen: project once
-        self.fit_users(projected, users)
+        self.fit_users(projected, users, self._val)
         logits = LF.projected_logits(projected, users, self.model.user_weights(), self.tau)
         self.metrics["train_acc"].update(logits.detach(), users)
         self.log("train/loss", LF.preference_loss(logits, users, self.model.num_users, "user_mean").detach(),

@@ -1,0 +1,323 @@
+"""Phase 1 for the data-starved regime: the MAP estimator with a spectral start and held-out selection.
+
+The model is LoRe's, ``w_u = softmax(L_u)`` and logit ``x . V w_u`` (tau = 1: the scale lives in V).
+The objective is the MAP one, the *summed* NLL of every pair plus Gaussian priors, so the priors fade
+as a user (or the population) brings more pairs::
+
+    sum_i softplus(-x_i . V w_{u_i}) + ridge(V) + 1/2 sum_u (L_u - mu)^T diag(precision) (L_u - mu)
+
+``ridge(V)`` is ``lambda/2 ||V||^2``, or with a deviation ratio r != 1 the shared direction and the
+personal deviations apart: ``lambda K/2 ||mean column||^2 + lambda r/2 ||V - mean column||^2``;
+``mu``, the population's mean logits, is learned with the rest (empirical Bayes).
+
+The recipe (measured on planted data in ``benchmarks/quality.py``):
+
+1. a subspace ``U`` ``[d, r]``: the top singular vectors of the users' mean pair vectors, whitened
+   by the features' Ledoit-Wolf second moment (a pooled least-squares estimate of each user's
+   direction; on a decaying spectrum it recovers the reward directions far better than the raw
+   means);
+2. model selection in the projected features ``X U`` (cheap): every candidate K at a default strength,
+   then a grid of strengths for the best K, each fitted by L-BFGS; the lowest validation NLL wins;
+3. the full-space fit from ``V = U A``: a ridge path from strong to weak, one L-BFGS stage each, until
+   the validation NLL gets worse (``BasisModule`` runs these stages as its epochs).
+
+Everything here is tensors in, tensors out: the validation pairs are given by the caller, who must
+keep them prompt-disjoint from training and test pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lore_pl.core import functional as LF
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """The MAP estimator of phase 1 (``BasisModule(estimator="map")``, the default).
+
+    Args:
+        ranks: the K that ``rank: auto`` chooses from (1 is one shared direction: no personalization).
+        subspace: r, the dimension of the spectral subspace the selection runs in.
+        whiten: whiten the users' mean vectors by the features' second moment before the SVD.
+        start_ridge: the basis ridge at which every candidate K is compared.
+        start_prior: the prior precision on the users' logits at which every K is compared.
+        ridges: basis ridges tried for the chosen K.
+        deviation_ratios: ratios of the deviations' ridge to the shared direction's tried for the chosen K.
+        priors: prior precisions on the users' logits tried for the chosen K.
+        projected_iterations: L-BFGS iterations of each fit in the subspace.
+        path: the full-space ridge path for K >= 2, strong to weak, as multiples of the ridge chosen in
+            the subspace.
+        shared_path: the full-space ridges for K = 1 (a plain Bradley-Terry direction), strong to weak.
+        stage_iterations: L-BFGS iterations of each full-space stage.
+        seed: seed of the random starts in the subspace.
+    """
+
+    ranks: tuple[int, ...] = (1, 2, 3, 5, 8)
+    subspace: int = 16
+    whiten: bool = True
+    start_ridge: float = 100.0
+    start_prior: float = 1.0
+    ridges: tuple[float, ...] = (10.0, 100.0)
+    deviation_ratios: tuple[float, ...] = (1.0, 10.0)
+    priors: tuple[float, ...] = (0.1, 1.0, 10.0)
+    projected_iterations: int = 200
+    path: tuple[float, ...] = (10.0, 3.0, 1.0, 0.3, 0.1)
+    shared_path: tuple[float, ...] = (1e5, 3e4, 1e4, 3e3, 1e3, 3e2, 1e2, 3e1, 1e1, 3.0, 1.0)
+    stage_iterations: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ranks or min(self.ranks) < 1:
+            raise ValueError(f"ranks must be positive, got {self.ranks}")
+        if self.subspace < max(self.ranks):
+            raise ValueError(f"subspace must be >= the largest rank {max(self.ranks)}, got {self.subspace}")
+        for name in ("ridges", "deviation_ratios", "priors", "path", "shared_path"):
+            values = getattr(self, name)
+            if not values or min(values) <= 0:
+                raise ValueError(f"{name} must be positive numbers, got {values}")
+        if self.start_ridge <= 0 or self.start_prior < 0:
+            raise ValueError("start_ridge must be positive and start_prior >= 0")
+        if self.projected_iterations < 1 or self.stage_iterations < 1:
+            raise ValueError("projected_iterations and stage_iterations must be >= 1")
+
+
+@dataclass(frozen=True)
+class Strengths:
+    """The priors of one MAP fit: the basis ridge, the deviation ratio and the logits' precision."""
+
+    ridge: float
+    deviation_ratio: float = 1.0
+    prior: float = 1.0
+
+    def describe(self) -> str:
+        extra = f", deviations x{self.deviation_ratio:g}" if self.deviation_ratio != 1.0 else ""
+        return f"ridge {self.ridge:g}{extra}, prior {self.prior:g}"
+
+
+@dataclass
+class MapState:
+    """The parameters of one MAP fit: basis ``[p, K]``, logits ``[C, K]`` (None for K=1), mean ``[K]``."""
+
+    basis: Tensor
+    logits: Tensor | None
+    mean: Tensor | None
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def weights(self, num_users: int) -> Tensor:
+        if self.logits is None:
+            return self.basis.new_ones(num_users, 1)
+        return torch.softmax(self.logits, dim=-1)
+
+    def detached(self) -> MapState:
+        return MapState(*(None if t is None else t.detach().clone() for t in (self.basis, self.logits, self.mean)))
+
+
+@dataclass
+class Candidate:
+    """One point of the held-out curve: a (K, strengths) fit and its validation scores."""
+
+    rank: int
+    strengths: Strengths
+    val_nll: float
+    val_acc: float
+    state: MapState = field(repr=False)
+
+    def describe(self) -> str:
+        return (f"K={self.rank}, {self.strengths.describe() if self.rank > 1 else f'ridge {self.strengths.ridge:g}'}: "
+                f"val NLL {self.val_nll:.4f}, val acc {self.val_acc:.4f}")
+
+
+# ------------------------------------------------------------------------------------ objective
+def ridge_penalty(basis: Tensor, strengths: Strengths) -> Tensor:
+    """``ridge(V)``: one penalty on V, or the shared direction and the deviations apart."""
+    if strengths.deviation_ratio == 1.0 or basis.shape[1] == 1:
+        return 0.5 * strengths.ridge * basis.pow(2).sum()
+    shared = basis.mean(dim=1, keepdim=True)
+    return 0.5 * strengths.ridge * (basis.shape[1] * shared.pow(2).sum()
+                                    + strengths.deviation_ratio * (basis - shared).pow(2).sum())
+
+
+def prior_penalty(logits: Tensor, mean: Tensor, precision: float | Tensor) -> Tensor:
+    """``1/2 sum_u (L_u - mu)^T diag(precision) (L_u - mu)``."""
+    return 0.5 * ((logits - mean).pow(2) * precision).sum()
+
+
+def map_loss(features: Tensor, users: Tensor, num_users: int, state: MapState, strengths: Strengths,
+             counts: Tensor | None = None, scale: float = 1.0, fused: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(the MAP objective divided by the pair count N, its mean NLL part, the pair logits).
+
+    Dividing by N keeps the numbers of one scale whatever the data's size; the minimizer is the MAP
+    one. Under data parallelism ``counts``/``scale`` make each rank's NLL its share times the world
+    size (``pair_loss``), and every rank adds the priors of its full copy of the parameters: the mean
+    over ranks, which DDP takes of the gradients, is the one-process objective.
+    """
+    weights = state.weights(num_users)
+    nll, logits = LF.pair_loss(features, users, state.basis, weights, 1.0, "pair_mean", counts, scale,
+                               fused=fused and features.dtype != torch.float64)
+    total_pairs = float(counts.sum()) if counts is not None else float(users.numel())
+    penalty = ridge_penalty(state.basis, strengths)
+    if state.logits is not None:
+        penalty = penalty + prior_penalty(state.logits, state.mean, strengths.prior)
+    return nll + penalty / max(total_pairs, 1.0), nll, logits
+
+
+def lbfgs(parameters: list[Tensor], iterations: int) -> torch.optim.LBFGS:
+    """Full-batch L-BFGS with a strong Wolfe line search (the MAP fits are smooth and deterministic)."""
+    return torch.optim.LBFGS(parameters, lr=1.0, max_iter=iterations, history_size=20,
+                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+
+
+def fit_map(features: Tensor, users: Tensor, num_users: int, state: MapState, strengths: Strengths,
+            iterations: int, fixed_basis: bool = False) -> MapState:
+    """Minimize the MAP objective from ``state`` by L-BFGS; returns the new state (``state`` untouched).
+
+    ``fixed_basis``: V stays as it is and only the users' logits and their mean are fitted.
+    """
+    state = state.detached()
+    free = (state.logits, state.mean) if fixed_basis else (state.basis, state.logits, state.mean)
+    parameters = [t.requires_grad_() for t in free if t is not None]
+    optimizer = lbfgs(parameters, iterations)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss, _, _ = map_loss(features, users, num_users, state, strengths)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return state.detached()
+
+
+def evaluate(features: Tensor, users: Tensor, num_users: int, state: MapState) -> tuple[float, float]:
+    """(mean NLL over the pairs, mean over users of per-user accuracy) of ``state`` on held-out pairs."""
+    with torch.no_grad():
+        logits = (LF.project(features, state.basis) * state.weights(num_users)[users]).sum(-1)
+        nll = float(F.softplus(-logits.double()).mean())
+        correct = torch.bincount(users[logits > 0], minlength=num_users).double()
+        total = torch.bincount(users, minlength=num_users).double()
+        present = total > 0
+        return nll, float((correct[present] / total[present]).mean())
+
+
+# ------------------------------------------------------------------------------------ the start
+def ledoit_wolf(features: Tensor) -> Tensor:
+    """The features' second moment ``X^T X / N`` shrunk towards a scaled identity (Ledoit-Wolf), float64."""
+    num, dim = features.shape
+    moment = torch.zeros(dim, dim, dtype=torch.float64)
+    squares = torch.zeros(num, dtype=torch.float64)
+    for start in range(0, num, 8192):  # float32 products in blocks, accumulated in float64
+        block = features[start:start + 8192].float()
+        moment += (block.t() @ block).double()
+        squares[start:start + 8192] = block.double().pow(2).sum(1)
+    moment /= num
+    target = torch.trace(moment) / dim
+    spread = (moment - target * torch.eye(dim, dtype=torch.float64)).pow(2).sum() / dim
+    noise = ((squares.pow(2).sum() / num - moment.pow(2).sum()) / num / dim).clamp(max=float(spread))
+    shrink = float(noise / spread) if spread > 0 else 1.0
+    moment.mul_(1 - shrink).diagonal().add_(shrink * target)
+    return moment
+
+
+def spectral_subspace(features: Tensor, users: Tensor, num_users: int, rank: int, whiten: bool = True) -> Tensor:
+    """An orthonormal ``[d, r]`` basis of the span of the users' reward directions, estimated from the
+    users' mean pair vectors ``g_u``: the top ``r`` right singular vectors of ``G Sigma^{-1/2}`` mapped
+    back by ``Sigma^{-1/2}`` (``whiten``), or of ``G`` itself."""
+    dim = features.shape[1]
+    rank = min(rank, dim, num_users)
+    sums = torch.zeros(num_users, dim, dtype=torch.float64)
+    for start in range(0, features.shape[0], 8192):  # in blocks: no float64 copy of all the features
+        sums.index_add_(0, users[start:start + 8192], features[start:start + 8192].double())
+    means = sums / torch.bincount(users, minlength=num_users).clamp(min=1).double()[:, None]
+    if whiten:
+        cholesky = torch.linalg.cholesky(ledoit_wolf(features))
+        whitened = torch.linalg.solve_triangular(cholesky, means.t(), upper=False).t()
+        _, _, right = torch.linalg.svd(whitened, full_matrices=False)
+        directions = torch.linalg.solve_triangular(cholesky.t(), right[:rank].t().contiguous(), upper=True)
+    else:
+        _, _, right = torch.linalg.svd(means, full_matrices=False)
+        directions = right[:rank].t()
+    subspace, _ = torch.linalg.qr(directions)
+    return subspace.float().contiguous()
+
+
+def random_state(dim: int, rank: int, num_users: int, generator: torch.Generator, dtype=torch.float64) -> MapState:
+    basis = torch.randn(dim, rank, generator=generator, dtype=dtype)
+    if rank == 1:
+        return MapState(basis, None, None)
+    return MapState(basis, torch.randn(num_users, rank, generator=generator, dtype=dtype), torch.zeros(rank, dtype=dtype))
+
+
+def select_model(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
+                 settings: MapSettings, ranks: tuple[int, ...] | None = None,
+                 subspace: Tensor | None = None) -> tuple[Candidate, list[Candidate], Tensor]:
+    """Choose K and the strengths in the spectral subspace, on the validation pairs' NLL.
+
+    Every K of ``ranks`` (default ``settings.ranks``) is fitted at the start strengths; then, for the
+    best K >= 2, every combination of ``ridges`` x ``deviation_ratios`` x ``priors``, warm started.
+    Returns (the best candidate, lifted to the full space: ``V = U A``; the held-out curve; ``U``).
+    """
+    ranks = tuple(ranks or settings.ranks)
+    if subspace is None:
+        subspace = spectral_subspace(features, users, num_users, max(settings.subspace, max(ranks)), settings.whiten)
+    projected, projected_val = LF.project(features, subspace).double(), LF.project(val_features, subspace).double()
+    generator = torch.Generator().manual_seed(settings.seed)
+    starts = {k: random_state(subspace.shape[1], k, num_users, generator) for k in ranks}
+    curve: list[Candidate] = []
+
+    def fit(rank: int, strengths: Strengths, start: MapState) -> Candidate:
+        state = fit_map(projected, users, num_users, start, strengths, settings.projected_iterations)
+        candidate = Candidate(rank, strengths, *evaluate(projected_val, val_users, num_users, state), state)
+        curve.append(candidate)
+        return candidate
+
+    for rank in ranks:
+        fit(rank, Strengths(settings.start_ridge, 1.0, settings.start_prior if rank > 1 else 0.0), starts[rank])
+    best = min(curve, key=lambda c: c.val_nll)
+    if best.rank > 1:
+        start = best.state
+        for ridge in settings.ridges:
+            for ratio in settings.deviation_ratios:
+                for prior in settings.priors:
+                    strengths = Strengths(ridge, ratio, prior)
+                    if strengths != best.strengths:
+                        fit(best.rank, strengths, start)
+    best = min(curve, key=lambda c: c.val_nll)
+    lifted = MapState((subspace.double() @ best.state.basis).float(),
+                      None if best.state.logits is None else best.state.logits.float(),
+                      None if best.state.mean is None else best.state.mean.float())
+    return replace(best, state=lifted), curve, subspace
+
+
+def ridge_path(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
+               state: MapState, strengths: Strengths, path: tuple[float, ...], iterations: int
+               ) -> tuple[MapState, float, list[tuple[float, float, float]]]:
+    """The full-space stages: the ridge of ``path`` strong to weak, warm started, until the validation
+    NLL gets worse. Returns (the best state, its ridge, the (ridge, val NLL, val acc) of every stage)."""
+    best, best_ridge, best_nll, stages = state, path[0], float("inf"), []
+    for ridge in path:
+        state = fit_map(features, users, num_users, state, replace(strengths, ridge=ridge), iterations)
+        nll, acc = evaluate(val_features, val_users, num_users, state)
+        stages.append((ridge, nll, acc))
+        if nll >= best_nll:
+            break
+        best, best_ridge, best_nll = state, ridge, nll
+    return best, best_ridge, stages
+
+
+def shared_direction(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
+                     settings: MapSettings = MapSettings()) -> tuple[Tensor, float, list[tuple[float, float, float]]]:
+    """One shared Bradley-Terry direction (K = 1, no personalization) by the same ridge path, from 0:
+    the baseline every personalized model is compared with. Returns (``v`` ``[d, 1]``, ridge, stages)."""
+    start = MapState(torch.zeros(features.shape[1], 1), None, None)
+    state, ridge, stages = ridge_path(features, users, val_features, val_users, num_users, start,
+                                      Strengths(settings.shared_path[0], 1.0, 0.0), settings.shared_path,
+                                      settings.stage_iterations)
+    return state.basis, ridge, stages
