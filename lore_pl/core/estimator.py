@@ -16,8 +16,10 @@ The recipe (measured on planted data in ``benchmarks/quality.py``):
    by the features' Ledoit-Wolf second moment (a pooled least-squares estimate of each user's
    direction; on a decaying spectrum it recovers the reward directions far better than the raw
    means);
-2. model selection in the projected features ``X U`` (cheap): every candidate K at a default strength,
-   then a grid of strengths for the best K, each fitted by L-BFGS; the lowest validation NLL wins;
+2. model selection in the projected features ``X U`` (cheap): every candidate K at a few basis ridges;
+   the smallest K whose validation NLL is within one standard error of the best K's (paired over the
+   validation pairs: parsimony where the data cannot tell); then a grid of strengths for that K, each
+   fitted by L-BFGS; the lowest validation NLL wins;
 3. the full-space fit from ``V = U A``: a ridge path from strong to weak, one L-BFGS stage each, until
    the validation NLL gets worse (``BasisModule`` runs these stages as its epochs).
 
@@ -44,9 +46,9 @@ class MapSettings:
         ranks: the K that ``rank: auto`` chooses from (1 is one shared direction: no personalization).
         subspace: r, the dimension of the spectral subspace the selection runs in.
         whiten: whiten the users' mean vectors by the features' second moment before the SVD.
-        start_ridge: the basis ridge at which every candidate K is compared.
+        start_ridges: the basis ridges at which every candidate K is fitted (its best one represents it).
         start_prior: the prior precision on the users' logits at which every K is compared.
-        ridges: basis ridges tried for the chosen K.
+        ridges: basis ridges tried for the chosen K, as multiples of its best start ridge.
         deviation_ratios: ratios of the deviations' ridge to the shared direction's tried for the chosen K.
         priors: prior precisions on the users' logits tried for the chosen K.
         projected_iterations: L-BFGS iterations of each fit in the subspace.
@@ -60,9 +62,9 @@ class MapSettings:
     ranks: tuple[int, ...] = (1, 2, 3, 5, 8)
     subspace: int = 16
     whiten: bool = True
-    start_ridge: float = 100.0
+    start_ridges: tuple[float, ...] = (100.0, 10.0, 1.0)
     start_prior: float = 1.0
-    ridges: tuple[float, ...] = (10.0, 100.0)
+    ridges: tuple[float, ...] = (1.0, 0.1)
     deviation_ratios: tuple[float, ...] = (1.0, 10.0)
     priors: tuple[float, ...] = (0.1, 1.0, 10.0)
     projected_iterations: int = 200
@@ -76,12 +78,12 @@ class MapSettings:
             raise ValueError(f"ranks must be positive, got {self.ranks}")
         if self.subspace < max(self.ranks):
             raise ValueError(f"subspace must be >= the largest rank {max(self.ranks)}, got {self.subspace}")
-        for name in ("ridges", "deviation_ratios", "priors", "path", "shared_path"):
+        for name in ("start_ridges", "ridges", "deviation_ratios", "priors", "path", "shared_path"):
             values = getattr(self, name)
             if not values or min(values) <= 0:
                 raise ValueError(f"{name} must be positive numbers, got {values}")
-        if self.start_ridge <= 0 or self.start_prior < 0:
-            raise ValueError("start_ridge must be positive and start_prior >= 0")
+        if self.start_prior < 0:
+            raise ValueError("start_prior must be >= 0")
         if self.projected_iterations < 1 or self.stage_iterations < 1:
             raise ValueError("projected_iterations and stage_iterations must be >= 1")
 
@@ -129,6 +131,7 @@ class Candidate:
     val_nll: float
     val_acc: float
     state: MapState = field(repr=False)
+    pair_nll: Tensor | None = field(default=None, repr=False)  # [validation pairs], for paired comparisons
 
     def describe(self) -> str:
         return (f"K={self.rank}, {self.strengths.describe() if self.rank > 1 else f'ridge {self.strengths.ridge:g}'}: "
@@ -198,13 +201,32 @@ def fit_map(features: Tensor, users: Tensor, num_users: int, state: MapState, st
 
 def evaluate(features: Tensor, users: Tensor, num_users: int, state: MapState) -> tuple[float, float]:
     """(mean NLL over the pairs, mean over users of per-user accuracy) of ``state`` on held-out pairs."""
+    nll, accuracy, _ = _scores(features, users, num_users, state)
+    return nll, accuracy
+
+
+def _scores(features: Tensor, users: Tensor, num_users: int, state: MapState) -> tuple[float, float, Tensor]:
     with torch.no_grad():
         logits = (LF.project(features, state.basis) * state.weights(num_users)[users]).sum(-1)
-        nll = float(F.softplus(-logits.double()).mean())
+        pair_nll = F.softplus(-logits.double())
         correct = torch.bincount(users[logits > 0], minlength=num_users).double()
         total = torch.bincount(users, minlength=num_users).double()
         present = total > 0
-        return nll, float((correct[present] / total[present]).mean())
+        return float(pair_nll.mean()), float((correct[present] / total[present]).mean()), pair_nll
+
+
+def parsimonious(candidates: list[Candidate]) -> Candidate:
+    """The candidate of lowest validation NLL, or the one of smallest K among the rest whose NLL is
+    within one standard error of it (the error of the mean paired difference over validation pairs):
+    a larger K must earn its place."""
+    best = min(candidates, key=lambda c: c.val_nll)
+    for candidate in sorted(candidates, key=lambda c: (c.rank, c.val_nll)):
+        if candidate.rank >= best.rank:
+            break
+        difference = candidate.pair_nll - best.pair_nll
+        if float(difference.mean()) <= float(difference.std()) / difference.numel() ** 0.5:
+            return candidate
+    return best
 
 
 # ------------------------------------------------------------------------------------ the start
@@ -260,8 +282,9 @@ def select_model(features: Tensor, users: Tensor, val_features: Tensor, val_user
                  subspace: Tensor | None = None) -> tuple[Candidate, list[Candidate], Tensor]:
     """Choose K and the strengths in the spectral subspace, on the validation pairs' NLL.
 
-    Every K of ``ranks`` (default ``settings.ranks``) is fitted at the start strengths; then, for the
-    best K >= 2, every combination of ``ridges`` x ``deviation_ratios`` x ``priors``, warm started.
+    Every K of ``ranks`` (default ``settings.ranks``) is fitted at each of ``start_ridges`` (strong to
+    weak, warm started); K is chosen by ``parsimonious`` among each K's best; then, for K >= 2, every
+    combination of ``ridges`` (times its ridge) x ``deviation_ratios`` x ``priors``, warm started.
     Returns (the best candidate, lifted to the full space: ``V = U A``; the held-out curve; ``U``).
     """
     ranks = tuple(ranks or settings.ranks)
@@ -274,22 +297,28 @@ def select_model(features: Tensor, users: Tensor, val_features: Tensor, val_user
 
     def fit(rank: int, strengths: Strengths, start: MapState) -> Candidate:
         state = fit_map(projected, users, num_users, start, strengths, settings.projected_iterations)
-        candidate = Candidate(rank, strengths, *evaluate(projected_val, val_users, num_users, state), state)
+        nll, accuracy, pair_nll = _scores(projected_val, val_users, num_users, state)
+        candidate = Candidate(rank, strengths, nll, accuracy, state, pair_nll)
         curve.append(candidate)
         return candidate
 
+    per_rank = []
     for rank in ranks:
-        fit(rank, Strengths(settings.start_ridge, 1.0, settings.start_prior if rank > 1 else 0.0), starts[rank])
-    best = min(curve, key=lambda c: c.val_nll)
-    if best.rank > 1:
-        start = best.state
-        for ridge in settings.ridges:
+        start, fits = starts[rank], []
+        for ridge in sorted(settings.start_ridges, reverse=True):
+            fits.append(fit(rank, Strengths(ridge, 1.0, settings.start_prior if rank > 1 else 0.0), start))
+            start = fits[-1].state
+        per_rank.append(min(fits, key=lambda c: c.val_nll))
+    chosen = parsimonious(per_rank)
+    best = chosen
+    if chosen.rank > 1:
+        for factor in settings.ridges:
             for ratio in settings.deviation_ratios:
                 for prior in settings.priors:
-                    strengths = Strengths(ridge, ratio, prior)
-                    if strengths != best.strengths:
-                        fit(best.rank, strengths, start)
-    best = min(curve, key=lambda c: c.val_nll)
+                    strengths = Strengths(chosen.strengths.ridge * factor, ratio, prior)
+                    if strengths != chosen.strengths:
+                        candidate = fit(chosen.rank, strengths, chosen.state)
+                        best = candidate if candidate.val_nll < best.val_nll else best
     lifted = MapState((subspace.double() @ best.state.basis).float(),
                       None if best.state.logits is None else best.state.logits.float(),
                       None if best.state.mean is None else best.state.mean.float())

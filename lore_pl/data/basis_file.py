@@ -51,10 +51,16 @@ class BasisFile:
 
     @classmethod
     def from_model(cls, model: LoreModel) -> BasisFile:
-        """The kept (unpruned) columns of ``model`` and its users' weights on them."""
+        """The kept (unpruned) columns of ``model``, its users' weights on them and its prior."""
         basis, weights = model.kept()
+        keep = model.active_columns
+        mean = model.population_logits()
+        covariance = model.weight_covariance
         return cls(basis, model.temperature, model.reference_head, list(model.user_ids),
-                   weights if model.num_users else None, model.embedder)
+                   weights if model.num_users else None, model.embedder,
+                   None if mean is None else mean[keep].detach(),
+                   None if model.prior_precision is None else model.prior_precision[keep].detach(),
+                   None if covariance is None else covariance[:, keep][:, :, keep].detach())
 
     def to_model(self, train_basis: bool = False, train_logits: bool = False) -> LoreModel:
         """A ``LoreModel`` with this basis and these users (logits ``log w``; frozen by default)."""
@@ -65,7 +71,9 @@ class BasisFile:
             logits = weights.float().clamp(min=1e-30).log()
         return LoreModel(self.basis, logits, tau=self.tau, reference_head=self.reference_head,
                          num_users=len(self.user_ids), user_ids=self.user_ids, embedder=self.embedder,
-                         train_basis=train_basis, train_logits=train_logits)
+                         prior_mean=self.prior_mean if self.rank >= 2 else None,
+                         prior_precision=self.prior_precision if self.rank >= 2 else None,
+                         weight_covariance=self.weight_covariance, train_basis=train_basis, train_logits=train_logits)
 
 
 def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:

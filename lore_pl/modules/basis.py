@@ -376,7 +376,7 @@ class BasisModule(PreferenceModule):
         initial = self._given_initial()
         if initial is not None:
             model = self._initial_model(datamodule)
-            self.selection = {"rank": model.rank, "strengths": asdict(E.Strengths(settings.start_ridge, 1.0,
+            self.selection = {"rank": model.rank, "strengths": asdict(E.Strengths(max(settings.start_ridges), 1.0,
                                                                                   settings.start_prior)),
                               "curve": [], "start": hp.initial_basis or "given tensors"}
             return model
@@ -413,7 +413,7 @@ class BasisModule(PreferenceModule):
     def _chosen(self) -> E.Strengths:
         if self.selection.get("strengths"):
             return E.Strengths(**self.selection["strengths"])
-        return E.Strengths(self.map_settings.start_ridge, 1.0, self.map_settings.start_prior)
+        return E.Strengths(max(self.map_settings.start_ridges), 1.0, self.map_settings.start_prior)
 
     @property
     def ridge_path(self) -> tuple[float, ...]:

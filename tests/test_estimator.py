@@ -1,0 +1,153 @@
+"""The MAP estimator (the default): held-out selection of K, the ridge path, the population prior."""
+
+import pytest
+import torch
+
+from datamodules import SyntheticPopulationDataModule
+from helpers import TINY, tiny_trainer
+from lore_pl import BasisModule, FewShotSettings, LoreModel, PersonalRewardModel
+from lore_pl.core import estimator as E
+from lore_pl.core import functional as LF
+from lore_pl.core.fewshot import adapt_users, fit_user_weights, weight_covariance
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: a small noisy population: 150 seen users x 30 Bradley-Terry pairs in d=16
+PLANTED = dict(dim=16, responses_per_prompt=8, num_train_prompts=300, num_test_prompts=60, num_seen_users=150,
+               num_unseen_users=20, train_prompts_per_user=30, fewshot_prompts_per_user=10, test_prompts_per_user=10,
+               labels="bradley_terry", noise_temperature=0.3, val_fraction=0.2)
+QUICK = E.MapSettings(subspace=8, projected_iterations=100, stage_iterations=20)
+
+
+def fitted(directions: int, seed: int = 0, **module) -> tuple[BasisModule, SyntheticPopulationDataModule]:
+    data = SyntheticPopulationDataModule(**PLANTED, num_directions=directions, seed=seed)
+    model = BasisModule(map_settings=QUICK, **module)
+    tiny_trainer(20, limit_val_batches=1.0, check_val_every_n_epoch=1).fit(model, datamodule=data)
+    return model, data
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rank_auto_finds_the_planted_rank_and_no_personalization_where_there_is_none(seed):
+    planted, _ = fitted(3, seed)
+    assert planted.model.rank == 3 and planted.selection["rank"] == 3
+    alike, _ = fitted(1, seed)  # every user has the same true direction
+    assert alike.model.rank == 1 and not alike.model.personalized
+    # the held-out curve is kept: every candidate K with its validation NLL
+    assert {entry["rank"] for entry in planted.selection["curve"]} == set(QUICK.ranks)
+
+
+def test_the_ridge_path_keeps_the_best_validated_stage():
+    model, data = fitted(3)
+    path = model.selection["path"]
+    kept = min(path, key=lambda stage: stage["val_nll"])
+    assert model.selection["ridge"] == kept["ridge"] and len(path) >= 2
+    # the model in hand is that stage's: its validation NLL is the best one seen
+    val = data.split("seen_val")
+    logits = model(val.features, val.users)
+    assert float(torch.nn.functional.softplus(-logits).mean()) == pytest.approx(kept["val_nll"], abs=1e-4)
+    # ridges go from strong to weak; the path stopped at the first worse stage or at its end
+    ridges = [stage["ridge"] for stage in path]
+    assert ridges == sorted(ridges, reverse=True)
+    assert path[-1]["val_nll"] > kept["val_nll"] or len(path) == len(model.ridge_path)
+
+
+def test_a_map_checkpoint_reloads_to_the_same_scores_and_selection(tmp_path):
+    data = SyntheticPopulationDataModule(**PLANTED, num_directions=3)
+    model = BasisModule(map_settings=QUICK)
+    trainer = tiny_trainer(20, limit_val_batches=1.0, check_val_every_n_epoch=1, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "map.ckpt")
+    reloaded = BasisModule.load_from_checkpoint(tmp_path / "map.ckpt", weights_only=True)
+    test = data.split("seen_test")
+    assert torch.equal(reloaded(test.features, test.users), model(test.features, test.users))
+    assert reloaded.selection == model.selection and reloaded.map_settings == QUICK
+    assert torch.equal(reloaded.model.prior_mean, model.model.prior_mean)
+
+
+def test_the_map_estimator_needs_validation_pairs_and_full_batches():
+    from lore_pl import LoreDataError
+
+    data = SyntheticPopulationDataModule(**{**PLANTED, "val_fraction": 0.0}, num_directions=3)
+    with pytest.raises(LoreDataError, match="validation pairs, and .* has none: give it a val_fraction > 0"):
+        tiny_trainer(1).fit(BasisModule(map_settings=QUICK), datamodule=data)
+    batched = SyntheticPopulationDataModule(**PLANTED, num_directions=3, batch_size=100)
+    with pytest.raises(ValueError, match="full-batch"):
+        tiny_trainer(1).fit(BasisModule(map_settings=QUICK), datamodule=batched)
+
+
+def test_the_prior_pulls_one_pair_to_the_population_and_lets_many_pairs_speak():
+    # one user whose own best weights are far from the population's mean
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.eye(3)
+    population = torch.tensor([2.0, 0.0, 0.0])  # the population leans on column 0; this user on column 2
+    user = torch.tensor([-2.0, -2.0, 3.0])
+    settings = FewShotSettings(shots=None, steps=800, lr=0.1, weight_init="population", prior_strength=1.0)
+    distances = {}
+    for pairs in (1, 200):
+        features = 2 * torch.randn(pairs, 3, generator=generator)
+        labels = torch.sigmoid(features @ torch.softmax(user, 0)) > torch.rand(pairs, generator=generator)
+        features = torch.where(labels[:, None], features, -features)  # chosen minus rejected
+        users = torch.zeros(pairs, dtype=torch.long)
+        projected = LF.project(features, basis)
+        with_prior = torch.softmax(adapt_users(projected, users, 1, settings, 1.0, population)[0], 0)
+        own = torch.softmax(fit_user_weights(projected, users, population[None], steps=800, lr=0.1, tau=1.0)[0], 0)
+        prior = torch.softmax(population, 0)
+        distances[pairs] = ((with_prior - prior).abs().sum() / (own - prior).abs().sum(), own)
+    # the share of the way from the population's weights to the user's own fit, in L1
+    assert distances[1][0] < 0.35  # one pair: near the population
+    assert distances[200][0] > 0.8  # 200 pairs: near the user's own fit
+
+
+def test_the_weight_covariance_is_a_covariance_and_shrinks_with_data():
+    generator = torch.Generator().manual_seed(1)
+    projected = torch.randn(400, 3, generator=generator)
+    users = torch.cat([torch.zeros(4, dtype=torch.long), torch.ones(396, dtype=torch.long)])
+    logits = torch.zeros(2, 3)
+    covariance = weight_covariance(projected, users, logits, 1.0, torch.ones(3))
+    for one in covariance:
+        torch.testing.assert_close(one, one.t())
+        assert torch.linalg.eigvalsh(one).min() > -1e-6
+        torch.testing.assert_close(one.sum(1), torch.zeros(3), atol=1e-6, rtol=0)  # weights sum to 1: no spread along
+    assert torch.trace(covariance[1]) < 0.2 * torch.trace(covariance[0])  # 396 pairs against 4
+    # a very strong prior leaves (almost) nothing uncertain
+    assert torch.trace(weight_covariance(projected, users, logits, 1.0, torch.full((3,), 1e6))[0]) < 1e-5
+
+
+def test_personalize_uses_the_basis_prior_and_reports_uncertainty(tmp_path):
+    from lore_pl import BasisFile, save_basis
+
+    basis = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    mean = torch.tensor([1.0, 0.0, -1.0])
+    model = LoreModel(basis, mean.expand(4, 3), tau=1.0, user_ids=["a", "b", "c", "d"], prior_mean=mean,
+                      prior_precision=torch.full((3,), 5.0), weight_covariance=torch.eye(3).expand(4, 3, 3) * 0.01,
+                      train_basis=False, train_logits=False)
+    save_basis(tmp_path / "basis.safetensors", BasisFile.from_model(model))
+    reward = PersonalRewardModel.load(tmp_path / "basis.safetensors")
+    chosen, rejected = 0.1 * torch.randn(1, 8), 0.1 * torch.randn(1, 8)
+    one = reward.personalize("new", chosen, rejected)
+    # one weak pair under the basis's prior: close to the population's mean weights
+    assert (one - torch.softmax(mean, 0)).abs().sum() < 0.05
+    unpulled = reward.personalize("unpulled", chosen, rejected, prior_strength=0.0)
+    assert (unpulled - torch.softmax(mean, 0)).abs().sum() > 0.05
+    spread = reward.score_std(torch.randn(5, 8), "new")
+    assert spread is not None and spread.shape == (5,) and bool((spread > 0).all())
+    assert reward.weight_covariance("new").shape == (3, 3)
+    reward.save(tmp_path / "with-new.safetensors")
+    again = PersonalRewardModel.load(tmp_path / "with-new.safetensors")
+    torch.testing.assert_close(again.weights("new"), one)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        reward.personalize("broken", torch.full((1, 8), float("nan")), rejected)
+    assert "broken" not in reward.user_ids
+
+
+def test_the_prior_is_chosen_on_the_unseen_users_validation_prompts(tiny_data):
+    from callbacks.protocol import evaluate_protocol
+
+    data = SyntheticPopulationDataModule(**TINY, val_fraction=0.3)
+    data.setup("fit")
+    model = LoreModel(data.true_directions, torch.zeros(data.num_users, 3), tau=1.0, prior_mean=torch.zeros(3),
+                      train_basis=False, train_logits=False)
+    results = evaluate_protocol(model, data, FewShotSettings(shots=4, steps=100))
+    assert results["fewshot_prior"].startswith(("isotropic", "empirical"))
+    fixed = evaluate_protocol(model, data, FewShotSettings(shots=4, steps=100, prior_strength=0.0))
+    assert "fewshot_prior" not in fixed
