@@ -283,3 +283,35 @@ def test_a_damaged_shard_is_re_embedded_by_the_data_module(tmp_path, tiny_reward
     assert len(calls) == 1  # only the damaged shard
     torch.testing.assert_close(cache.load(checksums=True)[0], expected)
     assert torch.equal(second.split("seen_train").features, first.split("seen_train").features)
+
+
+class _Payload:
+    """Unpickling this runs code: it touches a file (a stand-in for anything worse)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_could_run_code_is_refused(tmp_path, tiny_data):
+    from lore_pl import PersonalRewardModel, load_basis
+
+    trainer = tiny_trainer(max_epochs=1)
+    trainer.fit(BasisModule(estimator="adam", rank=2), datamodule=tiny_data)
+    trainer.save_checkpoint(tmp_path / "good.ckpt")
+    checkpoint = torch.load(tmp_path / "good.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["payload"] = _Payload(tmp_path / "pwned")
+    torch.save(checkpoint, tmp_path / "hostile.ckpt")
+    for load in (load_basis, PersonalRewardModel.load):
+        with pytest.raises(LoreDataError, match="hostile.ckpt: refused: .* could run code"):
+            load(tmp_path / "hostile.ckpt")
+    module = FewShotModule(basis_path=str(tmp_path / "hostile.ckpt"))
+    with pytest.raises(LoreDataError, match="refused"):
+        tiny_trainer(max_epochs=1).fit(module, datamodule=tiny_data)
+    assert not (tmp_path / "pwned").exists()  # the payload never ran
+    assert load_basis(tmp_path / "good.ckpt").rank == 2
+    (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "good.ckpt").read_bytes()[:100])
+    with pytest.raises(LoreDataError, match="truncated.ckpt: not a readable checkpoint"):
+        load_basis(tmp_path / "truncated.ckpt")

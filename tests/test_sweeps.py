@@ -7,7 +7,7 @@ from helpers import ROOT, TINY_DATA
 from lore_pl import FewShotSettings
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import fit_user_weights, per_fit_accuracy, stack_shots
-from lore_pl.experiments.sweeps import choose_prior_strength, shots_sweep
+from lore_pl.experiments.sweeps import held_out_prior, shots_sweep
 
 
 @pytest.fixture
@@ -67,10 +67,12 @@ def test_more_shots_help_and_the_prior_choice_is_from_the_grid(tiny_data, basis)
                            settings=FewShotSettings(steps=100, weight_init="randn", prior_strength=0.0))
     assert accuracy.shape == (2, 4)
     assert accuracy[1].mean() > accuracy[0].mean()
-    strength = choose_prior_strength(basis, 1.0, tiny_data.split("seen_train"), tiny_data.split("seen_test"),
-                                     tiny_data.true_weights["seen"], shots=2, grid=(0.0, 1.0),
-                                     settings=FewShotSettings(steps=50))
-    assert strength in (0.0, 1.0)
+    from lore_pl.core.fewshot import ISOTROPIC_PRIORS
+
+    prior = LF.population_logits(tiny_data.true_weights["seen"])
+    precision, label = held_out_prior(basis, 1.0, pool, tiny_data.split("unseen_val"), prior, None, 2,
+                                      FewShotSettings(steps=50))
+    assert label.startswith("isotropic") and any(abs(float(precision[0]) - s) < 1e-6 for s in ISOTROPIC_PRIORS)
 
 
 @pytest.mark.slow
@@ -83,7 +85,7 @@ def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
                          tiny_data.true_weights["seen"]))
     main(["shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={tmp_path / 'basis.safetensors'}",
           "--shots=[1, 4]", "--trials=2", "--fewshot.steps=30", "--methods=[reference, population, map]",
-          "--prior_grid=[0.0, 1.0]", "--loop_sample=2", f"--out_dir={tmp_path / 'shots'}", *TINY_DATA])
+          "--loop_sample=2", f"--out_dir={tmp_path / 'shots'}", *TINY_DATA])
     results = json.loads((tmp_path / "shots" / "results.json").read_text())
     assert set(results["methods"]) == {"reference", "population", "map"}
     assert len(results["methods"]["map"]["mean"]) == 2 and results["methods"]["reference"]["speedup"] > 0

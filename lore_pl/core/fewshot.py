@@ -326,10 +326,11 @@ def per_fit_accuracy(projected_test: Tensor, test_users: Tensor, weights: Tensor
     return (correct[:, present] / total[present]).mean(dim=1)
 
 
-def fit_stacked(stacked: StackedFits, settings: FewShotSettings, tau: float, prior_logits: Tensor | None = None) -> Tensor:
+def fit_stacked(stacked: StackedFits, settings: FewShotSettings, tau: float, prior_logits: Tensor | None = None,
+                prior_precision: Tensor | None = None) -> Tensor:
     """Fit all stacked fits at once (``adapt_users`` on the virtual users); returns weights ``[F, C, K]``."""
     logits = adapt_users(stacked.projected, stacked.users, stacked.num_fits * stacked.num_users, settings, tau,
-                         prior_logits)
+                         prior_logits, prior_precision=prior_precision)
     return simplex_weights(logits).reshape(stacked.num_fits, stacked.num_users, logits.shape[1])
 
 

@@ -20,52 +20,50 @@ from torch import Tensor
 
 from datamodules.base import PreferenceDataModule
 from lore_pl.core import functional as LF
-from lore_pl.core.fewshot import FewShotSettings, adapt_users, fit_stacked, per_fit_accuracy, stack_shots
+from lore_pl.core.fewshot import (
+    FewShotSettings,
+    adapt_users,
+    choose_prior,
+    fit_stacked,
+    logit_variance,
+    per_fit_accuracy,
+    stack_shots,
+)
 from lore_pl.data.atomic import write_atomic
 from lore_pl.data.basis_file import check_embedder, load_basis
 from lore_pl.data.preferences import PreferenceSplit
 
-#: Few-shot methods compared by the shots sweep: (weight init, prior strength). ``auto`` picks the
-#: prior strength with ``choose_prior_strength``.
+#: Few-shot methods compared by the shots sweep: (weight init, prior strength). ``None``: the prior
+#: chosen on the unseen users' validation pairs (``choose_prior``), or the basis's own prior.
 METHODS = {
     "reference": ("randn", 0.0),  # the reference: random start, no prior
-    "population": ("population", 0.0),  # start at the seen users' mean weights
-    "map": ("population", "auto"),  # that start plus a Gaussian prior around it (MAP)
+    "population": ("population", 0.0),  # start at the population's mean logits
+    "map": ("population", None),  # that start plus a Gaussian prior around it (MAP), chosen on held-out prompts
 }
-DEFAULT_PRIOR_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
-def choose_prior_strength(basis: Tensor, tau: float, seen_train: PreferenceSplit, seen_test: PreferenceSplit,
-                          seen_weights: Tensor, shots: int, grid=DEFAULT_PRIOR_GRID, trials: int = 2,
-                          settings: FewShotSettings = FewShotSettings()) -> float:
-    """Pick the prior strength by simulating the few-shot problem on the seen users.
-
-    Each seen user is treated as new: ``shots`` of their train pairs, fitted from the population
-    start with each strength of ``grid``, scored on their test pairs; the strength with the best
-    mean accuracy wins (ties: the weaker prior). Optimistic in absolute terms (V was trained on
-    these users' pairs), but it ranks strengths on the real shots count and population spread.
-    """
-    prior = LF.population_logits(seen_weights)
-    stacked = stack_shots(LF.project(seen_train.features, basis), seen_train.users, seen_train.num_users,
-                          [shots], trials, settings.shot_generator())
-    projected_test = LF.project(seen_test.features, basis)
-    scores = []
-    for strength in grid:
-        weights = fit_stacked(stacked, replace(settings, weight_init="population", prior_strength=strength), tau, prior)
-        scores.append(float(per_fit_accuracy(projected_test, seen_test.users, weights, tau).mean()))
-    best = max(range(len(grid)), key=lambda i: (round(scores[i], 6), -grid[i]))
-    return float(grid[best])
+def held_out_prior(basis: Tensor, tau: float, pool: PreferenceSplit, val: PreferenceSplit, prior_logits: Tensor,
+                   variance: Tensor | None, shots: int, settings: FewShotSettings) -> tuple[Tensor, str]:
+    """The few-shot prior chosen on the unseen users' validation pairs (prompts disjoint from their pool),
+    fitting ``shots`` of each user's pool pairs: (precision ``[K]``, its label)."""
+    kept = LF.sample_shots(pool.users, shots, settings.shot_generator())
+    precision, label, _ = choose_prior(LF.project(pool.features[kept], basis), pool.users[kept],
+                                       LF.project(val.features, basis), val.users, pool.num_users, settings, tau,
+                                       prior_logits, variance)
+    return precision, label
 
 
 def shots_sweep(basis: Tensor, tau: float, pool: PreferenceSplit, test: PreferenceSplit, shots: list[int],
-                trials: int, settings: FewShotSettings = FewShotSettings(), prior_logits: Tensor | None = None) -> Tensor:
+                trials: int, settings: FewShotSettings = FewShotSettings(), prior_logits: Tensor | None = None,
+                prior_precision: Tensor | None = None) -> Tensor:
     """Unseen users' test accuracy (mean over users) for each (shots, trial): ``[len(shots), trials]``.
 
-    Every (shots, trial) draws a fresh subsample (``settings.shot_seed``); the fits are ``settings``'s.
+    Every (shots, trial) draws a fresh subsample (``settings.shot_seed``); the fits are ``settings``'s
+    (with ``prior_precision`` where its ``prior_strength`` is null).
     """
     stacked = stack_shots(LF.project(pool.features, basis), pool.users, pool.num_users, shots, trials,
                           settings.shot_generator())
-    weights = fit_stacked(stacked, settings, tau, prior_logits)
+    weights = fit_stacked(stacked, settings, tau, prior_logits, prior_precision)
     return per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau).reshape(len(shots), trials)
 
 
@@ -110,7 +108,6 @@ def shots(
     methods: list[str] = ["reference"],  # noqa: B006
     fewshot: FewShotSettings = FewShotSettings(),
     prior_shots: int = 10,
-    prior_grid: list[float] = list(DEFAULT_PRIOR_GRID),  # noqa: B006
     loop_sample: int = 0,
     out_dir: str = "lightning_logs/sweeps/shots",
 ) -> dict:
@@ -122,12 +119,11 @@ def shots(
         shots: pairs per user to adapt on.
         trials: independent subsamples per shots value.
         methods: few-shot methods to compare: ``reference`` (random start), ``population`` (start at
-            the seen users' mean weights), ``map`` (that start and a prior, its strength chosen by
-            ``choose_prior_strength`` on the seen users).
+            the population's mean logits), ``map`` (that start and a prior, chosen on the unseen users'
+            validation pairs, or the basis's own prior where there are none).
         fewshot: the few-shot fit (Adam steps and lr; ``shot_seed`` seeds the subsamples and the
             starts; ``shots``, ``weight_init`` and ``prior_strength`` are set per shots value and method).
-        prior_shots: shots at which ``map`` chooses its prior strength (the pull then scales as 1/shots).
-        prior_grid: prior strengths ``map`` chooses from.
+        prior_shots: shots at which ``map`` chooses its prior (the prior's pull then fades with more shots).
         loop_sample: also time a per-user Python loop on this many fits, to compare (0: skip).
         out_dir: where results.json, results.csv, results.png and the TensorBoard figure go.
     """
@@ -143,22 +139,25 @@ def shots(
     basis, tau = loaded.basis.float(), loaded.tau
     check_embedder(loaded.embedder, data.embedder, basis_path)
     pool, test = data.split("unseen_pool"), data.split("unseen_test")
-    prior = None if loaded.user_weights is None else LF.population_logits(loaded.user_weights.float())
+    model = loaded.to_model()
+    prior = model.population_logits()
     payload: dict = {"basis_path": str(basis_path), "rank": basis.shape[1], "shots": shots, "trials": trials,
                      "users": pool.num_users, "methods": {}}
     for method in methods:
         init, strength = METHODS[method]
         if init == "population" and prior is None:
             raise ValueError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
-        if strength == "auto":
-            selection = data.split("seen_val") if data.has_split("seen_val") else data.split("seen_test")
-            strength = choose_prior_strength(basis, tau, data.split("seen_train"), selection,
-                                             loaded.user_weights.float(), prior_shots, prior_grid, settings=fewshot)
         settings = replace(fewshot, weight_init=init, prior_strength=strength)
+        precision, label = model.prior_precision, f"{strength:g}" if strength is not None else "the basis's"
+        if strength is None and data.has_split("unseen_val"):
+            variance = None if loaded.user_weights is None else logit_variance(loaded.user_weights.clamp(min=1e-30).log(),
+                                                                               prior)
+            precision, label = held_out_prior(basis, tau, pool, data.split("unseen_val"), prior, variance,
+                                              prior_shots, settings)
         start = time.perf_counter()
-        accuracy = shots_sweep(basis, tau, pool, test, shots, trials, settings, prior)
+        accuracy = shots_sweep(basis, tau, pool, test, shots, trials, settings, prior, precision)
         seconds = time.perf_counter() - start
-        result = {"init": init, "prior_strength": strength, "mean": accuracy.mean(1).tolist(),
+        result = {"init": init, "prior": label, "mean": accuracy.mean(1).tolist(),
                   "std": accuracy.std(1, unbiased=False).tolist(), "seconds": seconds}
         if loop_sample > 0:
             per_fit = _time_loop(LF.project(pool.features, basis), pool.users, pool.num_users,
@@ -193,7 +192,7 @@ def format_shots_table(payload: dict) -> str:
         lines.append(f"{s:>5}{cells}")
     for m in methods:
         r = payload["methods"][m]
-        extra = f", prior strength {r['prior_strength']:g}" if r["prior_strength"] else ""
+        extra = f", prior {r['prior']}" if r["prior"] != "0" else ""
         if "speedup" in r:
             extra += (f"; a per-user loop would take {r['loop_seconds_estimated']:.1f} s "
                       f"(timed on {r['loop_fits_timed']} fits): {r['speedup']:.0f}x slower")
