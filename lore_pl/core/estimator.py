@@ -21,7 +21,9 @@ The recipe (measured on planted data in ``benchmarks/quality.py``):
    validation pairs: parsimony where the data cannot tell); then a grid of strengths for that K, each
    fitted by L-BFGS; the lowest validation NLL wins;
 3. the full-space fit from ``V = U A``: a ridge path from strong to weak, one L-BFGS stage each, until
-   the validation NLL gets worse (``BasisModule`` runs these stages as its epochs).
+   the validation NLL gets worse (``BasisModule`` runs these stages as its epochs). For K = 1 the
+   path is the wide ``shared_path`` from 0, every stage validated: the subspace's ridge does not carry
+   over to the full space for a single direction, and a strong ridge plateaus.
 
 Everything here is tensors in, tensors out: the validation pairs are given by the caller, who must
 keep them prompt-disjoint from training and test pairs.
@@ -326,27 +328,30 @@ def select_model(features: Tensor, users: Tensor, val_features: Tensor, val_user
 
 
 def ridge_path(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
-               state: MapState, strengths: Strengths, path: tuple[float, ...], iterations: int
-               ) -> tuple[MapState, float, list[tuple[float, float, float]]]:
-    """The full-space stages: the ridge of ``path`` strong to weak, warm started, until the validation
-    NLL gets worse. Returns (the best state, its ridge, the (ridge, val NLL, val acc) of every stage)."""
+               state: MapState, strengths: Strengths, path: tuple[float, ...], iterations: int,
+               stop_early: bool = True) -> tuple[MapState, float, list[tuple[float, float, float]]]:
+    """The full-space stages: the ridge of ``path`` strong to weak, warm started; with ``stop_early``
+    until the validation NLL gets worse, else all of them. Returns (the best state, its ridge, the
+    (ridge, val NLL, val acc) of every stage)."""
     best, best_ridge, best_nll, stages = state, path[0], float("inf"), []
     for ridge in path:
         state = fit_map(features, users, num_users, state, replace(strengths, ridge=ridge), iterations)
         nll, acc = evaluate(val_features, val_users, num_users, state)
         stages.append((ridge, nll, acc))
-        if nll >= best_nll:
+        if nll < best_nll:
+            best, best_ridge, best_nll = state, ridge, nll
+        elif stop_early:
             break
-        best, best_ridge, best_nll = state, ridge, nll
     return best, best_ridge, stages
 
 
 def shared_direction(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
                      settings: MapSettings = MapSettings()) -> tuple[Tensor, float, list[tuple[float, float, float]]]:
-    """One shared Bradley-Terry direction (K = 1, no personalization) by the same ridge path, from 0:
-    the baseline every personalized model is compared with. Returns (``v`` ``[d, 1]``, ridge, stages)."""
+    """One shared Bradley-Terry direction (K = 1, no personalization) by the wide ridge path from 0,
+    every stage validated (a strong ridge plateaus, so none is skipped): the baseline every
+    personalized model is compared with. Returns (``v`` ``[d, 1]``, ridge, stages)."""
     start = MapState(torch.zeros(features.shape[1], 1), None, None)
     state, ridge, stages = ridge_path(features, users, val_features, val_users, num_users, start,
                                       Strengths(settings.shared_path[0], 1.0, 0.0), settings.shared_path,
-                                      settings.stage_iterations)
+                                      settings.stage_iterations, stop_early=False)
     return state.basis, ridge, stages

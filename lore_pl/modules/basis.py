@@ -432,6 +432,9 @@ class BasisModule(PreferenceModule):
             raise ValueError("the MAP estimator trains full-batch (L-BFGS): set the data module's batch_size to null")
         features, users, counts = batch["features"], batch["users"], batch.get("counts")
         optimizer = self.optimizers()
+        # each epoch is a stage with its own objective: L-BFGS's curvature pairs from the last one
+        # would mislead it (a stale gradient difference), so every stage starts afresh
+        optimizer.optimizer.state.clear()
         strengths = self._strengths()
         state = E.MapState(self.model.basis, self.model.user_logits, self.model.prior_mean)
         parameters = list(self._map_parameters().values())
@@ -458,7 +461,7 @@ class BasisModule(PreferenceModule):
 
     def _after_validation(self, val_nll: float) -> None:
         """The ridge path: a better stage is kept and the next, weaker ridge comes; a worse one ends the
-        fit with the best stage restored."""
+        fit with the best stage restored (K = 1: the whole wide path is validated, the best kept)."""
         stage, path = int(self.path_stage), self.ridge_path
         better = val_nll < float(self.best_val_nll)
         self.selection.setdefault("path", []).append({"ridge": path[min(stage, len(path) - 1)], "val_nll": val_nll})
@@ -467,7 +470,7 @@ class BasisModule(PreferenceModule):
             for name, tensor in self._map_parameters().items():
                 getattr(self, f"best_{name}").copy_(tensor.detach())
             self.selection["ridge"] = path[min(stage, len(path) - 1)]
-        if not better or stage + 1 >= len(path):
+        if (not better and self.model.rank >= 2) or stage + 1 >= len(path):
             self._restore_best()
             self.trainer.should_stop = True
             steps = ", ".join(f"{entry['ridge']:g}: {entry['val_nll']:.4f}" for entry in self.selection["path"])
