@@ -121,30 +121,48 @@ def bench_basis_step(cases, loop_max_users: int, repeats: int = 9) -> list[dict]
     return rows
 
 
-def bench_fewshot(num_users: int = 500, shots: int = 50, rank: int = 5, steps: int = 500, loop_sample: int = 10) -> dict:
+def bench_fewshot(num_users: int = 500, shots: int = 50, rank: int = 5, steps: int = 500,
+                  loop_sample: int = 10) -> dict:
     generator = torch.Generator().manual_seed(0)
     projected = torch.randn(num_users * shots, rank, generator=generator) * 30
     users = torch.arange(num_users).repeat_interleave(shots)
     init = torch.randn(num_users, rank, generator=generator)
     batched = median_seconds(lambda: FS.fit_user_weights(projected, users, init, steps=steps), 3)
     one = torch.zeros(shots, dtype=torch.long)
-    per_fit = median_seconds(lambda: [FS.fit_user_weights(projected[u * shots:(u + 1) * shots], one, init[u:u + 1],
-                                                          steps=steps) for u in range(loop_sample)], 1) / loop_sample
-    return {"benchmark": "fewshot", "users": num_users, "shots": shots, "K": rank, "steps": steps,
-            "batched_s": batched, "loop_s_estimated": per_fit * num_users, "loop_fits_timed": loop_sample,
-            "speedup": per_fit * num_users / batched}
+    per_fit = (
+        median_seconds(
+            lambda: [
+                FS.fit_user_weights(projected[u * shots : (u + 1) * shots], one, init[u : u + 1], steps=steps)
+                for u in range(loop_sample)
+            ],
+            1,
+        )
+        / loop_sample
+    )
+    return {
+        "benchmark": "fewshot",
+        "users": num_users,
+        "shots": shots,
+        "K": rank,
+        "steps": steps,
+        "batched_s": batched,
+        "loop_s_estimated": per_fit * num_users,
+        "loop_fits_timed": loop_sample,
+        "speedup": per_fit * num_users / batched,
+    }
 
 
-def bench_fewshot_module(num_users: int = 500, shots: int = 50, dim: int = 4096, rank: int = 5, steps: int = 500,
-                         repeats: int = 3) -> dict:
+def bench_fewshot_module(
+    num_users: int = 500, shots: int = 50, dim: int = 4096, rank: int = 5, steps: int = 500, repeats: int = 3
+) -> dict:
     """Phase 2 through ``Trainer.fit`` (``FewShotModule``: loaders, the shots subsample, projection, the
     solver, checkpoint-free) against the bare solver on the same pairs (projection + ``adapt_users``)."""
     from lightning import Trainer
 
     from datamodules.base import PreferenceData, PreferenceDataModule
+    from lore_pl.cli import quiet
     from lore_pl.core.fewshot import FewShotSettings, adapt_users
     from lore_pl.data.preferences import PreferenceSplit
-    from lore_pl.cli import quiet
     from lore_pl.modules.fewshot import FewShotModule
 
     quiet()
@@ -162,9 +180,17 @@ def bench_fewshot_module(num_users: int = 500, shots: int = 50, dim: int = 4096,
     data.setup("fit")
 
     def lightning_fit() -> float:
-        trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                          num_sanity_val_steps=0, log_every_n_steps=1)
+        trainer = Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+        )
         module = FewShotModule.from_basis(basis, 100.0, fewshot=settings)
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
@@ -182,9 +208,18 @@ def bench_fewshot_module(num_users: int = 500, shots: int = 50, dim: int = 4096,
     lightning_fit(), bare()  # warm-up
     rounds = [(*bare(), lightning_fit()) for _ in range(repeats)]
     solver, fit_only, fit = (sorted(values)[len(values) // 2] for values in zip(*rounds))
-    return {"benchmark": "fewshot_module", "users": num_users, "shots": shots, "d": dim, "K": rank, "steps": steps,
-            "bare_solver_s": solver, "bare_solver_without_projection_s": fit_only, "lightning_fit_s": fit,
-            "ratio": fit / solver}
+    return {
+        "benchmark": "fewshot_module",
+        "users": num_users,
+        "shots": shots,
+        "d": dim,
+        "K": rank,
+        "steps": steps,
+        "bare_solver_s": solver,
+        "bare_solver_without_projection_s": fit_only,
+        "lightning_fit_s": fit,
+        "ratio": fit / solver,
+    }
 
 
 def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps: int = 200) -> dict:
@@ -214,9 +249,18 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
     def lightning_fit() -> tuple[float, float]:
         torch.manual_seed(0)
         timer = LoopTimer()
-        trainer = Trainer(accelerator="cpu", max_epochs=steps, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                          num_sanity_val_steps=0, log_every_n_steps=50, callbacks=[timer])
+        trainer = Trainer(
+            accelerator="cpu",
+            max_epochs=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=50,
+            callbacks=[timer],
+        )
         start = time.perf_counter()
         trainer.fit(BasisModule(estimator="adam", rank=rank, prune_threshold=0.0), datamodule=InMemory())
         return timer.seconds, time.perf_counter() - start
@@ -239,9 +283,18 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
     lightning_fit()  # warm-up: imports, kernel build
     rounds = [(bare_loop(), *lightning_fit()) for _ in range(3)]
     bare, loop, fit = (sorted(values)[1] for values in zip(*rounds))
-    return {"benchmark": "lightning", "users": num_users, "d": dim, "K": rank, "steps": steps,
-            "bare_ms_per_step": bare / steps * 1e3, "lightning_ms_per_step": loop / steps * 1e3,
-            "ratio": loop / bare, "fit_ms_per_step_with_setup": fit / steps * 1e3, "fit_ratio": fit / bare}
+    return {
+        "benchmark": "lightning",
+        "users": num_users,
+        "d": dim,
+        "K": rank,
+        "steps": steps,
+        "bare_ms_per_step": bare / steps * 1e3,
+        "lightning_ms_per_step": loop / steps * 1e3,
+        "ratio": loop / bare,
+        "fit_ms_per_step_with_setup": fit / steps * 1e3,
+        "fit_ratio": fit / bare,
+    }
 
 
 MEMORY_CHILD = """
@@ -272,19 +325,30 @@ def bench_memory(num_users: int = 1000, dim: int = 4096, rank: int = 5) -> list[
     rows = []
     for fused in (True, False):
         code = MEMORY_CHILD.format(root=str(ROOT), num_users=num_users, dim=dim, rank=rank, fused=fused)
-        grown, feature_bytes = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                       check=True).stdout.split())
-        rows.append({"benchmark": "memory", "path": "fused_kernel" if fused else "pytorch", "users": num_users,
-                     "d": dim, "K": rank, "feature_bytes": feature_bytes, "peak_growth_bytes": grown,
-                     "ratio": grown / feature_bytes})
+        grown, feature_bytes = map(
+            int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        )
+        rows.append(
+            {
+                "benchmark": "memory",
+                "path": "fused_kernel" if fused else "pytorch",
+                "users": num_users,
+                "d": dim,
+                "K": rank,
+                "feature_bytes": feature_bytes,
+                "peak_growth_bytes": grown,
+                "ratio": grown / feature_bytes,
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small subset, under 2 minutes")
-    parser.add_argument("--only", choices=["basis_step", "fewshot", "fewshot_module", "lightning", "memory"],
-                        action="append")
+    parser.add_argument(
+        "--only", choices=["basis_step", "fewshot", "fewshot_module", "lightning", "memory"], action="append"
+    )
     parser.add_argument("--users", type=int, nargs="+", help="basis_step: only these numbers of users C")
     parser.add_argument("--dims", type=int, nargs="+", help="basis_step: only these feature dimensions d")
     parser.add_argument("--ranks", type=int, nargs="+", help="basis_step: only these ranks K")
@@ -292,10 +356,18 @@ def main(argv: list[str] | None = None) -> None:
     chosen = set(args.only or ["basis_step", "fewshot", "fewshot_module", "lightning", "memory"])
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}))
     if "basis_step" in chosen:
-        cases = [(100, 1024, 5), (1000, 1024, 5)] if args.quick else [
-            (c, d, k) for d in (1024, 4096) for k in (5, 20) for c in (100, 1000, 5000)]
-        cases = [(c, d, k) for c, d, k in cases if (not args.users or c in args.users)
-                 and (not args.dims or d in args.dims) and (not args.ranks or k in args.ranks)]
+        cases = (
+            [(100, 1024, 5), (1000, 1024, 5)]
+            if args.quick
+            else [(c, d, k) for d in (1024, 4096) for k in (5, 20) for c in (100, 1000, 5000)]
+        )
+        cases = [
+            (c, d, k)
+            for c, d, k in cases
+            if (not args.users or c in args.users)
+            and (not args.dims or d in args.dims)
+            and (not args.ranks or k in args.ranks)
+        ]
         bench_basis_step(cases, loop_max_users=1000 if args.quick else 5000)
     if "fewshot" in chosen:
         print(json.dumps(bench_fewshot(steps=100 if args.quick else 500)), flush=True)

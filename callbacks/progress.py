@@ -16,7 +16,9 @@ class EpochSummary(Callback):
         keys: which logged metrics to print, when present.
     """
 
-    def __init__(self, every_n_epochs: int = 100, keys: tuple[str, ...] = ("train/nll", "train/acc", "val/acc")) -> None:
+    def __init__(
+        self, every_n_epochs: int = 100, keys: tuple[str, ...] = ("train/nll", "train/acc", "val/acc")
+    ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.every_n_epochs = every_n_epochs

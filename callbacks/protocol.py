@@ -88,9 +88,15 @@ def evaluate_protocol(
     evaluated: dict[str, tuple[PreferenceSplit, Tensor]] = {}
     for role in ("seen_train", "seen_test"):
         if datamodule.has_split(role):
-            evaluated[role] = (datamodule.split(role), logits_of(datamodule.split(role), basis, seen_weights, tau, device))
-    results: dict[str, float | int | str] = {"rank": model.rank, "kept_rank": int(basis.shape[1]),
-                                             "shots": fewshot.shots or 0}
+            evaluated[role] = (
+                datamodule.split(role),
+                logits_of(datamodule.split(role), basis, seen_weights, tau, device),
+            )
+    results: dict[str, float | int | str] = {
+        "rank": model.rank,
+        "kept_rank": int(basis.shape[1]),
+        "shots": fewshot.shots or 0,
+    }
     unseen_weights = None
     if datamodule.has_split("unseen_pool"):
         pool = datamodule.split("unseen_pool")
@@ -139,8 +145,9 @@ def format_table(results: dict) -> str:
     header = f"{'LoRe protocol (K=' + str(results['rank']) + ', kept ' + str(results['kept_rank']) + ')':<34}"
     header += "".join(f"{column:>18}" for column in columns)
     lines = [header, "-" * len(header)]
-    cell = lambda key: (f"{results[key]:>10.4f} ± {results[key + '_std']:.4f}" if key in results  # noqa: E731
-                        else f"{'':>18}")
+    def cell(key: str) -> str:
+        return f"{results[key]:>10.4f} ± {results[key + '_std']:.4f}" if key in results else f"{'':>18}"
+
     for key, _, label in PROTOCOL_ROWS:
         if key not in results:
             continue
@@ -148,10 +155,16 @@ def format_table(results: dict) -> str:
         row += cell(f"oracle/{key}") if has_oracle else ""
         lines.append(row)
     lines.append("(mean over users ± plain std over users)")
-    for key, label in (("unseen/test_acc", "unseen users, unseen prompts"), ("seen/test_acc", "seen users, unseen prompts")):
-        gains = [f"{results[f'gain/{name}/{key}']:+.4f} [{results[f'gain/{name}/{key}_low']:+.4f}, "
-                 f"{results[f'gain/{name}/{key}_high']:+.4f}] over {BASELINES[name]}"
-                 for name in names if f"gain/{name}/{key}" in results]
+    for key, label in (
+        ("unseen/test_acc", "unseen users, unseen prompts"),
+        ("seen/test_acc", "seen users, unseen prompts"),
+    ):
+        gains = [
+            f"{results[f'gain/{name}/{key}']:+.4f} [{results[f'gain/{name}/{key}_low']:+.4f}, "
+            f"{results[f'gain/{name}/{key}_high']:+.4f}] over {BASELINES[name]}"
+            for name in names
+            if f"gain/{name}/{key}" in results
+        ]
         if gains:
             lines.append(f"gain on {label}: " + "; ".join(gains))
     if names:
@@ -201,7 +214,9 @@ class ProtocolEvaluation(Callback):
         # on_fit_end runs after the strategy moved the module back to the CPU: evaluate on the
         # training device instead
         device = trainer.strategy.root_device
-        shared, note = shared_baseline(pl_module.model, datamodule, pl_module.map_settings) if self.baselines else (None, "")
+        shared, note = (
+            shared_baseline(pl_module.model, datamodule, pl_module.map_settings) if self.baselines else (None, "")
+        )
         self.results = evaluate_protocol(pl_module.model, datamodule, pl_module.fewshot, device=device, shared=shared)
         if note:
             self.results["baselines/shared/fit"] = note
@@ -213,11 +228,16 @@ class ProtocolEvaluation(Callback):
             return
         write_json_atomic(run_dir / self.filename, self.results)
         for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in self.results.items() if "/" in k and isinstance(v, (int, float))},
-                               step=trainer.global_step)
+            logger.log_metrics(
+                {k: v for k, v in self.results.items() if "/" in k and isinstance(v, (int, float))},
+                step=trainer.global_step,
+            )
             if "unseen/test_acc" in self.results:
-                sizes = {"num_users": pl_module.model.num_users, "feature_dim": pl_module.model.dim,
-                         "chosen_rank": pl_module.model.rank}
+                sizes = {
+                    "num_users": pl_module.model.num_users,
+                    "feature_dim": pl_module.model.dim,
+                    "chosen_rank": pl_module.model.rank,
+                }
                 logger.log_hyperparams({**pl_module.hparams, **sizes}, {"hp_metric": self.results["unseen/test_acc"]})
             logger.save()
         print("\n" + format_table(self.results) + f"\nwritten: {run_dir / self.filename}", flush=True)

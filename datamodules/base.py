@@ -217,7 +217,8 @@ class PreferenceDataModule(LightningDataModule):
                 if empty:
                     shown = ", ".join(repr(user) for user in empty[:5]) + (", ..." if len(empty) > 5 else "")
                     raise LoreDataError(
-                        f"split {role!r}: {len(empty)} of its {split.num_users} users have no {what}: {shown}; {advice}")
+                        f"split {role!r}: {len(empty)} of its {split.num_users} users have no {what}: {shown}; "
+                        f"{advice}")
 
     def has_split(self, role: str) -> bool:
         return role in self.data.splits
@@ -270,8 +271,9 @@ class PreferenceDataModule(LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _loader(self, split: PreferenceSplit, batch_size: int | None, shuffle: bool = False,
-                shard: bool = True) -> DataLoader:
+    def _loader(
+        self, split: PreferenceSplit, batch_size: int | None, shuffle: bool = False, shard: bool = True
+    ) -> DataLoader:
         rank, world_size = self._shard() if shard else (0, 1)
         return split.loader(batch_size, shuffle=shuffle, rank=rank, world_size=world_size)
 
@@ -290,7 +292,9 @@ class PreferenceDataModule(LightningDataModule):
         if request.shots is not None:
             # drawn from the whole split on every rank alike, before sharding, so DDP trains on
             # exactly the pairs one process would
-            split = split.subset(LF.sample_shots(split.users, request.shots, torch.Generator().manual_seed(request.shot_seed)))
+            split = split.subset(
+                LF.sample_shots(split.users, request.shots, torch.Generator().manual_seed(request.shot_seed))
+            )
         return self._loader(split, batch_size, shuffle, shard=request.shard)
 
     def val_dataloader(self) -> DataLoader:

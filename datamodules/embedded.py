@@ -86,8 +86,12 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         if self._cache is None:
             from lore_pl.data.embedder import template_id
 
-            key = {"dataset": type(self).__name__, "revision": self.source_revision(),
-                   "options": self.source_options(), "embedder": self.embedder_spec.cache_key(template_id(self.embedder_spec))}
+            key = {
+                "dataset": type(self).__name__,
+                "revision": self.source_revision(),
+                "options": self.source_options(),
+                "embedder": self.embedder_spec.cache_key(template_id(self.embedder_spec)),
+            }
             self._cache = FeatureCache(self.cache_dir, key, name=type(self).__name__)
         return self._cache
 
@@ -101,9 +105,11 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
             if not damaged:
                 return
             # rebuild rather than stop: the items are known, only the damaged shards are embedded again
-            rank_zero_warn(f"feature cache {cache.directory}: re-embedding {len(damaged)} damaged shard(s): "
-                           + "; ".join(f"{cache.shard_path(i).name}: {what}" for i, what in list(damaged.items())[:3]),
-                           category=LoreDataWarning)
+            rank_zero_warn(
+                f"feature cache {cache.directory}: re-embedding {len(damaged)} damaged shard(s): "
+                + "; ".join(f"{cache.shard_path(i).name}: {what}" for i, what in list(damaged.items())[:3]),
+                category=LoreDataWarning,
+            )
             cache.invalidate(list(damaged))
         items, table = self.read_source()
         cache.initialize(items, self.shard_size)

@@ -115,7 +115,9 @@ def drop_users_without(role_rows: dict[str, np.ndarray], users: np.ndarray, firs
 
 def leak_free(role_rows: dict[str, np.ndarray], groups: np.ndarray) -> None:
     """Drop test pairs whose prompt is in any training pair (in place): test prompts stay unseen."""
-    trained = set(groups[np.concatenate([role_rows.get("seen_train", []), role_rows.get("unseen_pool", [])]).astype(int)])
+    trained = set(
+        groups[np.concatenate([role_rows.get("seen_train", []), role_rows.get("unseen_pool", [])]).astype(int)]
+    )
     for role in ("seen_test", "unseen_test"):
         rows = role_rows[role]
         role_rows[role] = rows[~np.isin(groups[rows], list(trained))]

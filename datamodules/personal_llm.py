@@ -51,7 +51,8 @@ class PersonalLLMDataModule(HubPreferenceDataModule):
         unseen_train_prompts: train prompts per unseen user: a fraction (0.001 in the paper) or a count.
         test_prompts: test prompts per user: null for all (the paper), a fraction or a count.
         dirichlet_alpha: concentration of the users' weights (0.1 in the paper).
-        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling,
+            the validation hold-out, the cache and the embedder).
     """
 
     def __init__(
@@ -84,7 +85,9 @@ class PersonalLLMDataModule(HubPreferenceDataModule):
             for number, record in enumerate(read_all(find_files(root, split)), 1):
                 messages = [{"role": "user", "content": record["prompt"]}]
                 try:
-                    row_scores = [[float(record[f"response_{i}_{rm}"]) for rm in REWARD_MODELS] for i in range(1, RESPONSES + 1)]
+                    row_scores = [
+                        [float(record[f"response_{i}_{rm}"]) for rm in REWARD_MODELS] for i in range(1, RESPONSES + 1)
+                    ]
                 except (KeyError, TypeError) as error:
                     raise ValueError(f"{root}: {split} row {number}: missing or empty score field {error}") from None
                 responses.append([items.add(messages, record[f"response_{i}"]) for i in range(1, RESPONSES + 1)])
@@ -94,16 +97,26 @@ class PersonalLLMDataModule(HubPreferenceDataModule):
 
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
         rng = np.random.default_rng(self.seed)
-        prompts = {split: (np.asarray(table[split]["responses"]), np.asarray(table[split]["scores"])) for split in table}
+        prompts = {
+            split: (np.asarray(table[split]["responses"]), np.asarray(table[split]["scores"])) for split in table
+        }
         population = self.population
         per_user = {
-            "seen_train": ("train", per_user_count(self.seen_train_prompts, len(prompts["train"][0]), "seen_train_prompts")),
+            "seen_train": (
+                "train",
+                per_user_count(self.seen_train_prompts, len(prompts["train"][0]), "seen_train_prompts"),
+            ),
             "seen_test": ("test", per_user_count(self.test_prompts, len(prompts["test"][0]), "test_prompts")),
-            "unseen_pool": ("train", per_user_count(self.unseen_train_prompts, len(prompts["train"][0]), "unseen_train_prompts")),
+            "unseen_pool": (
+                "train",
+                per_user_count(self.unseen_train_prompts, len(prompts["train"][0]), "unseen_train_prompts"),
+            ),
             "unseen_test": ("test", per_user_count(self.test_prompts, len(prompts["test"][0]), "test_prompts")),
         }
-        weights = {name: rng.dirichlet(np.full(len(REWARD_MODELS), self.dirichlet_alpha), size=count)
-                   for name, count in population.items()}
+        weights = {
+            name: rng.dirichlet(np.full(len(REWARD_MODELS), self.dirichlet_alpha), size=count)
+            for name, count in population.items()
+        }
         self.true_weights = {name: torch.from_numpy(w).float() for name, w in weights.items()}
         first_id = {"train": 0, "test": len(prompts["train"][0])}  # prompt ids, distinct across the two splits
         splits = {}
@@ -122,6 +135,11 @@ class PersonalLLMDataModule(HubPreferenceDataModule):
             keep = chosen != rejected  # all eight scores tied: no preference
             features = embeddings[torch.as_tensor(chosen[keep])] - embeddings[torch.as_tensor(rejected[keep])]
             user_ids = [f"{name}-{i:05d}" for i in range(num_users)]
-            splits[role] = PreferenceSplit(features.float(), torch.as_tensor(users[keep]), user_ids, name=role,
-                                           prompts=torch.as_tensor(prompt_of[keep] + first_id[split]))
+            splits[role] = PreferenceSplit(
+                features.float(),
+                torch.as_tensor(users[keep]),
+                user_ids,
+                name=role,
+                prompts=torch.as_tensor(prompt_of[keep] + first_id[split]),
+            )
         return PreferenceData(splits, reference_head=reference_head)

@@ -33,7 +33,9 @@ def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str
         # an id is a string or a number; a list, dict, bool or NaN is a broken row, not a user
         if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
                 isinstance(value, float) and not math.isfinite(value)):
-            raise LoreDataError(f"{where}: field {columns['user_id']!r} must be a string or a number, got {value!r:.60}")
+            raise LoreDataError(
+                f"{where}: field {columns['user_id']!r} must be a string or a number, got {value!r:.60}"
+            )
         user = str(value).strip()
         if not user:
             raise LoreDataError(f"{where}: field {columns['user_id']!r} is empty")
@@ -76,7 +78,8 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         seen_fraction: fraction of users who train the basis (the rest are adapted few-shot).
         test_fraction: fraction of prompts held out for testing.
         seed: seed of both splits.
-        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling,
+            the validation hold-out, the cache and the embedder).
     """
 
     def __init__(
@@ -96,7 +99,12 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
         self.path = Path(path).expanduser()
-        self.columns = {"user_id": user_column, "prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
+        self.columns = {
+            "user_id": user_column,
+            "prompt": prompt_column,
+            "chosen": chosen_column,
+            "rejected": rejected_column,
+        }
         self.seen_fraction, self.test_fraction, self.seed = seen_fraction, test_fraction, seed
 
     def source_revision(self) -> str:
@@ -117,13 +125,17 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         test_groups, _ = split_fraction(groups, self.test_fraction, self.seed + 1)
         is_seen, is_test = np.isin(users, seen), np.isin(groups, test_groups)
         role_rows = {
-            "seen_train": np.flatnonzero(is_seen & ~is_test), "seen_test": np.flatnonzero(is_seen & is_test),
-            "unseen_pool": np.flatnonzero(~is_seen & ~is_test), "unseen_test": np.flatnonzero(~is_seen & is_test),
+            "seen_train": np.flatnonzero(is_seen & ~is_test),
+            "seen_test": np.flatnonzero(is_seen & is_test),
+            "unseen_pool": np.flatnonzero(~is_seen & ~is_test),
+            "unseen_test": np.flatnonzero(~is_seen & is_test),
         }
         before = set(users)
         drop_users_without(role_rows, users, "seen_train", "seen_test")
         drop_users_without(role_rows, users, "unseen_pool", "unseen_test")
         dropped = before - set(users[np.concatenate(list(role_rows.values()))])
         if dropped:
-            rank_zero_warn(f"{self.path}: {len(dropped)} user(s) have no pairs on train or on test prompts and are dropped")
+            rank_zero_warn(
+                f"{self.path}: {len(dropped)} user(s) have no pairs on train or on test prompts and are dropped"
+            )
         return build_preference_data(table, embeddings, reference_head, role_rows)

@@ -58,7 +58,8 @@ class PRISMDataModule(HubPreferenceDataModule):
         seen_fraction: fraction of users who train the basis (0.8 in the paper).
         min_dialogs: users need more than this many dialogs (5 in the paper).
         train_fraction: fraction of each user's dialogs used for training (0.5 in the paper).
-        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling,
+            the validation hold-out, the cache and the embedder).
     """
 
     allow_patterns = ["survey.jsonl", "conversations.jsonl"]
@@ -86,8 +87,12 @@ class PRISMDataModule(HubPreferenceDataModule):
             if user not in participants:
                 continue
             for messages, chosen, rejected in conversation_pairs(conversation):
-                table.append(user, items.add(messages, chosen), items.add(messages, rejected),
-                             str(conversation["conversation_id"]))
+                table.append(
+                    user,
+                    items.add(messages, chosen),
+                    items.add(messages, rejected),
+                    str(conversation["conversation_id"]),
+                )
         return items.items, table.to_json()
 
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
@@ -108,7 +113,9 @@ class PRISMDataModule(HubPreferenceDataModule):
         is_train = np.isin(dialogs, train_dialogs)
         is_seen, is_unseen = np.isin(users, seen), np.isin(users, unseen)
         role_rows = {
-            "seen_train": np.flatnonzero(is_seen & is_train), "seen_test": np.flatnonzero(is_seen & ~is_train),
-            "unseen_pool": np.flatnonzero(is_unseen & is_train), "unseen_test": np.flatnonzero(is_unseen & ~is_train),
+            "seen_train": np.flatnonzero(is_seen & is_train),
+            "seen_test": np.flatnonzero(is_seen & ~is_train),
+            "unseen_pool": np.flatnonzero(is_unseen & is_train),
+            "unseen_test": np.flatnonzero(is_unseen & ~is_train),
         }
         return build_preference_data(table, embeddings, reference_head, role_rows)

@@ -33,7 +33,8 @@ class RedditTLDRDataModule(HubPreferenceDataModule):
         seen_train_cap: train pairs per seen worker (150 in the paper).
         unseen_train_cap: few-shot pool per unseen worker (50 in the paper; 100 in the shots sweep).
         drop_fewest: how many workers with the fewest pairs are dropped (2 in the paper).
-        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling, validation hold-out, cache and embedder).
+        **kwargs: the loading arguments of ``EmbeddedPreferenceDataModule`` (batch sizes, shuffling,
+            the validation hold-out, the cache and the embedder).
     """
 
     allow_patterns = ["*comparisons*"]
@@ -64,7 +65,9 @@ class RedditTLDRDataModule(HubPreferenceDataModule):
                     continue  # nothing to compare
                 messages = [{"role": "user", "content": post}]
                 group = str(info.get("id") or post)
-                table.append(str(record["worker"]), items.add(messages, chosen), items.add(messages, rejected), group, split)
+                table.append(
+                    str(record["worker"]), items.add(messages, chosen), items.add(messages, rejected), group, split
+                )
         return items.items, table.to_json()
 
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
@@ -75,7 +78,7 @@ class RedditTLDRDataModule(HubPreferenceDataModule):
         counts = Counter(u for u in users if u in in_both)
         fewest = sorted(counts, key=lambda u: (counts[u], u))[: self.drop_fewest]
         workers = shuffled(set(counts) - set(fewest), self.seed)
-        seen, unseen = workers[: len(workers) // 2], workers[len(workers) // 2:]
+        seen, unseen = workers[: len(workers) // 2], workers[len(workers) // 2 :]
         train, validation = source == "train", source == "validation"
         is_seen, is_unseen = np.isin(users, seen), np.isin(users, unseen)
         role_rows = {

@@ -38,14 +38,19 @@ def resolve(source: str, revision: str = "main", allow_patterns: list[str] | Non
         return path, file_digest(local_files(path))
     from huggingface_hub import snapshot_download
 
-    local = Path(snapshot_download(repo_id=source, repo_type="dataset", revision=revision, allow_patterns=allow_patterns))
+    local = Path(
+        snapshot_download(repo_id=source, repo_type="dataset", revision=revision, allow_patterns=allow_patterns)
+    )
     return local, local.name  # snapshots/<commit>
 
 
 def find_files(root: Path, *name_parts: str) -> list[Path]:
     """All data files under ``root`` whose relative path contains every one of ``name_parts``."""
-    found = [p for p in local_files(root) if all(part in str(p.relative_to(root) if root.is_dir() else p.name)
-                                                 for part in name_parts)]
+    found = [
+        p
+        for p in local_files(root)
+        if all(part in str(p.relative_to(root) if root.is_dir() else p.name) for part in name_parts)
+    ]
     if not found:
         raise FileNotFoundError(f"no data file with {name_parts} in its path ({', '.join(SUFFIXES)}) under {root}")
     return found

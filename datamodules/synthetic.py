@@ -116,10 +116,19 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         weights = {name: rng.dirichlet(np.full(hp.num_directions, hp.dirichlet_alpha), size=count)
                    for name, count in population.items()}
         per_user = {
-            "seen_train": ("train", self._count(hp.train_prompts_per_user, hp.num_train_prompts, "train_prompts_per_user")),
+            "seen_train": (
+                "train",
+                self._count(hp.train_prompts_per_user, hp.num_train_prompts, "train_prompts_per_user"),
+            ),
             "seen_test": ("test", self._count(hp.test_prompts_per_user, hp.num_test_prompts, "test_prompts_per_user")),
-            "unseen_pool": ("train", self._count(hp.fewshot_prompts_per_user, hp.num_train_prompts, "fewshot_prompts_per_user")),
-            "unseen_test": ("test", self._count(hp.test_prompts_per_user, hp.num_test_prompts, "test_prompts_per_user")),
+            "unseen_pool": (
+                "train",
+                self._count(hp.fewshot_prompts_per_user, hp.num_train_prompts, "fewshot_prompts_per_user"),
+            ),
+            "unseen_test": (
+                "test",
+                self._count(hp.test_prompts_per_user, hp.num_test_prompts, "test_prompts_per_user"),
+            ),
         }
         first_id = {"train": 0, "test": hp.num_train_prompts}  # prompt ids, distinct across the two sets
         splits = {}
@@ -128,9 +137,12 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
             if population[population_name] == 0:
                 continue
             user_ids = [f"{population_name}-{i:05d}" for i in range(population[population_name])]
-            features, users, prompt_of = self._simulate(rng, prompts[prompt_set], directions, weights[population_name],
-                                                        count)
-            splits[role] = PreferenceSplit(features, users, user_ids, name=role, prompts=prompt_of + first_id[prompt_set])
+            features, users, prompt_of = self._simulate(
+                rng, prompts[prompt_set], directions, weights[population_name], count
+            )
+            splits[role] = PreferenceSplit(
+                features, users, user_ids, name=role, prompts=prompt_of + first_id[prompt_set]
+            )
         self.true_directions = torch.from_numpy(directions).float()
         self.true_weights = {name: torch.from_numpy(w).float() for name, w in weights.items()}
         return PreferenceData(splits, reference_head=self._reference_head(self.true_directions.mean(dim=1)))
@@ -142,7 +154,9 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         if choice == "mean":
             return mean
         # a direction at cosine c to the truth, of its norm: c m + sqrt(1 - c^2) |m| r with r orthogonal to m
-        other = torch.randn(mean.shape[0], generator=torch.Generator().manual_seed(self.hparams.seed + 1), dtype=torch.float64)
+        other = torch.randn(
+            mean.shape[0], generator=torch.Generator().manual_seed(self.hparams.seed + 1), dtype=torch.float64
+        )
         unit = (mean / mean.norm()).double()
         other = other - (other @ unit) * unit
         other = other / other.norm()

@@ -114,7 +114,9 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException:
         # Lightning stops a fit on SIGTERM with a SystemExit of status 0, which tells a scheduler the
         # job finished; exit as a process killed by SIGTERM would (128 + 15).
-        print("stopped by SIGTERM; resume with --ckpt_path last (or the path of last.ckpt)", file=sys.stderr, flush=True)
+        print(
+            "stopped by SIGTERM; resume with --ckpt_path last (or the path of last.ckpt)", file=sys.stderr, flush=True
+        )
         sys.exit(143)
 
 

@@ -58,7 +58,81 @@ def run_dir(tmp_path: Path, name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------- real data
-WORDS = ["the", "a", "an", "is", "are", "was", "be", "to", "of", "and", "or", "in", "on", "for", "with", "that", "this", "it", "you", "i", "we", "they", "what", "how", "why", "summary", "post", "reply", "answer", "question", "good", "bad", "best", "worst", "short", "long", "model", "user", "assistant", "system", "hello", "world", "cats", "dogs", "rain", "sun", "water", "tea", "coffee", "bread", "books", "music", "code", "python", "data", "paris", "france", "capital", "city", "one", "two", "three", "four", "five", "yes", "no", "please", "thanks", "sure", "here", "is", "my", "your"]
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "is",
+    "are",
+    "was",
+    "be",
+    "to",
+    "of",
+    "and",
+    "or",
+    "in",
+    "on",
+    "for",
+    "with",
+    "that",
+    "this",
+    "it",
+    "you",
+    "i",
+    "we",
+    "they",
+    "what",
+    "how",
+    "why",
+    "summary",
+    "post",
+    "reply",
+    "answer",
+    "question",
+    "good",
+    "bad",
+    "best",
+    "worst",
+    "short",
+    "long",
+    "model",
+    "user",
+    "assistant",
+    "system",
+    "hello",
+    "world",
+    "cats",
+    "dogs",
+    "rain",
+    "sun",
+    "water",
+    "tea",
+    "coffee",
+    "bread",
+    "books",
+    "music",
+    "code",
+    "python",
+    "data",
+    "paris",
+    "france",
+    "capital",
+    "city",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "yes",
+    "no",
+    "please",
+    "thanks",
+    "sure",
+    "here",
+    "is",
+    "my",
+    "your",
+]
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} {{ eos_token }} "
@@ -76,13 +150,24 @@ def build_tiny_reward_model(directory):
     vocab = {token: i for i, token in enumerate(specials + [w for w in dict.fromkeys(WORDS) if w not in specials])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(1234)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=32, num_labels=1, pad_token_id=0,
-                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        num_labels=1,
+        pad_token_id=0,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        max_position_embeddings=256,
+    )
     model = LlamaForSequenceClassification(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -101,7 +186,7 @@ def write_preferences(path, users=8, prompts=12, seed=0, chat_every=3):
     rows = []
     for u in range(users):
         for p in rng.choice(prompts, size=6, replace=False):
-            prompt = f"question {' '.join(WORDS[p:p + 4])}"
+            prompt = f"question {' '.join(WORDS[p : p + 4])}"
             if chat_every and p % chat_every == 0:
                 prompt = [{"role": "system", "content": "be short"}, {"role": "user", "content": prompt}]
             a, b = " ".join(rng.choice(WORDS, 5)), " ".join(rng.choice(WORDS, 7))

@@ -115,7 +115,9 @@ def test_regularizer_pulls_the_basis_towards_the_reference(tiny_data):
 
 
 def test_pruning_at_the_end_of_fit(tiny_data):
-    model = fit(BasisModule(estimator="adam", rank=4, lr=0.1, weight_init="zeros", prune_threshold=0.3), tiny_data, epochs=2)
+    model = fit(
+        BasisModule(estimator="adam", rank=4, lr=0.1, weight_init="zeros", prune_threshold=0.3), tiny_data, epochs=2
+    )
     weights = LF.simplex_weights(model.model.user_logits)  # unmasked
     expected = weights.max(dim=0).values >= 0.3
     assert torch.equal(model.model.active_columns, expected)
@@ -186,10 +188,20 @@ def test_protocol_on_the_best_checkpoint(tmp_path):
     protocol, export = ProtocolEvaluation(), BasisExport()
     fewshot = FewShotSettings(shots=4, steps=20)
     model = BasisModule(estimator="adam", rank=3, lr=0.5, fewshot=fewshot)
-    trainer = tiny_trainer(40, limit_val_batches=1.0, check_val_every_n_epoch=2, default_root_dir=tmp_path,
-                           enable_checkpointing=True,
-                           callbacks=[checkpoint, EarlyStopping("val/acc", mode="max", patience=3),
-                                      RestoreBestCheckpoint(), protocol, export])
+    trainer = tiny_trainer(
+        40,
+        limit_val_batches=1.0,
+        check_val_every_n_epoch=2,
+        default_root_dir=tmp_path,
+        enable_checkpointing=True,
+        callbacks=[
+            checkpoint,
+            EarlyStopping("val/acc", mode="max", patience=3),
+            RestoreBestCheckpoint(),
+            protocol,
+            export,
+        ],
+    )
     trainer.fit(model, datamodule=data)
     assert checkpoint.best_model_path and model.best_checkpoint_path == checkpoint.best_model_path
     best = BasisModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
@@ -206,8 +218,11 @@ def test_the_fused_cpu_kernel_trains_as_the_pytorch_path(tiny_data, schedule):
     trained = []
     for kernel in (True, False):
         torch.manual_seed(0)
-        model = fit(BasisModule(estimator="adam", rank=3, lr=0.1, schedule=schedule, prune_threshold=0.0, cpu_kernel=kernel),
-                    tiny_data, epochs=15)
+        model = fit(
+            BasisModule(estimator="adam", rank=3, lr=0.1, schedule=schedule, prune_threshold=0.0, cpu_kernel=kernel),
+            tiny_data,
+            epochs=15,
+        )
         trained.append((model.model.basis.detach(), model.model.user_logits.detach()))
     for fused, plain in zip(*trained):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
@@ -232,7 +247,14 @@ class RecordingLogger(Logger):
 
 def test_full_batch_training_logs_every_n_steps_and_the_last(tiny_data):
     logger = RecordingLogger()
-    fit(BasisModule(estimator="adam", rank=3, lr=0.1), tiny_data, epochs=12, logger=logger, log_every_n_steps=5, limit_val_batches=0)
+    fit(
+        BasisModule(estimator="adam", rank=3, lr=0.1),
+        tiny_data,
+        epochs=12,
+        logger=logger,
+        log_every_n_steps=5,
+        limit_val_batches=0,
+    )
     # iterations 5, 10 and the last (12) log; the logger writes step metrics every 5 steps (4 and 9),
     # and the last iteration's reach callback_metrics (EpochSummary's final line)
     assert logger.written["train/nll"] == [4, 9]
@@ -248,20 +270,38 @@ def test_initial_basis_and_weights_from_a_file_and_v_ref_from_a_file(tiny_data, 
     save_basis(tmp_path / "start.safetensors", BasisFile.from_model(start))
     head = torch.randn(tiny_data.dim)
     np.save(tmp_path / "head.npy", head.numpy())
-    model = fit(BasisModule(estimator="adam", rank=3, initial_basis=str(tmp_path / "start.safetensors"),
-                            reference_head_file=str(tmp_path / "head.npy")), tiny_data, epochs=0)
+    model = fit(
+        BasisModule(
+            estimator="adam",
+            rank=3,
+            initial_basis=str(tmp_path / "start.safetensors"),
+            reference_head_file=str(tmp_path / "head.npy"),
+        ),
+        tiny_data,
+        epochs=0,
+    )
     assert torch.equal(model.model.basis, start.basis)
     torch.testing.assert_close(model.user_weights(), start.user_weights(), rtol=0, atol=1e-6)
     assert torch.equal(model.model.reference_head, head)  # from the file, not the data module's
     # the file's users are not this data's: V is kept, W starts afresh
     other = LoreModel.initial(tiny_data.dim, 3, 5, user_ids=[f"x{i}" for i in range(5)])
     save_basis(tmp_path / "other.safetensors", BasisFile.from_model(other))
-    model = fit(BasisModule(estimator="adam", rank=3, initial_basis=str(tmp_path / "other.safetensors")), tiny_data, epochs=0)
+    model = fit(
+        BasisModule(estimator="adam", rank=3, initial_basis=str(tmp_path / "other.safetensors")), tiny_data, epochs=0
+    )
     assert torch.equal(model.model.basis, other.basis) and model.model.num_users == tiny_data.num_users
     with pytest.raises(ValueError, match="K=3, but this run has .* rank=2"):
-        fit(BasisModule(estimator="adam", rank=2, initial_basis=str(tmp_path / "start.safetensors")), tiny_data, epochs=0)
+        fit(
+            BasisModule(estimator="adam", rank=2, initial_basis=str(tmp_path / "start.safetensors")),
+            tiny_data,
+            epochs=0,
+        )
     with pytest.raises(FileNotFoundError, match="nowhere.npy"):
-        fit(BasisModule(estimator="adam", rank=0, reference_head_file=str(tmp_path / "nowhere.npy")), tiny_data, epochs=0)
+        fit(
+            BasisModule(estimator="adam", rank=0, reference_head_file=str(tmp_path / "nowhere.npy")),
+            tiny_data,
+            epochs=0,
+        )
 
 
 def test_initial_tensors_are_where_training_starts(tiny_data):
@@ -269,10 +309,15 @@ def test_initial_tensors_are_where_training_starts(tiny_data):
 
     start = LoreModel(torch.randn(tiny_data.dim, 2), torch.randn(tiny_data.num_users, 2), tau=7.0)
     untrained = fit(BasisModule.from_initial(start, estimator="adam"), tiny_data, epochs=0)
-    assert torch.equal(untrained.model.basis, start.basis) and torch.equal(untrained.model.user_logits, start.user_logits)
+    assert torch.equal(untrained.model.basis, start.basis) and torch.equal(
+        untrained.model.user_logits, start.user_logits
+    )
     assert untrained.model.temperature == 7.0 and untrained.hparams.rank == 2
     trained = fit(BasisModule.from_initial(start, estimator="adam", lr=0.1), tiny_data, epochs=5)
     assert not torch.equal(trained.model.basis, start.basis)
     with pytest.raises(ValueError, match="has 3 users, the data's seen users are 12"):
-        fit(BasisModule.from_initial(LoreModel(torch.randn(tiny_data.dim, 2), torch.randn(3, 2)), estimator="adam"),
-            tiny_data, epochs=0)
+        fit(
+            BasisModule.from_initial(LoreModel(torch.randn(tiny_data.dim, 2), torch.randn(3, 2)), estimator="adam"),
+            tiny_data,
+            epochs=0,
+        )

@@ -68,9 +68,16 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
     fewshot_ckpt = fewshot / "checkpoints" / "last.ckpt"
     for basis_path in (out / "basis.safetensors", out / "checkpoints" / "last.ckpt", fewshot_ckpt):
         scores_csv = tmp_path / f"scores_{basis_path.stem}.csv"
-        build_cli(["predict", "--config", str(ROOT / "configs/experiment/score.yaml"), f"--model.init_args.basis_path={basis_path}",
-                   f"--data.init_args.path={tmp_path / 'candidates.safetensors'}",
-                   f"--model.init_args.output={scores_csv}"])
+        build_cli(
+            [
+                "predict",
+                "--config",
+                str(ROOT / "configs/experiment/score.yaml"),
+                f"--model.init_args.basis_path={basis_path}",
+                f"--data.init_args.path={tmp_path / 'candidates.safetensors'}",
+                f"--model.init_args.output={scores_csv}",
+            ]
+        )
         rows = scores_csv.read_text().splitlines()
         header = rows[0].split(",")
         expected_users = 8 if basis_path == fewshot_ckpt else 20
@@ -83,9 +90,18 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
     # validate / test / predict on the trained basis
     ckpt = str(out / "checkpoints" / "last.ckpt")
     for subcommand in ("validate", "test", "predict"):
-        build_cli([subcommand, "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA, *QUIET,
-                   f"--ckpt_path={ckpt}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-                   "--model.init_args.rank=3"])
+        build_cli(
+            [
+                subcommand,
+                "--config",
+                str(ROOT / "configs/experiment/synthetic.yaml"),
+                *TINY_DATA,
+                *QUIET,
+                f"--ckpt_path={ckpt}",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                "--model.init_args.rank=3",
+            ]
+        )
 
 
 @pytest.mark.slow
@@ -95,9 +111,20 @@ def test_console_commands_are_installed_and_run(tmp_path):
         help_text = subprocess.run([*command, "fit", "--help"], capture_output=True, text=True, check=True).stdout
         assert "--config" in help_text and "--model" in help_text
     done = subprocess.run(
-        [str(bindir / "lightning"), "fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA, *QUIET,
-         "--trainer.max_epochs=5", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            str(bindir / "lightning"),
+            "fit",
+            "--config",
+            str(ROOT / "configs/experiment/synthetic.yaml"),
+            *TINY_DATA,
+            *QUIET,
+            "--trainer.max_epochs=5",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "unseen users, unseen prompts" in done.stdout

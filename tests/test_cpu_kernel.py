@@ -184,7 +184,8 @@ def test_bfloat16_storage_trains_and_evaluates_like_float32(tmp_path):
         model = BasisModule(estimator="adam", rank=3, lr=0.1, prune_threshold=0.0)
         trainer = tiny_trainer(30)
         trainer.fit(model, datamodule=data)
-        results[dtype] = (model.model.basis.detach(), trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+        accuracy = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
+        results[dtype] = (model.model.basis.detach(), accuracy)
     torch.testing.assert_close(results["bfloat16"][0], results["float32"][0], rtol=0.05, atol=0.02)
     assert abs(results["bfloat16"][1] - results["float32"][1]) <= 0.02
 

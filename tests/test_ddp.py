@@ -148,9 +148,17 @@ def test_the_synthetic_experiment_runs_under_ddp_by_two_flags(tmp_path):
 
     from lore_pl.cli import build_cli
 
-    cli = build_cli(["--config", str(ROOT / "configs/experiment/synthetic.yaml"), "--trainer.accelerator=cpu",
-                     "--trainer.strategy=ddp", "--trainer.devices=2", f"--trainer.logger.init_args.save_dir={tmp_path}"],
-                    run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(ROOT / "configs/experiment/synthetic.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        run=False,
+    )
     assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
     # the flags change nothing else: the logger, the callbacks and the model are the experiment's
     assert cli.trainer.logger.name == "synthetic" and cli.model.hparams.rank == "auto"
@@ -171,8 +179,18 @@ def test_ddp_joint_full_batch_equals_one_process(tmp_path):
 def test_ddp_alternating_minibatch_user_mean_equals_one_process(tmp_path):
     # 99 pairs in batches of 32: the last step's shards hold 2 and 1 pairs; eval batches are uneven too
     def make():
-        return BasisModule(estimator="adam", rank=3, lr=0.1, schedule="alternating", loss_weighting="user_mean",
-                           regularizer="cosine", alpha=0.5, weight_init="rand", prune_threshold=0.0, fewshot=FEWSHOT)
+        return BasisModule(
+            estimator="adam",
+            rank=3,
+            lr=0.1,
+            schedule="alternating",
+            loss_weighting="user_mean",
+            regularizer="cosine",
+            alpha=0.5,
+            weight_init="rand",
+            prune_threshold=0.0,
+            fewshot=FEWSHOT,
+        )
 
     data = {"batch_size": 32, "eval_batch_size": 25}
     one = train(make, tmp_path / "one", 1, epochs=4, data_kwargs=data)
@@ -203,8 +221,12 @@ def test_ddp_held_out_validation_and_best_checkpoint_equal_one_process(tmp_path)
         return BasisModule(estimator="adam", rank=3, lr=0.3, prune_threshold=0.0, fewshot=FEWSHOT)
 
     data = {"val_fraction": 0.3}
-    runs = [train(make, tmp_path / name, devices, epochs=20, data_kwargs=data, best_checkpoint=True,
-                  check_val_every_n_epoch=5) for name, devices in (("one", 1), ("two", 2))]
+    runs = [
+        train(
+            make, tmp_path / name, devices, epochs=20, data_kwargs=data, best_checkpoint=True, check_val_every_n_epoch=5
+        )
+        for name, devices in (("one", 1), ("two", 2))
+    ]
     assert_same_run(*runs, ["model.basis", "model.user_logits"])
     best = [sorted((tmp_path / name / "checkpoints").glob("*.ckpt")) for name in ("one", "two")]
     assert [path.name for path in best[0]] == [path.name for path in best[1]] and len(best[0]) == 1
@@ -218,11 +240,15 @@ def test_ddp_map_estimator_equals_one_process(tmp_path):
     from lore_pl.core.estimator import MapSettings
 
     def make():
-        return BasisModule(map_settings=MapSettings(ranks=(1, 2, 3), subspace=8, projected_iterations=50,
-                                                    stage_iterations=10), fewshot=FEWSHOT)
+        return BasisModule(
+            map_settings=MapSettings(ranks=(1, 2, 3), subspace=8, projected_iterations=50, stage_iterations=10),
+            fewshot=FEWSHOT,
+        )
 
     data = {"val_fraction": 0.3, "num_seen_users": 30, "num_train_prompts": 120}
-    runs = [train(make, tmp_path / name, devices, epochs=8, data_kwargs=data, check_val_every_n_epoch=1)
-            for name, devices in (("one", 1), ("two", 2))]
+    runs = [
+        train(make, tmp_path / name, devices, epochs=8, data_kwargs=data, check_val_every_n_epoch=1)
+        for name, devices in (("one", 1), ("two", 2))
+    ]
     keys = [key for key in ("model.basis", "model.user_logits", "model.prior_mean") if key in runs[0][0]]
     assert_same_run(*runs, keys)

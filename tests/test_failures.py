@@ -278,7 +278,8 @@ def test_a_damaged_shard_is_re_embedded_by_the_data_module(tmp_path, tiny_reward
     original = TextEmbedder.forward
     monkeypatch.setattr(TextEmbedder, "forward", lambda self, items: calls.append(len(items)) or original(self, items))
     second = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
-    with pytest.warns(LoreDataWarning, match="re-embedding 1 damaged shard\\(s\\): shard-00002.npy: its sha256 differs"):
+    damaged = "re-embedding 1 damaged shard\\(s\\): shard-00002.npy: its sha256 differs"
+    with pytest.warns(LoreDataWarning, match=damaged):
         second.setup("fit")
     assert len(calls) == 1  # only the damaged shard
     torch.testing.assert_close(cache.load(checksums=True)[0], expected)

@@ -153,7 +153,8 @@ def test_a_basis_from_another_embedder_is_refused(tiny_data, tmp_path):
     with pytest.raises(LoreDataError, match="'other-model'.*SyntheticPopulation"):
         tiny_trainer(1).fit(module, datamodule=tiny_data)
     # the same embedder, or an unknown one, is accepted
-    save_basis(tmp_path / "same.safetensors", BasisFile(torch.randn(tiny_data.dim, 2), 100.0, embedder=tiny_data.embedder))
+    same = BasisFile(torch.randn(tiny_data.dim, 2), 100.0, embedder=tiny_data.embedder)
+    save_basis(tmp_path / "same.safetensors", same)
     tiny_trainer(1).fit(FewShotModule(basis_path=str(tmp_path / "same.safetensors")), datamodule=tiny_data)
 
 

@@ -53,7 +53,9 @@ def imports(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base == "lore_pl":
                 found += [(node.lineno, lazy_target(alias.name)) for alias in node.names]
             else:
@@ -99,3 +101,12 @@ def test_nobody_imports_pytorch_lightning_and_lore_pl_stays_small():
         assert not any(target.split(".")[0] == "pytorch_lightning" for _, target in imports(path)), path
     top_level = [p for p in (ROOT / "lore_pl").glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     assert len(top_level) <= 8, sorted(p.name for p in top_level)
+
+
+def test_ruff_is_clean():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

@@ -22,7 +22,9 @@ def test_memmap_training_equals_in_memory_training(tmp_path):
         model = BasisModule(estimator="adam", rank=3, lr=0.1)
         trainer = tiny_trainer(4, limit_val_batches=1.0)
         trainer.fit(model, datamodule=data)
-        results.append((model.model.basis.detach(), model.model.user_logits.detach(), float(trainer.callback_metrics["val/acc"])))
+        results.append(
+            (model.model.basis.detach(), model.model.user_logits.detach(), float(trainer.callback_metrics["val/acc"]))
+        )
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert results[0][2] == results[1][2]
     assert int(model.iterations_done) == 4 * -(-len(in_memory.split("seen_train")) // 16)  # mini-batches

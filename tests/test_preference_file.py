@@ -152,20 +152,36 @@ def test_encoder_data_has_no_reference_head_for_k0_or_the_regularizer(tmp_path, 
     from helpers import tiny_trainer
 
     write_preferences(tmp_path / "prefs.jsonl")
-    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, embedder=tiny_spec(tiny_reward_model, kind="encoder"))
+    encoder = tiny_spec(tiny_reward_model, kind="encoder")
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, embedder=encoder)
     assert data.reference_head is None
-    for model in (BasisModule(estimator="adam", rank=0), BasisModule(estimator="adam", rank=2, regularizer="cosine", alpha=1.0)):
+    for model in (
+        BasisModule(estimator="adam", rank=0),
+        BasisModule(estimator="adam", rank=2, regularizer="cosine", alpha=1.0),
+    ):
         with pytest.raises(ValueError, match="needs a reference head V_ref"):
             tiny_trainer(max_epochs=1).fit(model, datamodule=data)
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"user_id": "a", "prompt": "hello"}, "row 2: field 'chosen' .*missing"),
-    ({"user_id": "a", "prompt": "hello", "chosen": "  ", "rejected": "no"}, "row 2: field 'chosen' must be a non-empty"),
-    ({"user_id": "a", "prompt": "hello", "chosen": "yes", "rejected": "yes"}, "row 2: .*identical"),
-    ({"user_id": "a", "prompt": 7, "chosen": "yes", "rejected": "no"}, "row 2: field 'prompt'.*string or chat list"),
-    ({"user_id": "a", "prompt": [{"role": "user"}], "chosen": "yes", "rejected": "no"}, "row 2: field 'prompt'.*'content'"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"user_id": "a", "prompt": "hello"}, "row 2: field 'chosen' .*missing"),
+        (
+            {"user_id": "a", "prompt": "hello", "chosen": "  ", "rejected": "no"},
+            "row 2: field 'chosen' must be a non-empty",
+        ),
+        ({"user_id": "a", "prompt": "hello", "chosen": "yes", "rejected": "yes"}, "row 2: .*identical"),
+        (
+            {"user_id": "a", "prompt": 7, "chosen": "yes", "rejected": "no"},
+            "row 2: field 'prompt'.*string or chat list",
+        ),
+        (
+            {"user_id": "a", "prompt": [{"role": "user"}], "chosen": "yes", "rejected": "no"},
+            "row 2: field 'prompt'.*'content'",
+        ),
+    ],
+)
 def test_bad_rows_name_the_file_row_and_field(tmp_path, tiny_reward_model, row, message):
     good = {"user_id": "a", "prompt": "hello", "chosen": "yes", "rejected": "no"}
     path = tmp_path / "bad.jsonl"
@@ -195,12 +211,22 @@ def test_lightning_predict_fills_the_cache(tmp_path, tiny_reward_model, monkeypa
     from lore_pl.cli import build_cli
 
     write_preferences(tmp_path / "prefs.jsonl")
-    args = ["predict", "--model=lore_pl.EmbeddingModule", "--data=datamodules.PreferenceFileDataModule",
-            f"--data.init_args.path={tmp_path / 'prefs.jsonl'}", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-            f"--data.init_args.embedder.model={tiny_reward_model}", "--data.init_args.embedder.dtype=float32",
-            "--data.init_args.embedder.max_length=64", "--data.init_args.embedder.batch_size=3",
-            "--data.init_args.shard_size=10", "--trainer.accelerator=cpu", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    args = [
+        "predict",
+        "--model=lore_pl.EmbeddingModule",
+        "--data=datamodules.PreferenceFileDataModule",
+        f"--data.init_args.path={tmp_path / 'prefs.jsonl'}",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        f"--data.init_args.embedder.model={tiny_reward_model}",
+        "--data.init_args.embedder.dtype=float32",
+        "--data.init_args.embedder.max_length=64",
+        "--data.init_args.embedder.batch_size=3",
+        "--data.init_args.shard_size=10",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     build_cli(args)
     in_process = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, cache_dir=str(tmp_path / "direct"))
     predicted = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
@@ -228,8 +254,14 @@ def test_predict_job_on_two_processes_writes_every_shard_once(tmp_path, tiny_rew
 
     write_preferences(tmp_path / "prefs.jsonl")
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.predict(EmbeddingModule(), datamodule=data, return_predictions=False)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

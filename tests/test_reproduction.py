@@ -63,14 +63,23 @@ def test_basis_module_follows_the_reference_loop_to_1e_10(schedule, weighting, r
     generator = torch.Generator().manual_seed(3)
     basis = torch.randn(data.dim, 3, generator=generator, dtype=torch.float64)
     logits = torch.randn(data.num_users, 3, generator=generator, dtype=torch.float64)
-    settings = dict(schedule=schedule, weighting=weighting, lr=0.5, tau=4.0, alpha=5.0 if regularizer == "cosine" else 0.0)
-    expected_basis, expected_logits = reference_fit(train.features, train.users, basis, logits,
-                                                    data.reference_head.double(), **settings)
+    settings = dict(
+        schedule=schedule, weighting=weighting, lr=0.5, tau=4.0, alpha=5.0 if regularizer == "cosine" else 0.0
+    )
+    expected_basis, expected_logits = reference_fit(
+        train.features, train.users, basis, logits, data.reference_head.double(), **settings
+    )
 
-    module = BasisModule.from_initial(LoreModel(basis, logits, tau=settings["tau"]), estimator="adam", lr=0.5,
-                                      schedule=schedule,
-                                      loss_weighting=weighting, regularizer=regularizer, alpha=settings["alpha"],
-                                      prune_threshold=0.0)
+    module = BasisModule.from_initial(
+        LoreModel(basis, logits, tau=settings["tau"]),
+        estimator="adam",
+        lr=0.5,
+        schedule=schedule,
+        loss_weighting=weighting,
+        regularizer=regularizer,
+        alpha=settings["alpha"],
+        prune_threshold=0.0,
+    )
     tiny_trainer(ITERATIONS).fit(module, datamodule=data)
     assert module.model.basis.dtype == torch.float64
     torch.testing.assert_close(module.model.basis.detach(), expected_basis, rtol=0, atol=1e-10)

@@ -116,10 +116,14 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill
     # the optimizer state too, so the equality is not an accident of the last steps
     for a, b in zip(got["optimizer_states"][0]["state"].values(), expected["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
-    assert json.loads((killed_dir / "protocol.json").read_text()) == json.loads((unbroken_dir / "protocol.json").read_text())
+    assert json.loads((killed_dir / "protocol.json").read_text()) == json.loads(
+        (unbroken_dir / "protocol.json").read_text()
+    )
     from lore_pl import load_basis
 
-    assert torch.equal(load_basis(killed_dir / "basis.safetensors").basis, load_basis(unbroken_dir / "basis.safetensors").basis)
+    assert torch.equal(
+        load_basis(killed_dir / "basis.safetensors").basis, load_basis(unbroken_dir / "basis.safetensors").basis
+    )
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
@@ -177,7 +181,9 @@ def test_the_same_seed_gives_identical_results_and_the_seed_is_saved(tmp_path):
     assert "seed_everything: 0\n" in (tmp_path / "a" / "config.yaml").read_text()
 
     other = run_in_process(tmp_path / "c", "--seed_everything=1")
-    assert not torch.equal(other.model.model.basis, first.model.model.basis)  # the seed matters: V's start is drawn from it
+    assert not torch.equal(
+        other.model.model.basis, first.model.model.basis
+    )  # the seed matters: V's start is drawn from it
 
 
 def test_a_random_seed_is_written_into_the_saved_config(tmp_path):
@@ -185,5 +191,7 @@ def test_a_random_seed_is_written_into_the_saved_config(tmp_path):
     saved = (tmp_path / "r" / "config.yaml").read_text()
     seed = [line for line in saved.splitlines() if line.startswith("seed_everything:")]
     assert len(seed) == 1 and seed[0].split(":")[1].strip().isdigit(), seed  # an int, not "true"
-    rerun = run_in_process(tmp_path / "r2", f"--seed_everything={seed[0].split(':')[1].strip()}", "--trainer.max_epochs=2")
+    rerun = run_in_process(
+        tmp_path / "r2", f"--seed_everything={seed[0].split(':')[1].strip()}", "--trainer.max_epochs=2"
+    )
     assert torch.equal(rerun.model.model.basis, cli.model.model.basis)  # the saved seed reproduces the run

@@ -53,8 +53,9 @@ def test_reference_head_and_basis_heads_on_a_tiny_reward_model(tmp_path, tiny_re
     tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model)
 
     def score(prompt, response):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
         with torch.no_grad():
             return model(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
 

@@ -13,7 +13,9 @@ TULU1 = ROOT.parent / "shared" / "data" / "tulu1-human-eval" / "preferences.json
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not TULU1.is_file(), reason=f"the shared Tulu-1 data are not at {TULU1} (needs ../shared beside the repo)"),
+    pytest.mark.skipif(
+        not TULU1.is_file(), reason=f"the shared Tulu-1 data are not at {TULU1} (needs ../shared beside the repo)"
+    ),
 ]
 
 
@@ -28,14 +30,25 @@ def test_tulu1_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     subset = tmp_path / "tulu1-subset.jsonl"
     subset.write_text("".join(json.dumps(r) + "\n" for r in rows if r["user_id"] in raters))
 
-    args = ["fit", "--config", str(ROOT / "configs/experiment/tulu1.yaml"), f"--data.init_args.path={subset}",
-            f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.embedder.max_length=128",
-            "--data.init_args.progress=false", "--trainer.max_epochs=100", "--trainer.check_val_every_n_epoch=100",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--trainer.default_root_dir={tmp_path}"]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/experiment/tulu1.yaml"),
+        f"--data.init_args.path={subset}",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.embedder.max_length=128",
+        "--data.init_args.progress=false",
+        "--trainer.max_epochs=100",
+        "--trainer.check_val_every_n_epoch=100",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     cli = build_cli(args)
     data = cli.datamodule
     assert data.reference_head is None and data.dim == 384  # a sentence encoder: no V_ref
-    assert len(data.seen_user_ids) + len(data.unseen_user_ids) <= 6 and not set(data.seen_user_ids) & set(data.unseen_user_ids)
+    assert len(data.seen_user_ids) + len(data.unseen_user_ids) <= 6 and not set(data.seen_user_ids) & set(
+        data.unseen_user_ids
+    )
     embeddings, _ = data.feature_cache.load()
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(len(embeddings)))  # normalized mean pooling
     assert embeddings.std(dim=0).mean() > 0.01  # real text: the vectors differ

@@ -47,10 +47,22 @@ def table_and_roles(data):
 # ------------------------------------------------------------------------------------- TLDR
 def tldr_record(rng, worker, post_id, split):
     texts = [words(rng, 4), words(rng, 6)]
-    return {"info": {"id": post_id, "post": f"post {post_id} {words(rng, 8)}", "title": "t", "subreddit": "r",
-                     "site": None, "article": None},
-            "summaries": [{"text": texts[0], "policy": "a", "note": None}, {"text": texts[1], "policy": "b", "note": None}],
-            "choice": int(rng.integers(2)), "worker": worker, "batch": "b1", "split": split, "extra": {}}
+    return {
+        "info": {
+            "id": post_id,
+            "post": f"post {post_id} {words(rng, 8)}",
+            "title": "t",
+            "subreddit": "r",
+            "site": None,
+            "article": None,
+        },
+        "summaries": [{"text": texts[0], "policy": "a", "note": None}, {"text": texts[1], "policy": "b", "note": None}],
+        "choice": int(rng.integers(2)),
+        "worker": worker,
+        "batch": "b1",
+        "split": split,
+        "extra": {},
+    }
 
 
 def test_reddit_tldr_split_rules(tmp_path, tiny_reward_model):
@@ -65,7 +77,9 @@ def test_reddit_tldr_split_rules(tmp_path, tiny_reward_model):
     write_jsonl(tmp_path / "tldr/comparisons/train.jsonl", train)
     write_jsonl(tmp_path / "tldr/comparisons/validation.jsonl", validation)
 
-    data = RedditTLDRDataModule(str(tmp_path / "tldr"), seen_train_cap=4, unseen_train_cap=2, **settings(tmp_path, tiny_reward_model))
+    data = RedditTLDRDataModule(
+        str(tmp_path / "tldr"), seen_train_cap=4, unseen_train_cap=2, **settings(tmp_path, tiny_reward_model)
+    )
     data.setup("fit")
     seen, unseen = set(data.seen_user_ids), set(data.unseen_user_ids)
     # in both splits, minus the two with the fewest pairs (w6, w5), halved
@@ -88,19 +102,48 @@ def test_reddit_tldr_split_rules(tmp_path, tiny_reward_model):
 def prism_conversation(rng, user, conversation_id, turns=2):
     history = []
     for turn in range(turns):
-        history.append({"turn": turn, "role": "user", "content": f"{words(rng, 5)} {conversation_id}",
-                        "model_provider": None, "model_name": None, "score": None, "if_chosen": None,
-                        "within_turn_id": None})
+        history.append(
+            {
+                "turn": turn,
+                "role": "user",
+                "content": f"{words(rng, 5)} {conversation_id}",
+                "model_provider": None,
+                "model_name": None,
+                "score": None,
+                "if_chosen": None,
+                "within_turn_id": None,
+            }
+        )
         replies = 4 if turn == 0 else 2
         chosen = int(rng.integers(replies))
         for within in range(replies):
-            history.append({"turn": turn, "role": "model", "content": f"{words(rng, 6)} r{within}",
-                            "model_provider": "p", "model_name": f"m{within}", "score": int(rng.integers(1, 101)),
-                            "if_chosen": within == chosen, "within_turn_id": within})
-    return {"conversation_id": conversation_id, "user_id": user, "conversation_type": "unguided",
-            "opening_prompt": history[0]["content"], "conversation_turns": turns, "conversation_history": history,
-            "performance_attributes": {}, "choice_attributes": {}, "open_feedback": "ok", "generated_datetime": "x",
-            "timing_duration_s": 1.0, "timing_duration_mins": 0.1, "included_in_balanced_subset": True}
+            history.append(
+                {
+                    "turn": turn,
+                    "role": "model",
+                    "content": f"{words(rng, 6)} r{within}",
+                    "model_provider": "p",
+                    "model_name": f"m{within}",
+                    "score": int(rng.integers(1, 101)),
+                    "if_chosen": within == chosen,
+                    "within_turn_id": within,
+                }
+            )
+    return {
+        "conversation_id": conversation_id,
+        "user_id": user,
+        "conversation_type": "unguided",
+        "opening_prompt": history[0]["content"],
+        "conversation_turns": turns,
+        "conversation_history": history,
+        "performance_attributes": {},
+        "choice_attributes": {},
+        "open_feedback": "ok",
+        "generated_datetime": "x",
+        "timing_duration_s": 1.0,
+        "timing_duration_mins": 0.1,
+        "included_in_balanced_subset": True,
+    }
 
 
 def write_prism(root, rng):
@@ -109,10 +152,20 @@ def write_prism(root, rng):
     conversations.append(prism_conversation(rng, "not-in-survey", "c-x"))
     write_jsonl(root / "survey.jsonl", [{"user_id": u, "age": "25-34", "included_in_US_REP": False} for u in dialogs])
     write_jsonl(root / "conversations.jsonl", conversations)
-    utterances = [{"utterance_id": f"{c['conversation_id']}-{m['turn']}-{m['within_turn_id']}",
-                   "conversation_id": c["conversation_id"], "user_id": c["user_id"], "turn": m["turn"],
-                   "within_turn_id": m["within_turn_id"], "model_response": m["content"], "if_chosen": m["if_chosen"]}
-                  for c in conversations for m in c["conversation_history"] if m["role"] == "model"]
+    utterances = [
+        {
+            "utterance_id": f"{c['conversation_id']}-{m['turn']}-{m['within_turn_id']}",
+            "conversation_id": c["conversation_id"],
+            "user_id": c["user_id"],
+            "turn": m["turn"],
+            "within_turn_id": m["within_turn_id"],
+            "model_response": m["content"],
+            "if_chosen": m["if_chosen"],
+        }
+        for c in conversations
+        for m in c["conversation_history"]
+        if m["role"] == "model"
+    ]
     write_jsonl(root / "utterances.jsonl", utterances)
     return dialogs, conversations
 
@@ -125,7 +178,7 @@ def test_prism_pairs_each_rejected_reply_with_the_conversation_so_far():
     chosen0 = next(m["content"] for m in history if m["turn"] == 0 and m["if_chosen"])
     messages, chosen, rejected = pairs[-1]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"] and messages[1]["content"] == chosen0
-    for messages, chosen, rejected in pairs:
+    for _, _, rejected in pairs:
         assert isinstance(rejected, str) and not rejected.startswith("[")  # one reply, not a list's string form
         assert rejected in {m["content"] for m in history if m["role"] == "model" and not m["if_chosen"]}
 
@@ -153,8 +206,11 @@ def test_prism_split_rules_and_identical_templates(tmp_path, tiny_reward_model):
     items = data.feature_cache.items()
     for chosen, rejected in zip(table["chosen"], table["rejected"]):
         assert items[chosen][0] == items[rejected][0] and isinstance(items[rejected][1], str)
-    embedder_texts = __import__("lore_pl.data.embedder", fromlist=["TextEmbedder"]).TextEmbedder(data.embedder_spec).texts(
-        [items[table["chosen"][0]], items[table["rejected"][0]]])
+    embedder_texts = (
+        __import__("lore_pl.data.embedder", fromlist=["TextEmbedder"])
+        .TextEmbedder(data.embedder_spec)
+        .texts([items[table["chosen"][0]], items[table["rejected"][0]]])
+    )
     prefix = len(embedder_texts[0]) - len(items[table["chosen"][0]][1]) - len(" </s> ")
     assert embedder_texts[0][:prefix] == embedder_texts[1][:prefix]
 
@@ -176,8 +232,14 @@ def write_personal_llm(root, rng, prompts):
 
 def test_personal_llm_simulated_users(tmp_path, tiny_reward_model):
     write_personal_llm(tmp_path / "pllm", np.random.default_rng(0), {"train": 40, "test": 10})
-    data = PersonalLLMDataModule(str(tmp_path / "pllm"), num_seen_users=20, num_unseen_users=10,
-                                 seen_train_prompts=0.1, unseen_train_prompts=0.05, **settings(tmp_path, tiny_reward_model))
+    data = PersonalLLMDataModule(
+        str(tmp_path / "pllm"),
+        num_seen_users=20,
+        num_unseen_users=10,
+        seen_train_prompts=0.1,
+        unseen_train_prompts=0.05,
+        **settings(tmp_path, tiny_reward_model),
+    )
     data.setup("fit")
     assert data.split("seen_train").pairs_per_user().tolist() == [4] * 20  # 0.1 of 40 train prompts
     assert data.split("unseen_pool").pairs_per_user().tolist() == [2] * 10
@@ -226,8 +288,13 @@ def test_every_upstream_data_set_holds_out_whole_prompts(name, tmp_path, tiny_re
         data = PRISMDataModule(str(tmp_path / "prism"), **settings(tmp_path, tiny_reward_model, 0.3))
     else:
         write_personal_llm(tmp_path / "pllm", rng, {"train": 40, "test": 10})
-        data = PersonalLLMDataModule(str(tmp_path / "pllm"), num_seen_users=20, num_unseen_users=10,
-                                     seen_train_prompts=0.2, unseen_train_prompts=0.1,
-                                     **settings(tmp_path, tiny_reward_model, 0.3))
+        data = PersonalLLMDataModule(
+            str(tmp_path / "pllm"),
+            num_seen_users=20,
+            num_unseen_users=10,
+            seen_train_prompts=0.2,
+            unseen_train_prompts=0.1,
+            **settings(tmp_path, tiny_reward_model, 0.3),
+        )
     data.setup("fit")
     assert_validation_is_prompt_disjoint(data)

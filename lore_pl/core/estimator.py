@@ -276,12 +276,20 @@ def random_state(dim: int, rank: int, num_users: int, generator: torch.Generator
     basis = torch.randn(dim, rank, generator=generator, dtype=dtype)
     if rank == 1:
         return MapState(basis, None, None)
-    return MapState(basis, torch.randn(num_users, rank, generator=generator, dtype=dtype), torch.zeros(rank, dtype=dtype))
+    logits = torch.randn(num_users, rank, generator=generator, dtype=dtype)
+    return MapState(basis, logits, torch.zeros(rank, dtype=dtype))
 
 
-def select_model(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
-                 settings: MapSettings, ranks: tuple[int, ...] | None = None,
-                 subspace: Tensor | None = None) -> tuple[Candidate, list[Candidate], Tensor]:
+def select_model(
+    features: Tensor,
+    users: Tensor,
+    val_features: Tensor,
+    val_users: Tensor,
+    num_users: int,
+    settings: MapSettings,
+    ranks: tuple[int, ...] | None = None,
+    subspace: Tensor | None = None,
+) -> tuple[Candidate, list[Candidate], Tensor]:
     """Choose K and the strengths in the spectral subspace, on the validation pairs' NLL.
 
     Every K of ``ranks`` (default ``settings.ranks``) is fitted at each of ``start_ridges`` (strong to
@@ -321,15 +329,26 @@ def select_model(features: Tensor, users: Tensor, val_features: Tensor, val_user
                     if strengths != chosen.strengths:
                         candidate = fit(chosen.rank, strengths, chosen.state)
                         best = candidate if candidate.val_nll < best.val_nll else best
-    lifted = MapState((subspace.double() @ best.state.basis).float(),
-                      None if best.state.logits is None else best.state.logits.float(),
-                      None if best.state.mean is None else best.state.mean.float())
+    lifted = MapState(
+        (subspace.double() @ best.state.basis).float(),
+        None if best.state.logits is None else best.state.logits.float(),
+        None if best.state.mean is None else best.state.mean.float(),
+    )
     return replace(best, state=lifted), curve, subspace
 
 
-def ridge_path(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
-               state: MapState, strengths: Strengths, path: tuple[float, ...], iterations: int,
-               stop_early: bool = True) -> tuple[MapState, float, list[tuple[float, float, float]]]:
+def ridge_path(
+    features: Tensor,
+    users: Tensor,
+    val_features: Tensor,
+    val_users: Tensor,
+    num_users: int,
+    state: MapState,
+    strengths: Strengths,
+    path: tuple[float, ...],
+    iterations: int,
+    stop_early: bool = True,
+) -> tuple[MapState, float, list[tuple[float, float, float]]]:
     """The full-space stages: the ridge of ``path`` strong to weak, warm started; with ``stop_early``
     until the validation NLL gets worse, else all of them. Returns (the best state, its ridge, the
     (ridge, val NLL, val acc) of every stage)."""
@@ -345,13 +364,28 @@ def ridge_path(features: Tensor, users: Tensor, val_features: Tensor, val_users:
     return best, best_ridge, stages
 
 
-def shared_direction(features: Tensor, users: Tensor, val_features: Tensor, val_users: Tensor, num_users: int,
-                     settings: MapSettings = MapSettings()) -> tuple[Tensor, float, list[tuple[float, float, float]]]:
+def shared_direction(
+    features: Tensor,
+    users: Tensor,
+    val_features: Tensor,
+    val_users: Tensor,
+    num_users: int,
+    settings: MapSettings = MapSettings(),
+) -> tuple[Tensor, float, list[tuple[float, float, float]]]:
     """One shared Bradley-Terry direction (K = 1, no personalization) by the wide ridge path from 0,
     every stage validated (a strong ridge plateaus, so none is skipped): the baseline every
     personalized model is compared with. Returns (``v`` ``[d, 1]``, ridge, stages)."""
     start = MapState(torch.zeros(features.shape[1], 1), None, None)
-    state, ridge, stages = ridge_path(features, users, val_features, val_users, num_users, start,
-                                      Strengths(settings.shared_path[0], 1.0, 0.0), settings.shared_path,
-                                      settings.stage_iterations, stop_early=False)
+    state, ridge, stages = ridge_path(
+        features,
+        users,
+        val_features,
+        val_users,
+        num_users,
+        start,
+        Strengths(settings.shared_path[0], 1.0, 0.0),
+        settings.shared_path,
+        settings.stage_iterations,
+        stop_early=False,
+    )
     return state.basis, ridge, stages

@@ -56,7 +56,9 @@ class FewShotSettings:
 
     def __post_init__(self) -> None:
         if self.shots is not None and self.shots <= 0:
-            raise LoreDataError(f"shots must be a positive number of pairs per user (or null for all), got {self.shots}")
+            raise LoreDataError(
+                f"shots must be a positive number of pairs per user (or null for all), got {self.shots}"
+            )
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -64,7 +66,9 @@ class FewShotSettings:
         if self.weight_init not in ("randn", "zeros", "population"):
             raise ValueError(f"weight_init must be 'randn', 'zeros' or 'population', got {self.weight_init!r}")
         if self.prior_strength is not None and not self.prior_strength >= 0:
-            raise ValueError(f"prior_strength must be >= 0 (or null: chosen on validation pairs), got {self.prior_strength}")
+            raise ValueError(
+                f"prior_strength must be >= 0 (or null: chosen on validation pairs), got {self.prior_strength}"
+            )
 
     def shot_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.shot_seed)
@@ -244,8 +248,16 @@ def adapt_users(
         init = "zeros" if settings.weight_init == "population" and prior_logits is None else settings.weight_init
         init_logits = initial_user_logits(num_users, rank, init, settings.init_generator(), prior_logits)
     strength = settings.prior_strength if settings.prior_strength is not None else prior_precision
-    return fit_user_weights(projected, users, init_logits.to(projected), steps=settings.steps, lr=settings.lr, tau=tau,
-                            prior_logits=prior_logits, prior_strength=0.0 if strength is None else strength)
+    return fit_user_weights(
+        projected,
+        users,
+        init_logits.to(projected),
+        steps=settings.steps,
+        lr=settings.lr,
+        tau=tau,
+        prior_logits=prior_logits,
+        prior_strength=0.0 if strength is None else strength,
+    )
 
 
 #: the priors ``choose_prior`` compares: isotropic precisions, and empirical-Bayes ones (these
@@ -262,9 +274,17 @@ def logit_variance(user_logits: Tensor, prior_logits: Tensor) -> Tensor:
     return (centred - mean).pow(2).mean(dim=0).clamp(min=1e-3)
 
 
-def choose_prior(projected: Tensor, users: Tensor, projected_val: Tensor, val_users: Tensor, num_users: int,
-                 settings: FewShotSettings, tau: float, prior_logits: Tensor,
-                 variance: Tensor | None = None) -> tuple[Tensor, str, list[tuple[str, float]]]:
+def choose_prior(
+    projected: Tensor,
+    users: Tensor,
+    projected_val: Tensor,
+    val_users: Tensor,
+    num_users: int,
+    settings: FewShotSettings,
+    tau: float,
+    prior_logits: Tensor,
+    variance: Tensor | None = None,
+) -> tuple[Tensor, str, list[tuple[str, float]]]:
     """The prior for new users, chosen on their validation pairs (prompts disjoint from their shots).
 
     Every candidate (``ISOTROPIC_PRIORS``, and ``EMPIRICAL_PRIORS`` over ``variance`` where given) is
@@ -300,8 +320,9 @@ class StackedFits:
     num_users: int
 
 
-def stack_shots(projected: Tensor, users: Tensor, num_users: int, shots: list[int], trials: int,
-                generator: torch.Generator) -> StackedFits:
+def stack_shots(
+    projected: Tensor, users: Tensor, num_users: int, shots: list[int], trials: int, generator: torch.Generator
+) -> StackedFits:
     """For every (shots, trial), in that order, a fresh ``shots``-per-user subsample of the pool."""
     rows, virtual = [], []
     for fit, shot_count in enumerate(s for s in shots for _ in range(trials)):
@@ -326,17 +347,30 @@ def per_fit_accuracy(projected_test: Tensor, test_users: Tensor, weights: Tensor
     return (correct[:, present] / total[present]).mean(dim=1)
 
 
-def fit_stacked(stacked: StackedFits, settings: FewShotSettings, tau: float, prior_logits: Tensor | None = None,
-                prior_precision: Tensor | None = None) -> Tensor:
+def fit_stacked(
+    stacked: StackedFits,
+    settings: FewShotSettings,
+    tau: float,
+    prior_logits: Tensor | None = None,
+    prior_precision: Tensor | None = None,
+) -> Tensor:
     """Fit all stacked fits at once (``adapt_users`` on the virtual users); returns weights ``[F, C, K]``."""
-    logits = adapt_users(stacked.projected, stacked.users, stacked.num_fits * stacked.num_users, settings, tau,
-                         prior_logits, prior_precision=prior_precision)
+    logits = adapt_users(
+        stacked.projected,
+        stacked.users,
+        stacked.num_fits * stacked.num_users,
+        settings,
+        tau,
+        prior_logits,
+        prior_precision=prior_precision,
+    )
     return simplex_weights(logits).reshape(stacked.num_fits, stacked.num_users, logits.shape[1])
 
 
 # ------------------------------------------------------------------------ uncertainty
-def weight_covariance(projected: Tensor, users: Tensor, logits: Tensor, tau: float,
-                      precision: Tensor | float | None = None) -> Tensor:
+def weight_covariance(
+    projected: Tensor, users: Tensor, logits: Tensor, tau: float, precision: Tensor | float | None = None
+) -> Tensor:
     """Each user's posterior covariance of their weights ``[C, K, K]`` by a Laplace approximation.
 
     The curvature of user u's MAP objective at its logits ``l_u`` (summed NLL plus the Gaussian prior

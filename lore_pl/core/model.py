@@ -95,16 +95,23 @@ class LoreModel(nn.Module):
         self.user_ids = list(user_ids)
         self.embedder = embedder
         self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float64))
-        self.register_buffer("reference_head", None if reference_head is None else reference_head.detach().clone().to(basis.dtype))
+        self.register_buffer(
+            "reference_head", None if reference_head is None else reference_head.detach().clone().to(basis.dtype)
+        )
         self.register_buffer("active_columns", torch.ones(rank, dtype=torch.bool))
         if prior_mean is not None and train_logits and user_logits is not None:
             self.prior_mean = nn.Parameter(prior_mean.detach().clone().to(basis.dtype))
         else:
-            self.register_buffer("prior_mean", None if prior_mean is None else prior_mean.detach().clone().to(basis.dtype))
-        self.register_buffer("prior_precision",
-                             None if prior_precision is None else prior_precision.detach().clone().to(basis.dtype))
-        self.register_buffer("weight_covariance",
-                             None if weight_covariance is None else weight_covariance.detach().clone().to(basis.dtype))
+            self.register_buffer(
+                "prior_mean", None if prior_mean is None else prior_mean.detach().clone().to(basis.dtype)
+            )
+        self.register_buffer(
+            "prior_precision", None if prior_precision is None else prior_precision.detach().clone().to(basis.dtype)
+        )
+        self.register_buffer(
+            "weight_covariance",
+            None if weight_covariance is None else weight_covariance.detach().clone().to(basis.dtype),
+        )
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -131,25 +138,48 @@ class LoreModel(nn.Module):
             raise LoreDataError(f"rank K={rank} exceeds the feature dimension d={dim}: V is [d, K] with K <= d")
         if rank == 0:
             if reference_head is None:
-                raise LoreDataError("rank K=0 (the reference model) needs a reference head V_ref, and the data "
-                                    "module provides none")
-            return cls(reference_head[:, None], tau=tau, reference_head=reference_head, num_users=num_users,
-                       user_ids=user_ids, embedder=embedder, train_basis=False)
+                raise LoreDataError(
+                    "rank K=0 (the reference model) needs a reference head V_ref, and the data module provides none"
+                )
+            return cls(
+                reference_head[:, None],
+                tau=tau,
+                reference_head=reference_head,
+                num_users=num_users,
+                user_ids=user_ids,
+                embedder=embedder,
+                train_basis=False,
+            )
         basis = torch.randn(dim, rank, generator=generator)
         logits = LF.initial_user_logits(num_users, rank, weight_init, generator) if rank >= 2 else None
-        return cls(basis, logits, tau=tau, reference_head=reference_head, num_users=num_users, user_ids=user_ids,
-                   embedder=embedder)
+        return cls(
+            basis,
+            logits,
+            tau=tau,
+            reference_head=reference_head,
+            num_users=num_users,
+            user_ids=user_ids,
+            embedder=embedder,
+        )
 
     @classmethod
     def from_state_dict(cls, state: dict, *, train_basis: bool = True, train_logits: bool = True) -> LoreModel:
         """The model a ``state_dict()`` came from (shapes, users and all)."""
         extra = state.get("_extra_state", {})
-        model = cls(state["basis"], state.get("user_logits"), tau=float(state["tau"]),
-                    reference_head=state.get("reference_head"), num_users=extra.get("num_users"),
-                    user_ids=extra.get("user_ids", ()), embedder=extra.get("embedder", ""),
-                    prior_mean=state.get("prior_mean"), prior_precision=state.get("prior_precision"),
-                    weight_covariance=state.get("weight_covariance"), train_basis=train_basis,
-                    train_logits=train_logits)
+        model = cls(
+            state["basis"],
+            state.get("user_logits"),
+            tau=float(state["tau"]),
+            reference_head=state.get("reference_head"),
+            num_users=extra.get("num_users"),
+            user_ids=extra.get("user_ids", ()),
+            embedder=extra.get("embedder", ""),
+            prior_mean=state.get("prior_mean"),
+            prior_precision=state.get("prior_precision"),
+            weight_covariance=state.get("weight_covariance"),
+            train_basis=train_basis,
+            train_logits=train_logits,
+        )
         model.load_state_dict(state)
         return model
 

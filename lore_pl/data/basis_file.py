@@ -141,9 +141,12 @@ def checkpoint_model(checkpoint: dict[str, Any], path: object) -> tuple[str, Lor
     """(kind, the ``LoreModel`` of a lore-pl checkpoint, its ``lore_pl`` metadata)."""
     meta = checkpoint.get("lore_pl")
     if not isinstance(meta, dict) or meta.get("kind") not in CHECKPOINT_KINDS:
-        raise LoreDataError(f"{path}: not a lore-pl checkpoint of a BasisModule or FewShotModule (no 'lore_pl' kind tag)")
+        raise LoreDataError(f"{path}: not a lore-pl checkpoint of a BasisModule or FewShotModule "
+                            "(no 'lore_pl' kind tag)")
     prefix = "model."
-    state = {key[len(prefix):]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
+    state = {
+        key[len(prefix) :]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)
+    }
     if "basis" not in state:
         raise LoreDataError(f"{path}: the checkpoint's state_dict holds no basis ('model.basis')")
     return meta["kind"], LoreModel.from_state_dict(state), meta

@@ -83,7 +83,9 @@ def as_messages(prompt: Any, where: str = "prompt") -> list[dict[str, str]]:
     if isinstance(prompt, (list, tuple)) and prompt:
         messages = []
         for turn in prompt:
-            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            if not (
+                isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+            ):
                 raise LoreDataError(f"{where}: every chat turn needs string 'role' and 'content', got {turn!r:.80}")
             messages.append({"role": turn["role"], "content": turn["content"]})
         return messages
@@ -132,8 +134,12 @@ class TextEmbedder(nn.Module):
     def texts(self, items: list[Item]) -> list[str]:
         if self.spec.kind == "reward_model":
             # Chosen and rejected share `messages`, so they get the identical template around them.
-            return [self.tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response}],
-                                                       tokenize=False) for messages, response in items]
+            return [
+                self.tokenizer.apply_chat_template(
+                    list(messages) + [{"role": "assistant", "content": response}], tokenize=False
+                )
+                for messages, response in items
+            ]
         return [render_plain(messages, response) for messages, response in items]
 
     @torch.no_grad()
@@ -142,11 +148,19 @@ class TextEmbedder(nn.Module):
         device = next(self.model.parameters()).device
         chunks = []
         for start in range(0, len(items), self.spec.batch_size):
-            texts = self.texts(items[start:start + self.spec.batch_size])
+            texts = self.texts(items[start : start + self.spec.batch_size])
             # The chat template already holds the special tokens (BOS); the encoder wants its own.
-            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_length,
-                                   add_special_tokens=self.spec.kind == "encoder", return_tensors="pt").to(device)
-            hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            batch = self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.spec.max_length,
+                add_special_tokens=self.spec.kind == "encoder",
+                return_tensors="pt",
+            ).to(device)
+            hidden = self.model.base_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
             mask = batch["attention_mask"]
             if self.spec.kind == "reward_model":
                 rows = torch.arange(hidden.shape[0], device=device)

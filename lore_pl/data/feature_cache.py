@@ -128,7 +128,7 @@ class FeatureCache:
             shards.append({"rows": int(array.shape[0]), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
         if len(dims) > 1:
             raise LoreDataError(f"feature cache {self.directory}: shards have different embedding dimensions "
-                                f"{ {d: name for d, name in sorted(dims.items())} } (dimension: first shard with it)")
+                                f"{dict(sorted(dims.items()))} (dimension: first shard with it)")
         manifest.update(dim=next(iter(dims)) if dims else None, complete=True, shards=shards,
                         has_reference_head=(self.directory / REFERENCE_HEAD).is_file())
         write_json_atomic(self.manifest_path, manifest)
@@ -181,13 +181,15 @@ class FeatureCache:
         """
         manifest = self._require_manifest()
         if not manifest.get("complete"):
-            raise RuntimeError(f"feature cache {self.directory} is incomplete: run prepare_data (or the embed job) first")
+            raise RuntimeError(f"feature cache {self.directory} is incomplete: run prepare_data (or the embed job) "
+                               "first")
         problems = self.verify(checksums)
         if problems:
             shard, what = next(iter(problems.items()))
             raise LoreDataError(
-                f"feature cache {self.directory}: {len(problems)} damaged shard(s), e.g. {self.shard_path(shard).name}: "
-                f"{what}; run prepare_data (fit does) to re-embed them, or delete the directory"
+                f"feature cache {self.directory}: {len(problems)} damaged shard(s), e.g. "
+                f"{self.shard_path(shard).name}: {what}; run prepare_data (fit does) to re-embed them, or delete the "
+                "directory"
             )
         shards = [np.load(self.shard_path(i), mmap_mode="r") for i in range(manifest["num_shards"])]
         features = torch.from_numpy(np.concatenate(shards)) if shards else torch.zeros(0, 0)

@@ -38,7 +38,9 @@ class DataRequest:
         if self.population not in ("seen", "unseen"):
             raise ValueError(f"population must be 'seen' or 'unseen', got {self.population!r}")
         if self.shots is not None and self.shots <= 0:
-            raise LoreDataError(f"shots must be a positive number of pairs per user (or null for all), got {self.shots}")
+            raise LoreDataError(
+                f"shots must be a positive number of pairs per user (or null for all), got {self.shots}"
+            )
 
 
 class ShardIndex(NamedTuple):
@@ -82,7 +84,9 @@ class PreferenceSplit(Dataset):
         if self.prompts is not None:
             self.prompts = torch.as_tensor(self.prompts).long()
             if self.prompts.shape != self.users.shape:
-                raise LoreDataError(f"{self.name}: prompts must be [N] with N = {len(self)}, got {tuple(self.prompts.shape)}")
+                raise LoreDataError(
+                    f"{self.name}: prompts must be [N] with N = {len(self)}, got {tuple(self.prompts.shape)}"
+                )
         self._check_finite()
 
     def _check_finite(self) -> None:
@@ -112,8 +116,9 @@ class PreferenceSplit(Dataset):
             return torch.zeros(0, 2, dtype=torch.long)
         features = self.features.detach().cpu().float().contiguous()
         weights = torch.randint(1, 2**31, (features.shape[1],), generator=torch.Generator().manual_seed(0)) * 2 + 1
-        hashes = torch.cat([(chunk.view(torch.int32).long() * weights).sum(dim=1)
-                            for chunk in features.split(4096)])  # chunks bound the int64 copy
+        hashes = torch.cat(
+            [(chunk.view(torch.int32).long() * weights).sum(dim=1) for chunk in features.split(4096)]
+        )  # chunks bound the int64 copy
         keys = torch.stack([self.users.cpu(), hashes], dim=1)
         _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
         rows = torch.nonzero(counts[inverse] > 1)[:, 0]

@@ -5,7 +5,8 @@ example counts as correct for a head only if *every* chosen completion scores ab
 rejected one (strict: ties count as wrong). For the one-chosen subsets that is the usual
 best-of-n rule; for "Ties" (several correct answers) it is the strict version of its scoring.
 
-    python -m lore_pl.experiments.rewardbench --basis_path run/basis.safetensors --embedder.model ... [--users '[u1, u2]']
+    python -m lore_pl.experiments.rewardbench --basis_path run/basis.safetensors --embedder.model ... \
+        [--users '[u1, u2]']
 """
 
 from __future__ import annotations
@@ -123,8 +124,11 @@ def evaluate_rewardbench(
 
     spec = embedder if embedder is not None else EmbedderSpec()
     items, table, resolved = read_examples(source, revision)
-    cache = FeatureCache(cache_dir, {"dataset": "RewardBench2", "revision": resolved,
-                                     "embedder": spec.cache_key(template_id(spec))}, name="RewardBench2")
+    cache = FeatureCache(
+        cache_dir,
+        {"dataset": "RewardBench2", "revision": resolved, "embedder": spec.cache_key(template_id(spec))},
+        name="RewardBench2",
+    )
     if not cache.is_complete():
         cache.initialize(items, 1024)
         write_json_atomic(cache.directory / TABLE, table)

@@ -150,32 +150,57 @@ def shots(
         settings = replace(fewshot, weight_init=init, prior_strength=strength)
         precision, label = model.prior_precision, f"{strength:g}" if strength is not None else "the basis's"
         if strength is None and data.has_split("unseen_val"):
-            variance = None if loaded.user_weights is None else logit_variance(loaded.user_weights.clamp(min=1e-30).log(),
-                                                                               prior)
-            precision, label = held_out_prior(basis, tau, pool, data.split("unseen_val"), prior, variance,
-                                              prior_shots, settings)
+            variance = (
+                None
+                if loaded.user_weights is None
+                else logit_variance(loaded.user_weights.clamp(min=1e-30).log(), prior)
+            )
+            precision, label = held_out_prior(
+                basis, tau, pool, data.split("unseen_val"), prior, variance, prior_shots, settings
+            )
         start = time.perf_counter()
         accuracy = shots_sweep(basis, tau, pool, test, shots, trials, settings, prior, precision)
         seconds = time.perf_counter() - start
-        result = {"init": init, "prior": label, "mean": accuracy.mean(1).tolist(),
-                  "std": accuracy.std(1, unbiased=False).tolist(), "seconds": seconds}
+        result = {
+            "init": init,
+            "prior": label,
+            "mean": accuracy.mean(1).tolist(),
+            "std": accuracy.std(1, unbiased=False).tolist(),
+            "seconds": seconds,
+        }
         if loop_sample > 0:
-            per_fit = _time_loop(LF.project(pool.features, basis), pool.users, pool.num_users,
-                                 shots[len(shots) // 2], settings, tau, prior, loop_sample)
+            per_fit = _time_loop(
+                LF.project(pool.features, basis),
+                pool.users,
+                pool.num_users,
+                shots[len(shots) // 2],
+                settings,
+                tau,
+                prior,
+                loop_sample,
+            )
             fits = len(shots) * trials * pool.num_users
-            result.update(loop_seconds_per_fit=per_fit, loop_fits_timed=loop_sample,
-                          loop_seconds_estimated=per_fit * fits, speedup=per_fit * fits / seconds)
+            result.update(
+                loop_seconds_per_fit=per_fit,
+                loop_fits_timed=loop_sample,
+                loop_seconds_estimated=per_fit * fits,
+                speedup=per_fit * fits / seconds,
+            )
         payload["methods"][method] = result
 
     header = ["shots"] + [f"{m}_{stat}" for m in methods for stat in ("mean", "std")]
-    rows = [[s] + [payload["methods"][m][stat][i] for m in methods for stat in ("mean", "std")]
-            for i, s in enumerate(shots)]
+    rows = [
+        [s] + [payload["methods"][m][stat][i] for m in methods for stat in ("mean", "std")] for i, s in enumerate(shots)
+    ]
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in methods:
         result = payload["methods"][method]
         axis.errorbar(shots, result["mean"], yerr=result["std"], marker="o", capsize=3, label=method)
-    axis.set(xlabel="shots per unseen user", ylabel="unseen users' test accuracy",
-             title=f"K={basis.shape[1]}, {trials} trials, mean ± std over trials")
+    axis.set(
+        xlabel="shots per unseen user",
+        ylabel="unseen users' test accuracy",
+        title=f"K={basis.shape[1]}, {trials} trials, mean ± std over trials",
+    )
     axis.legend()
     _write_outputs(Path(out_dir), payload, header, rows, figure)
     plt.close(figure)
@@ -187,15 +212,18 @@ def format_shots_table(payload: dict) -> str:
     methods = list(payload["methods"])
     lines = [f"{'shots':>5}" + "".join(f"{m:>22}" for m in methods)]
     for i, s in enumerate(payload["shots"]):
-        cells = "".join(f"{payload['methods'][m]['mean'][i]:>13.4f} ± {payload['methods'][m]['std'][i]:.4f}"
-                        for m in methods)
+        cells = "".join(
+            f"{payload['methods'][m]['mean'][i]:>13.4f} ± {payload['methods'][m]['std'][i]:.4f}" for m in methods
+        )
         lines.append(f"{s:>5}{cells}")
     for m in methods:
         r = payload["methods"][m]
         extra = f", prior {r['prior']}" if r["prior"] != "0" else ""
         if "speedup" in r:
-            extra += (f"; a per-user loop would take {r['loop_seconds_estimated']:.1f} s "
-                      f"(timed on {r['loop_fits_timed']} fits): {r['speedup']:.0f}x slower")
+            extra += (
+                f"; a per-user loop would take {r['loop_seconds_estimated']:.1f} s "
+                f"(timed on {r['loop_fits_timed']} fits): {r['speedup']:.0f}x slower"
+            )
         lines.append(f"{m}: batched sweep {r['seconds']:.2f} s{extra}")
     return "\n".join(lines)
 
@@ -228,18 +256,33 @@ def rank(
 
     results = {}
     for k in ranks:
-        cli = build_cli(["fit", "--config", experiment, f"--model.init_args.rank={k}",
-                         f"--trainer.logger.init_args.save_dir={out_dir}",
-                         f"--trainer.logger.init_args.name=rank_{k}", *overrides])
+        cli = build_cli(
+            [
+                "fit",
+                "--config",
+                experiment,
+                f"--model.init_args.rank={k}",
+                f"--trainer.logger.init_args.save_dir={out_dir}",
+                f"--trainer.logger.init_args.name=rank_{k}",
+                *overrides,
+            ]
+        )
         found = [c.results for c in cli.trainer.callbacks if isinstance(c, ProtocolEvaluation)]
         if not found or found[0] is None:
             raise ValueError(f"{experiment} has no ProtocolEvaluation callback, or it produced no results")
         results[k] = found[0]
     labels = ["ref" if k == 0 else str(k) for k in ranks]
-    payload = {"experiment": experiment, "ranks": ranks, "labels": labels, "results": {str(k): r for k, r in results.items()}}
+    payload = {
+        "experiment": experiment,
+        "ranks": ranks,
+        "labels": labels,
+        "results": {str(k): r for k, r in results.items()},
+    }
     header = ["rank"] + [f"{key}{suffix}" for key in PROTOCOL_KEYS for suffix in ("", "_std")]
-    rows = [[label] + [results[k].get(f"{key}{suffix}") for key in PROTOCOL_KEYS for suffix in ("", "_std")]
-            for k, label in zip(ranks, labels)]
+    rows = [
+        [label] + [results[k].get(f"{key}{suffix}") for key in PROTOCOL_KEYS for suffix in ("", "_std")]
+        for k, label in zip(ranks, labels)
+    ]
     figure, axis = plt.subplots(figsize=(6, 4))
     for key in PROTOCOL_KEYS:
         axis.plot(labels, [results[k].get(key, float("nan")) for k in ranks], marker="o", label=key)

@@ -66,7 +66,11 @@ class PreferenceModule(LightningModule):
         return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lore_pl"] = {"kind": self.checkpoint_kind, "format": CHECKPOINT_FORMAT, **self.checkpoint_metadata()}
+        checkpoint["lore_pl"] = {
+            "kind": self.checkpoint_kind,
+            "format": CHECKPOINT_FORMAT,
+            **self.checkpoint_metadata(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("lore_pl")
@@ -74,18 +78,26 @@ class PreferenceModule(LightningModule):
         where = f"checkpoint {path}" if path else "the checkpoint"
         if not isinstance(meta, dict) or meta.get("kind") != self.checkpoint_kind:
             kind = meta.get("kind") if isinstance(meta, dict) else None
-            raise LoreDataError(f"{where} is not a {type(self).__name__} checkpoint (its kind tag is {kind!r}, "
-                                f"expected {self.checkpoint_kind!r})")
+            raise LoreDataError(
+                f"{where} is not a {type(self).__name__} checkpoint (its kind tag is {kind!r}, "
+                f"expected {self.checkpoint_kind!r})"
+            )
         prefix = "model."
-        state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+        state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
         saved = LoreModel.from_state_dict(state, train_basis=self._trains_basis(), train_logits=True)
         if self.built:
             # resuming a fit: the module was built from the data; a checkpoint of another shape would
             # fail deep in load_state_dict with a bare "size mismatch": say which file and why
             here, there = self.model, saved
-            differ = [f"{name}: checkpoint {a}, data/model {b}" for name, a, b in
-                      (("feature_dim", there.dim, here.dim), ("rank", there.rank, here.rank),
-                       ("num_users", there.num_users, here.num_users)) if a != b]
+            differ = [
+                f"{name}: checkpoint {a}, data/model {b}"
+                for name, a, b in (
+                    ("feature_dim", there.dim, here.dim),
+                    ("rank", there.rank, here.rank),
+                    ("num_users", there.num_users, here.num_users),
+                )
+                if a != b
+            ]
             if differ:
                 raise LoreDataError(f"{where} does not match this run ({', '.join(differ)})")
             return
@@ -99,12 +111,16 @@ class PreferenceModule(LightningModule):
         # Runs after setup, before the strategy wraps the model: DDP refuses a module with nothing
         # to train (K=0) with an obscure error; say what to do instead.
         trainer = self._trainer
-        if (trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.world_size > 1
-                and not any(p.requires_grad for p in self.parameters())):
+        if (
+            trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.world_size > 1
+            and not any(p.requires_grad for p in self.parameters())
+        ):
             raise ValueError(
-                f"{type(self).__name__} with rank K={self.hparams.get('rank')} has nothing to train, and DDP cannot wrap "
-                "it: fit it on one device (--trainer.devices=1 --trainer.strategy=auto); its results do not depend "
-                "on the number of processes"
+                f"{type(self).__name__} with rank K={self.hparams.get('rank')} has nothing to train, and DDP cannot "
+                "wrap it: fit it on one device (--trainer.devices=1 --trainer.strategy=auto); its results do not "
+                "depend on the number of processes"
             )
 
     def _loss(self, logits: Tensor, users: Tensor, weighting: LF.LossWeighting, counts: Tensor | None = None) -> Tensor:
@@ -155,8 +171,9 @@ class PreferenceModule(LightningModule):
     def _log_accuracy(self, stage: str) -> None:
         result = self.metrics[f"{stage}_acc"].compute()  # sums the per-user states over ranks
         # identical on every rank: sync_dist averages equal values (and silences Lightning's warning)
-        self.log_dict({f"{stage}/acc": result["mean"].float(), f"{stage}/acc_std": result["std"].float()},
-                      sync_dist=True)
+        self.log_dict(
+            {f"{stage}/acc": result["mean"].float(), f"{stage}/acc_std": result["std"].float()}, sync_dist=True
+        )
         self.metrics[f"{stage}_acc"].reset()
 
     def on_train_epoch_end(self) -> None:

@@ -122,12 +122,22 @@ class BasisModule(PreferenceModule):
             raise ValueError(f"tau must be positive, got {tau}")
         if estimator == "map":
             if tau not in (None, 1.0):
-                raise ValueError("the MAP estimator fits V on the logit scale (tau = 1): set tau only with estimator: adam")
-            given = {"lr": lr, "schedule": schedule, "loss_weighting": loss_weighting, "regularizer": regularizer,
-                     "alpha": alpha, "weight_init": weight_init, "basis_weight_decay": basis_weight_decay}
+                raise ValueError("the MAP estimator fits V on the logit scale (tau = 1): set tau only with "
+                                 "estimator: adam")
+            given = {
+                "lr": lr,
+                "schedule": schedule,
+                "loss_weighting": loss_weighting,
+                "regularizer": regularizer,
+                "alpha": alpha,
+                "weight_init": weight_init,
+                "basis_weight_decay": basis_weight_decay,
+            }
             ignored = sorted(name for name, value in given.items() if value != ADAM_OPTIONS[name])
             if ignored:
-                raise ValueError(f"{', '.join(ignored)}: options of the Adam estimator; set estimator: adam to use them")
+                raise ValueError(
+                    f"{', '.join(ignored)}: options of the Adam estimator; set estimator: adam to use them"
+                )
         if schedule not in ("joint", "alternating"):
             raise ValueError(f"schedule must be 'joint' or 'alternating', got {schedule!r}")
         if loss_weighting not in ("pair_mean", "user_mean"):
@@ -145,8 +155,9 @@ class BasisModule(PreferenceModule):
         self.save_hyperparameters(ignore=["fewshot", "map_settings"])
         # plain values: checkpoints load with weights_only=True
         self.hparams["fewshot"] = asdict(self.fewshot)
-        self.hparams["map_settings"] = {k: list(v) if isinstance(v, tuple) else v
-                                        for k, v in asdict(self.map_settings).items()}
+        self.hparams["map_settings"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.map_settings).items()
+        }
         # Manual optimization: the alternating schedule takes two optimizer steps per batch, L-BFGS
         # evaluates several times per step, and K=0 trains nothing; one code path serves them all.
         self.automatic_optimization = False
@@ -207,10 +218,9 @@ class BasisModule(PreferenceModule):
         reference = datamodule.reference_head if path is None else read_reference_head(path)
         if reference is not None and reference.shape != (datamodule.dim,):
             raise LoreDataError(f"V_ref {path or ''} has d={reference.shape[0]}, the data have d={datamodule.dim}")
-        if hp.rank == 0 or hp.regularizer != "none":
-            if reference is None:
-                what = "rank K=0 (the reference model)" if hp.rank == 0 else f"regularizer={hp.regularizer!r}"
-                raise LoreDataError(f"{what} needs a reference head V_ref, and the data module provides none")
+        if (hp.rank == 0 or hp.regularizer != "none") and reference is None:
+            what = "rank K=0 (the reference model)" if hp.rank == 0 else f"regularizer={hp.regularizer!r}"
+            raise LoreDataError(f"{what} needs a reference head V_ref, and the data module provides none")
         return reference
 
     def _given_initial(self) -> LoreModel | None:
@@ -226,30 +236,48 @@ class BasisModule(PreferenceModule):
         user_ids, embedder = list(datamodule.seen_user_ids), datamodule.embedder
         initial = self._given_initial()
         if initial is None:
-            return LoreModel.initial(datamodule.dim, hp.rank, datamodule.num_users, tau=self.tau,
-                                     reference_head=reference, weight_init=hp.weight_init, user_ids=user_ids,
-                                     embedder=embedder)
+            return LoreModel.initial(
+                datamodule.dim,
+                hp.rank,
+                datamodule.num_users,
+                tau=self.tau,
+                reference_head=reference,
+                weight_init=hp.weight_init,
+                user_ids=user_ids,
+                embedder=embedder,
+            )
         where = hp.initial_basis or "the initial model"
         rank = initial.rank if hp.rank == "auto" else hp.rank
         if initial.dim != datamodule.dim or initial.rank != max(rank, 1):
-            raise LoreDataError(f"{where} is d={initial.dim} x K={initial.rank}, but this run has d={datamodule.dim} "
-                                f"and rank={hp.rank}")
+            raise LoreDataError(
+                f"{where} is d={initial.dim} x K={initial.rank}, but this run has d={datamodule.dim} and rank={hp.rank}"
+            )
         logits = initial.user_logits
-        if rank >= 2 and (initial.num_users != datamodule.num_users
-                          or (initial.user_ids and initial.user_ids != user_ids)):
+        if rank >= 2 and (
+            initial.num_users != datamodule.num_users or (initial.user_ids and initial.user_ids != user_ids)
+        ):
             if self._initial is not None:
-                raise LoreDataError(f"{where} has {initial.num_users} users, the data's seen users are {datamodule.num_users}")
+                raise LoreDataError(
+                    f"{where} has {initial.num_users} users, the data's seen users are {datamodule.num_users}"
+                )
             logits = None  # another population: start their weights by weight_init
         if rank >= 2 and logits is None:
             logits = LF.initial_user_logits(datamodule.num_users, rank, hp.weight_init)
         mean = None
         if hp.estimator == "map" and rank >= 2:
             mean = initial.prior_mean if initial.prior_mean is not None else logits.detach().mean(0)
-        return LoreModel(initial.basis, logits if rank >= 2 else None, tau=self.tau,
-                         reference_head=reference if reference is not None else initial.reference_head,
-                         num_users=datamodule.num_users, user_ids=user_ids, embedder=embedder, prior_mean=mean,
-                         prior_precision=None if mean is None else torch.full((rank,), self.map_settings.start_prior),
-                         train_basis=rank >= 1)
+        return LoreModel(
+            initial.basis,
+            logits if rank >= 2 else None,
+            tau=self.tau,
+            reference_head=reference if reference is not None else initial.reference_head,
+            num_users=datamodule.num_users,
+            user_ids=user_ids,
+            embedder=embedder,
+            prior_mean=mean,
+            prior_precision=None if mean is None else torch.full((rank,), self.map_settings.start_prior),
+            train_basis=rank >= 1,
+        )
 
     def checkpoint_metadata(self) -> dict:
         return {"prune_threshold": float(self.hparams.prune_threshold), "selection": self.selection}
@@ -277,9 +305,17 @@ class BasisModule(PreferenceModule):
     # ------------------------------------------------------------------- training: the Adam estimator
     def _pair_loss(self, features: Tensor, users: Tensor, counts: Tensor | None) -> tuple[Tensor, Tensor]:
         """(this rank's NLL, the detached logits) of a training batch: one pass of ``LF.pair_loss``."""
-        return LF.pair_loss(features, users, self.model.basis, self.model.user_weights(), self.model.temperature,
-                            self.hparams.loss_weighting, counts, self._loss_scale(counts),
-                            fused=self.hparams.cpu_kernel)
+        return LF.pair_loss(
+            features,
+            users,
+            self.model.basis,
+            self.model.user_weights(),
+            self.model.temperature,
+            self.hparams.loss_weighting,
+            counts,
+            self._loss_scale(counts),
+            fused=self.hparams.cpu_kernel,
+        )
 
     def _regularizer(self) -> Tensor:
         if self.hparams.regularizer == "none":
@@ -322,10 +358,19 @@ class BasisModule(PreferenceModule):
         if logged:
             # nll is this rank's scaled share: sync_dist's mean over ranks is the global value. The
             # regularizer and alpha are the same on every rank: no collective needed.
-            self.log_dict({"train/loss": nll + alpha * regularizer, "train/nll": nll},
-                          on_step=True, on_epoch=False, batch_size=users.numel(), sync_dist=True)
-            self.log_dict({"train/regularizer": regularizer, "train/alpha": alpha},
-                          on_step=True, on_epoch=False, batch_size=users.numel())
+            self.log_dict(
+                {"train/loss": nll + alpha * regularizer, "train/nll": nll},
+                on_step=True,
+                on_epoch=False,
+                batch_size=users.numel(),
+                sync_dist=True,
+            )
+            self.log_dict(
+                {"train/regularizer": regularizer, "train/alpha": alpha},
+                on_step=True,
+                on_epoch=False,
+                batch_size=users.numel(),
+            )
         return nll
 
     def _optimize(
@@ -349,8 +394,11 @@ class BasisModule(PreferenceModule):
 
     def _reduces_gradients_itself(self) -> bool:
         """The alternating schedule under DDP averages its gradients over ranks by hand."""
-        return (self._trainer is not None and self.trainer.world_size > 1
-                and (self.hparams.estimator == "map" or (self.hparams.schedule == "alternating" and self.rank >= 2)))
+        return (
+            self._trainer is not None
+            and self.trainer.world_size > 1
+            and (self.hparams.estimator == "map" or (self.hparams.schedule == "alternating" and self.rank >= 2))
+        )
 
     def _backward(self, loss: Tensor, parameters) -> None:
         """``manual_backward``; where the step is not DDP's one backward per forward (the alternating
@@ -368,32 +416,52 @@ class BasisModule(PreferenceModule):
     def _selected_model(self, datamodule) -> LoreModel:
         """The model the full-space path starts from: chosen in the spectral subspace on validation pairs."""
         if not datamodule.has_split("seen_val") or len(datamodule.split("seen_val")) == 0:
-            raise LoreDataError(f"the MAP estimator chooses K and its strengths on validation pairs, and "
-                                f"{type(datamodule).__name__} has none: give it a val_fraction > 0 (or use "
-                                "estimator: adam with an int rank)")
+            raise LoreDataError(
+                f"the MAP estimator chooses K and its strengths on validation pairs, and "
+                f"{type(datamodule).__name__} has none: give it a val_fraction > 0 (or use "
+                "estimator: adam with an int rank)"
+            )
         settings, hp = self.map_settings, self.hparams
         reference = self._reference_head(datamodule)
         initial = self._given_initial()
         if initial is not None:
             model = self._initial_model(datamodule)
-            self.selection = {"rank": model.rank, "strengths": asdict(E.Strengths(max(settings.start_ridges), 1.0,
-                                                                                  settings.start_prior)),
-                              "curve": [], "start": hp.initial_basis or "given tensors"}
+            self.selection = {
+                "rank": model.rank,
+                "strengths": asdict(E.Strengths(max(settings.start_ridges), 1.0, settings.start_prior)),
+                "curve": [],
+                "start": hp.initial_basis or "given tensors",
+            }
             return model
         train, val = datamodule.split("seen_train"), datamodule.split("seen_val")
         ranks = settings.ranks if hp.rank == "auto" else (hp.rank,)
-        best, curve, _ = E.select_model(train.features, train.users, val.features, val.users, train.num_users,
-                                        settings, ranks)
-        self.selection = {"rank": best.rank, "strengths": asdict(best.strengths), "val_pairs": len(val),
-                          "curve": [{"rank": c.rank, **asdict(c.strengths), "val_nll": c.val_nll, "val_acc": c.val_acc}
-                                    for c in curve]}
-        say(f"model selection on {len(val)} validation pairs (held-out prompts) in a {settings.subspace}-dim "
-            f"spectral subspace:\n" + "\n".join(f"  {c.describe()}" for c in curve)
-            + f"\n  chosen: {best.describe()}")
+        best, curve, _ = E.select_model(
+            train.features, train.users, val.features, val.users, train.num_users, settings, ranks
+        )
+        self.selection = {
+            "rank": best.rank,
+            "strengths": asdict(best.strengths),
+            "val_pairs": len(val),
+            "curve": [
+                {"rank": c.rank, **asdict(c.strengths), "val_nll": c.val_nll, "val_acc": c.val_acc} for c in curve
+            ],
+        }
+        say(
+            f"model selection on {len(val)} validation pairs (held-out prompts) in a {settings.subspace}-dim "
+            f"spectral subspace:\n" + "\n".join(f"  {c.describe()}" for c in curve) + f"\n  chosen: {best.describe()}"
+        )
         prior = torch.full((best.rank,), best.strengths.prior) if best.rank >= 2 else None
-        return LoreModel(best.state.basis, best.state.logits, tau=self.tau, reference_head=reference,
-                         num_users=train.num_users, user_ids=list(datamodule.seen_user_ids), embedder=datamodule.embedder,
-                         prior_mean=best.state.mean, prior_precision=prior)
+        return LoreModel(
+            best.state.basis,
+            best.state.logits,
+            tau=self.tau,
+            reference_head=reference,
+            num_users=train.num_users,
+            user_ids=list(datamodule.seen_user_ids),
+            embedder=datamodule.embedder,
+            prior_mean=best.state.mean,
+            prior_precision=prior,
+        )
 
     def _install(self, model: LoreModel) -> None:
         super()._install(model)
@@ -442,8 +510,16 @@ class BasisModule(PreferenceModule):
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            loss, nll, logits = E.map_loss(features, users, self.model.num_users, state, strengths, counts,
-                                           self._loss_scale(counts), fused=self.hparams.cpu_kernel)
+            loss, nll, logits = E.map_loss(
+                features,
+                users,
+                self.model.num_users,
+                state,
+                strengths,
+                counts,
+                self._loss_scale(counts),
+                fused=self.hparams.cpu_kernel,
+            )
             self._backward(loss, parameters)
             outputs.update(loss=loss.detach(), nll=nll.detach(), logits=logits)
             # the line search must see the one objective on every rank: the mean over ranks of the shares
@@ -454,8 +530,13 @@ class BasisModule(PreferenceModule):
         optimizer.step(closure=closure)
         self.iterations_done += 1
         self.metrics["train_acc"].update(outputs["logits"], users)
-        self.log_dict({"train/loss": outputs["loss"], "train/nll": outputs["nll"]}, on_step=True, on_epoch=False,
-                      batch_size=users.numel(), sync_dist=True)
+        self.log_dict(
+            {"train/loss": outputs["loss"], "train/nll": outputs["nll"]},
+            on_step=True,
+            on_epoch=False,
+            batch_size=users.numel(),
+            sync_dist=True,
+        )
         self.log("train/ridge", strengths.ridge, on_step=True, on_epoch=False, batch_size=users.numel())
         return outputs["nll"]
 
@@ -486,9 +567,9 @@ class BasisModule(PreferenceModule):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        metric = self.metrics["val_nll"] if "val_nll" in self.metrics else None
-        if metric is None or not metric.update_called:
+        if "val_nll" not in self.metrics or not self.metrics["val_nll"].update_called:
             return
+        metric = self.metrics["val_nll"]
         val_nll = float(metric.compute())
         metric.reset()
         if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
@@ -507,8 +588,13 @@ class BasisModule(PreferenceModule):
         train = datamodule.split("seen_train")
         with torch.no_grad():
             projected = LF.project(train.features.to(self.model.basis.device), self.model.basis.detach())
-            covariance = weight_covariance(projected, train.users.to(projected.device), self.model.user_logits.detach(),
-                                           self.model.temperature, self.model.prior_precision)
+            covariance = weight_covariance(
+                projected,
+                train.users.to(projected.device),
+                self.model.user_logits.detach(),
+                self.model.temperature,
+                self.model.prior_precision,
+            )
         self.model.weight_covariance = covariance.to(self.model.basis.dtype)
 
     def on_train_end(self) -> None:

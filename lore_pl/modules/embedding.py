@@ -57,7 +57,9 @@ class EmbeddingModule(LightningModule):
         datamodule = self.trainer.datamodule
         spec = getattr(datamodule, "embedder_spec", None)
         if spec is None:
-            raise ValueError("EmbeddingModule needs a data module with an `embedder_spec` (an EmbeddedPreferenceDataModule)")
+            raise ValueError(
+                "EmbeddingModule needs a data module with an `embedder_spec` (an EmbeddedPreferenceDataModule)"
+            )
         datamodule.connect(self.data_request)
         if datamodule.feature_cache.is_complete():
             rank_zero_info(f"feature cache {datamodule.feature_cache.directory} is complete: nothing to embed")

@@ -110,10 +110,19 @@ class FewShotModule(PreferenceModule):
             init = self.settings.weight_init
             if init == "population" and self.prior_logits is None:
                 self.prior_logits = torch.zeros(basis.rank)  # a basis without users: uniform weights
-            logits = LF.initial_user_logits(num_users, basis.rank, init, self.settings.init_generator(), self.prior_logits)
-        return LoreModel(basis.basis.float(), logits, tau=self.tau, reference_head=basis.reference_head,
-                         num_users=num_users, user_ids=user_ids or (), embedder=embedder or basis.embedder,
-                         train_basis=False)
+            logits = LF.initial_user_logits(
+                num_users, basis.rank, init, self.settings.init_generator(), self.prior_logits
+            )
+        return LoreModel(
+            basis.basis.float(),
+            logits,
+            tau=self.tau,
+            reference_head=basis.reference_head,
+            num_users=num_users,
+            user_ids=user_ids or (),
+            embedder=embedder or basis.embedder,
+            train_basis=False,
+        )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -128,12 +137,16 @@ class FewShotModule(PreferenceModule):
         if num_users == 0 or not datamodule.has_split("unseen_pool") or len(datamodule.split("unseen_pool")) == 0:
             raise LoreDataError(f"{type(datamodule).__name__} has no unseen users with few-shot pool pairs to adapt")
         if dim != basis.dim:
-            raise LoreDataError(f"the basis {self.hparams.basis_path or '(in memory)'} has d={basis.dim} "
-                                f"but {type(datamodule).__name__} has d={dim}")
+            raise LoreDataError(
+                f"the basis {self.hparams.basis_path or '(in memory)'} has d={basis.dim} "
+                f"but {type(datamodule).__name__} has d={dim}"
+            )
         if self.built:
             if num_users != self.model.num_users:
-                raise ValueError(f"this FewShotModule was fitted for {self.model.num_users} users, "
-                                 f"but {type(datamodule).__name__} has {num_users} unseen users")
+                raise ValueError(
+                    f"this FewShotModule was fitted for {self.model.num_users} users, "
+                    f"but {type(datamodule).__name__} has {num_users} unseen users"
+                )
             return
         self._install(self.new_users(num_users, list(datamodule.unseen_user_ids), datamodule.embedder))
         if datamodule.has_split("unseen_val") and len(datamodule.split("unseen_val")):
@@ -161,11 +174,27 @@ class FewShotModule(PreferenceModule):
             device = projected.device
             projected_val = LF.project(val.features.to(device), self.model.basis)
             precision, self.prior_choice, self.prior_curve = choose_prior(
-                projected, users, projected_val, val.users.to(device), self.model.num_users, self.settings, self.tau,
-                self.prior_logits, variance)
+                projected,
+                users,
+                projected_val,
+                val.users.to(device),
+                self.model.num_users,
+                self.settings,
+                self.tau,
+                self.prior_logits,
+                variance,
+            )
             self.prior_precision = precision.to(projected)
-        logits = adapt_users(projected, users, self.model.num_users, self.settings, self.tau, self.prior_logits,
-                             init_logits=self.model.user_logits, prior_precision=self.prior_precision)
+        logits = adapt_users(
+            projected,
+            users,
+            self.model.num_users,
+            self.settings,
+            self.tau,
+            self.prior_logits,
+            init_logits=self.model.user_logits,
+            prior_precision=self.prior_precision,
+        )
         precision = self.settings.prior_strength if self.settings.prior_strength is not None else self.prior_precision
         with torch.no_grad():
             self.model.user_logits.copy_(logits)
@@ -186,8 +215,9 @@ class FewShotModule(PreferenceModule):
         """The pairs the users are fitted on: ``shots`` per user drawn with ``shot_seed`` (as the data module does)."""
         if self.settings.shots is None:
             return pool
-        return pool.subset(LF.sample_shots(pool.users, self.settings.shots, self.settings.shot_generator()),
-                           "unseen_shots")
+        return pool.subset(
+            LF.sample_shots(pool.users, self.settings.shots, self.settings.shot_generator()), "unseen_shots"
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if batch_idx > 0:
@@ -197,8 +227,13 @@ class FewShotModule(PreferenceModule):
         self.fit_users(projected, users, self._val)
         logits = LF.projected_logits(projected, users, self.model.user_weights(), self.tau)
         self.metrics["train_acc"].update(logits.detach(), users)
-        self.log("train/loss", LF.preference_loss(logits, users, self.model.num_users, "user_mean").detach(),
-                 on_step=True, on_epoch=False, batch_size=users.numel())
+        self.log(
+            "train/loss",
+            LF.preference_loss(logits, users, self.model.num_users, "user_mean").detach(),
+            on_step=True,
+            on_epoch=False,
+            batch_size=users.numel(),
+        )
         return None
 
     def configure_optimizers(self):

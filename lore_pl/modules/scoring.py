@@ -78,5 +78,7 @@ class ScoringModule(LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         embeddings = batch["embeddings"]
         if embeddings.shape[1] != self.heads.shape[0]:
-            raise ValueError(f"candidate embeddings have d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}")
+            raise ValueError(
+                f"candidate embeddings have d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}"
+            )
         return {"index": batch["index"], "scores": embeddings.float() @ self.heads}
