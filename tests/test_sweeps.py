@@ -84,10 +84,12 @@ def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
                BasisFile(tiny_data.true_directions, 1.0, tiny_data.reference_head, tiny_data.seen_user_ids,
                          tiny_data.true_weights["seen"]))
     main(["shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={tmp_path / 'basis.safetensors'}",
-          "--shots=[1, 4]", "--trials=2", "--fewshot.steps=30", "--methods=[reference, population, map]",
+          "--shots=[1, 4]", "--trials=2", "--fewshot.steps=30", "--methods=[reference, population, map, average]",
           "--loop_sample=2", f"--out_dir={tmp_path / 'shots'}", *TINY_DATA])
     results = json.loads((tmp_path / "shots" / "results.json").read_text())
-    assert set(results["methods"]) == {"reference", "population", "map"}
+    assert set(results["methods"]) == {"reference", "population", "map", "average"}
+    average = results["methods"]["average"]["mean"]
+    assert average[0] == average[1]  # no fit: the same whatever the shots
     assert len(results["methods"]["map"]["mean"]) == 2 and results["methods"]["reference"]["speedup"] > 0
     assert (tmp_path / "shots" / "results.png").stat().st_size > 0
     assert (tmp_path / "shots" / "results.csv").read_text().startswith("shots,reference_mean")

@@ -39,6 +39,7 @@ METHODS = {
     "reference": ("randn", 0.0),  # the reference: random start, no prior
     "population": ("population", 0.0),  # start at the population's mean logits
     "map": ("population", None),  # that start plus a Gaussian prior around it (MAP), chosen on held-out prompts
+    "average": ("average", 0.0),  # no fit: every user at the seen users' mean weights (the baseline to beat)
 }
 
 
@@ -120,7 +121,8 @@ def shots(
         trials: independent subsamples per shots value.
         methods: few-shot methods to compare: ``reference`` (random start), ``population`` (start at
             the population's mean logits), ``map`` (that start and a prior, chosen on the unseen users'
-            validation pairs, or the basis's own prior where there are none).
+            validation pairs, or the basis's own prior where there are none), ``average`` (no fit: the
+            seen users' mean weights for everyone).
         fewshot: the few-shot fit (Adam steps and lr; ``shot_seed`` seeds the subsamples and the
             starts; ``shots``, ``weight_init`` and ``prior_strength`` are set per shots value and method).
         prior_shots: shots at which ``map`` chooses its prior (the prior's pull then fades with more shots).
@@ -145,8 +147,17 @@ def shots(
                      "users": pool.num_users, "methods": {}}
     for method in methods:
         init, strength = METHODS[method]
-        if init == "population" and prior is None:
+        if init in ("population", "average") and prior is None:
             raise ValueError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
+        if init == "average":
+            start = time.perf_counter()
+            weights = loaded.user_weights.float().mean(0).expand(len(shots) * trials, pool.num_users, -1)
+            accuracy = per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau)
+            accuracy = accuracy.reshape(len(shots), trials)
+            payload["methods"][method] = {"init": init, "prior": "none", "mean": accuracy.mean(1).tolist(),
+                                          "std": accuracy.std(1, unbiased=False).tolist(),
+                                          "seconds": time.perf_counter() - start}
+            continue
         settings = replace(fewshot, weight_init=init, prior_strength=strength)
         precision, label = model.prior_precision, f"{strength:g}" if strength is not None else "the basis's"
         if strength is None and data.has_split("unseen_val"):
