@@ -147,11 +147,12 @@ def shots(
                      "users": pool.num_users, "methods": {}}
     for method in methods:
         init, strength = METHODS[method]
-        if init in ("population", "average") and prior is None:
+        if init in ("population", "average") and prior is None and basis.shape[1] >= 2:
             raise ValueError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
         if init == "average":
             start = time.perf_counter()
-            weights = loaded.user_weights.float().mean(0).expand(len(shots) * trials, pool.num_users, -1)
+            seen = loaded.user_weights if loaded.user_weights is not None else torch.ones(1, basis.shape[1])
+            weights = seen.float().mean(0).expand(len(shots) * trials, pool.num_users, -1)
             accuracy = per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau)
             accuracy = accuracy.reshape(len(shots), trials)
             payload["methods"][method] = {"init": init, "prior": "none", "mean": accuracy.mean(1).tolist(),
@@ -160,7 +161,7 @@ def shots(
             continue
         settings = replace(fewshot, weight_init=init, prior_strength=strength)
         precision, label = model.prior_precision, f"{strength:g}" if strength is not None else "the basis's"
-        if strength is None and data.has_split("unseen_val"):
+        if strength is None and data.has_split("unseen_val") and basis.shape[1] >= 2:
             variance = (
                 None
                 if loaded.user_weights is None
