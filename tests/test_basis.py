@@ -153,7 +153,7 @@ def test_validation_and_test_log_per_user_accuracy(tiny_data):
     model = BasisModule(estimator="adam", rank=3, lr=0.1)
     trainer = tiny_trainer(5, limit_val_batches=1.0)
     trainer.fit(model, datamodule=tiny_data)
-    assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
+    assert float(trainer.callback_metrics["val/acc"]) > 0.6  # 5 Adam steps already beat chance (0.5)
     assert "train/acc" in trainer.callback_metrics
     result = trainer.test(model, datamodule=tiny_data, verbose=False)[0]
     split = tiny_data.split("seen_test")

@@ -25,9 +25,16 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
     build_cli(args)
     out = run_dir(tmp_path, "synthetic")
     results = json.loads((out / "protocol.json").read_text())
-    for key in ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc"):
-        assert 0.0 <= results[key] <= 1.0 and results[key + "_std"] >= 0.0
+    # floors measured on this tiny population (0.996, 0.963, 0.984, 0.969), with room for other seeds
+    floors = {"seen/train_acc": 0.95, "seen/test_acc": 0.9, "unseen/fewshot_acc": 0.9, "unseen/test_acc": 0.9}
+    for key, floor in floors.items():
+        assert results[key] >= floor and results[key + "_std"] >= 0.0, (key, results[key])
         assert results["oracle/" + key] == 1.0
+    # the baselines on the same users and prompts, and the gain with its interval around it
+    for name in ("shared", "population"):
+        gain = results[f"gain/{name}/unseen/test_acc"]
+        assert gain == pytest.approx(results["unseen/test_acc"] - results[f"baselines/{name}/unseen/test_acc"])
+        assert results[f"gain/{name}/unseen/test_acc_low"] <= gain <= results[f"gain/{name}/unseen/test_acc_high"]
     assert results["rank"] == 3
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -129,3 +136,16 @@ def test_console_commands_are_installed_and_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "unseen users, unseen prompts" in done.stdout
     assert (run_dir(tmp_path, "synthetic") / "protocol.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_default_run_keeps_its_headline(tmp_path, monkeypatch):
+    # scripts/run.sh's command as it is: the headline (unseen users, unseen prompts) and the gain
+    # over one shared model are what a user first sees
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"),
+               f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+    results = json.loads((run_dir(tmp_path, "synthetic") / "protocol.json").read_text())
+    assert results["unseen/test_acc"] >= 0.99 and results["seen/test_acc"] >= 0.99
+    assert results["selection"]["rank"] == 5  # the planted rank, chosen on the validation prompts
+    assert results["gain/shared/unseen/test_acc_low"] > 0.05  # personalization pays here, and clearly

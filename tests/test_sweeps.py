@@ -99,5 +99,6 @@ def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
           f"--overrides=[{', '.join(TINY_DATA)}, --trainer.max_epochs=5]", f"--out_dir={tmp_path / 'rank'}"])
     results = json.loads((tmp_path / "rank" / "results.json").read_text())
     assert results["labels"] == ["ref", "2"]
-    assert 0.0 <= results["results"]["2"]["unseen/test_acc"] <= 1.0
+    k2, reference = results["results"]["2"]["unseen/test_acc"], results["results"]["0"]["unseen/test_acc"]
+    assert k2 >= 0.8 and reference >= 0.8  # the planted population: V_ref is its mean direction
     assert (tmp_path / "rank" / "results.csv").read_text().splitlines()[1].startswith("ref,")

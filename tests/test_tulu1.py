@@ -38,8 +38,6 @@ def test_tulu1_protocol_end_to_end(tmp_path, monkeypatch, capsys):
         f"--data.init_args.cache_dir={tmp_path / 'cache'}",
         "--data.init_args.embedder.max_length=128",
         "--data.init_args.progress=false",
-        "--trainer.max_epochs=100",
-        "--trainer.check_val_every_n_epoch=100",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         f"--trainer.default_root_dir={tmp_path}",
     ]
@@ -55,7 +53,8 @@ def test_tulu1_protocol_end_to_end(tmp_path, monkeypatch, capsys):
 
     run = sorted((tmp_path / "logs" / "tulu1").glob("version_*"))[-1]
     results = json.loads((run / "protocol.json").read_text())
-    for key in ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc"):
-        assert 0.0 <= results[key] <= 1.0
+    # real raters agree on about 70% of comparisons: the model must not fall below one shared model
+    assert results["unseen/test_acc"] >= results["baselines/shared/unseen/test_acc"] - 0.005
+    assert results["unseen/test_acc"] >= results["baselines/population/unseen/test_acc"] - 0.005
     assert results["seen/train_acc"] > 0.75  # the basis fits its training pairs
     assert "unseen users, unseen prompts" in capsys.readouterr().out

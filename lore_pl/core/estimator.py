@@ -219,16 +219,21 @@ def _scores(features: Tensor, users: Tensor, num_users: int, state: MapState) ->
 
 def parsimonious(candidates: list[Candidate]) -> Candidate:
     """The candidate of lowest validation NLL, or the one of smallest K among the rest whose NLL is
-    within one standard error of it (the error of the mean paired difference over validation pairs):
-    a larger K must earn its place."""
+    within one standard error of it (the error of the mean paired difference over validation pairs;
+    differences below ``TIE`` are ties): a larger K must earn its place."""
     best = min(candidates, key=lambda c: c.val_nll)
     for candidate in sorted(candidates, key=lambda c: (c.rank, c.val_nll)):
         if candidate.rank >= best.rank:
             break
         difference = candidate.pair_nll - best.pair_nll
-        if float(difference.mean()) <= float(difference.std()) / difference.numel() ** 0.5:
+        error = float(difference.std()) / difference.numel() ** 0.5 if difference.numel() > 1 else float("inf")
+        if float(difference.mean()) <= max(error, TIE):
             return candidate
     return best
+
+
+#: validation NLLs closer than this (nats per pair) are the same: float rounding, not evidence
+TIE = 1e-6
 
 
 # ------------------------------------------------------------------------------------ the start

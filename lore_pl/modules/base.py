@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from lightning import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -100,6 +101,9 @@ class PreferenceModule(LightningModule):
             ]
             if differ:
                 raise LoreDataError(f"{where} does not match this run ({', '.join(differ)})")
+            for name, tensor in state.items():  # optional parts the fit computed last (the covariance)
+                if name in here._buffers and here._buffers[name] is None:
+                    here._buffers[name] = torch.zeros_like(tensor)
             return
         self._install(saved)
 

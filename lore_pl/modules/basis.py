@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -18,10 +18,12 @@ from lore_pl.core.fewshot import FewShotSettings, weight_covariance
 from lore_pl.core.model import LoreModel
 from lore_pl.data.basis_file import load_basis, read_reference_head
 from lore_pl.data.preferences import DataRequest
-from lore_pl.errors import LoreDataError
+from lore_pl.errors import LoreDataError, LoreDataWarning
 from lore_pl.modules.base import PreferenceModule
 
 Estimator = Literal["map", "adam"]
+#: under this many validation pairs the held-out choice is mostly noise: a warning says so
+FEW_VALIDATION_PAIRS = 100
 #: the Adam estimator's options, and their defaults: set with ``estimator: map`` they would be ignored
 ADAM_OPTIONS = {"lr": 0.5, "schedule": "joint", "loss_weighting": "pair_mean", "regularizer": "none", "alpha": 0.0,
                 "weight_init": "randn", "basis_weight_decay": 0.0}
@@ -434,6 +436,10 @@ class BasisModule(PreferenceModule):
             }
             return model
         train, val = datamodule.split("seen_train"), datamodule.split("seen_val")
+        if len(val) < FEW_VALIDATION_PAIRS:
+            rank_zero_warn(f"only {len(val)} validation pairs choose K and the strengths: the choice is mostly "
+                           "noise (one shared model, K=1, wins ties); more data or a larger val_fraction helps",
+                           category=LoreDataWarning)
         ranks = settings.ranks if hp.rank == "auto" else (hp.rank,)
         best, curve, _ = E.select_model(
             train.features, train.users, val.features, val.users, train.num_users, settings, ranks
@@ -529,6 +535,8 @@ class BasisModule(PreferenceModule):
 
         optimizer.step(closure=closure)
         self.iterations_done += 1
+        if self.current_epoch + 1 >= self.trainer.max_epochs:
+            self._finish()  # max_epochs ends the path: the final checkpoint must hold the final model
         self.metrics["train_acc"].update(outputs["logits"], users)
         self.log_dict(
             {"train/loss": outputs["loss"], "train/nll": outputs["nll"]},
@@ -552,7 +560,8 @@ class BasisModule(PreferenceModule):
                 getattr(self, f"best_{name}").copy_(tensor.detach())
             self.selection["ridge"] = path[min(stage, len(path) - 1)]
         if (not better and self.model.rank >= 2) or stage + 1 >= len(path):
-            self._restore_best()
+            # the fit ends here: the checkpoint saved after this validation holds the final model
+            self._finish()
             self.trainer.should_stop = True
             steps = ", ".join(f"{entry['ridge']:g}: {entry['val_nll']:.4f}" for entry in self.selection["path"])
             say(f"full-space ridge path (validation NLL): {steps}; kept ridge {self.selection.get('ridge', 0):g}")
@@ -597,10 +606,16 @@ class BasisModule(PreferenceModule):
             )
         self.model.weight_covariance = covariance.to(self.model.basis.dtype)
 
-    def on_train_end(self) -> None:
-        if self.hparams.estimator == "map" and self.hparams.rank != 0:
+    def _finish(self) -> None:
+        """The best stage, its users' posterior covariance, and the pruned columns (idempotent)."""
+        if self.model.weight_covariance is None:
             self._restore_best()
             self._posterior(getattr(self.trainer, "datamodule", None))
+        self.prune_()
+
+    def on_train_end(self) -> None:
+        if self.hparams.estimator == "map" and self.hparams.rank != 0:
+            self._finish()  # where max_epochs ended the path before it finished
         self.prune_()
 
     def configure_optimizers(self):
