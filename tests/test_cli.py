@@ -113,10 +113,16 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_console_commands_are_installed_and_run(tmp_path):
+    from importlib.metadata import entry_points
+
     bindir = Path(sys.executable).parent
-    for command in ([str(bindir / "lightning")], [str(bindir / "lore-pl")], [sys.executable, "-m", "lore_pl"]):
-        help_text = subprocess.run([*command, "fit", "--help"], capture_output=True, text=True, check=True).stdout
-        assert "--config" in help_text and "--model" in help_text
+    scripts = {point.name: point.value for point in entry_points(group="console_scripts")}
+    assert scripts["lightning"] == scripts["lore-pl"] == "lore_pl.cli:main"
+    assert scripts["lore-pl-sweep"] == "lore_pl.experiments.sweeps:main"
+    # each start imports Lightning (about 10 s here): one help through python -m, one fit through the script
+    help_text = subprocess.run([sys.executable, "-m", "lore_pl", "fit", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "--config" in help_text and "--model" in help_text and "--run_name" in help_text
     done = subprocess.run(
         [
             str(bindir / "lightning"),
