@@ -102,3 +102,13 @@ def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
     k2, reference = results["results"]["2"]["unseen/test_acc"], results["results"]["0"]["unseen/test_acc"]
     assert k2 >= 0.8 and reference >= 0.8  # the planted population: V_ref is its mean direction
     assert (tmp_path / "rank" / "results.csv").read_text().splitlines()[1].startswith("ref,")
+
+
+def test_the_rank_sweep_honours_an_experiment_given_to_config():
+    from lore_pl.experiments.sweeps import _experiment_as_config
+
+    experiment = str(ROOT / "configs/experiment/tulu1.yaml")
+    assert _experiment_as_config(["rank", "--config", experiment]) == ["rank", "--experiment", experiment]
+    sweep = str(ROOT / "configs/sweep/rank.yaml")  # the sweep's own settings stay a --config
+    assert _experiment_as_config(["rank", "--config", sweep]) == ["rank", "--config", sweep]
+    assert _experiment_as_config(["shots", "--config", experiment]) == ["shots", "--config", experiment]
