@@ -43,6 +43,14 @@ def population(num_users: int, pairs: int, dim: int, seed: int = 0):
     return features, users
 
 
+def lean_trainer(**kwargs):
+    """A Trainer with nothing but the loop: no logger, checkpoints, progress bar, summary or validation."""
+    from lightning import Trainer
+
+    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, **kwargs)
+
+
 def interleaved(fn, baseline, repeats: int) -> tuple[float, float, float]:
     """Median seconds of ``fn`` and of ``baseline``, and the median of their per-round ratio.
 
@@ -157,7 +165,6 @@ def bench_fewshot_module(
 ) -> dict:
     """Phase 2 through ``Trainer.fit`` (``FewShotModule``: loaders, the shots subsample, projection, the
     solver, checkpoint-free) against the bare solver on the same pairs (projection + ``adapt_users``)."""
-    from lightning import Trainer
 
     from datamodules.base import PreferenceData, PreferenceDataModule
     from lore_pl.cli import quiet
@@ -180,17 +187,7 @@ def bench_fewshot_module(
     data.setup("fit")
 
     def lightning_fit() -> float:
-        trainer = Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-        )
+        trainer = lean_trainer(max_epochs=1, log_every_n_steps=1)
         module = FewShotModule.from_basis(basis, 100.0, fewshot=settings)
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
@@ -226,7 +223,7 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
     """``Trainer.fit`` against a bare loop of the same math (the same ``LF.pair_loss`` step, Adam and
     per-user accuracy counts). ``ratio`` compares the training loops (a callback times Lightning's
     from ``on_train_start`` to ``on_train_end``); ``fit_ratio`` also counts ``fit``'s set-up."""
-    from lightning import Callback, Trainer
+    from lightning import Callback
 
     from datamodules.base import PreferenceData, PreferenceDataModule
     from lore_pl.data.preferences import PreferenceSplit
@@ -249,18 +246,7 @@ def bench_lightning(num_users: int = 1000, dim: int = 256, rank: int = 5, steps:
     def lightning_fit() -> tuple[float, float]:
         torch.manual_seed(0)
         timer = LoopTimer()
-        trainer = Trainer(
-            accelerator="cpu",
-            max_epochs=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            log_every_n_steps=50,
-            callbacks=[timer],
-        )
+        trainer = lean_trainer(max_epochs=steps, log_every_n_steps=50, callbacks=[timer])
         start = time.perf_counter()
         trainer.fit(BasisModule(estimator="adam", rank=rank, prune_threshold=0.0), datamodule=InMemory())
         return timer.seconds, time.perf_counter() - start
