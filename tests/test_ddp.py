@@ -241,7 +241,8 @@ def test_ddp_map_estimator_equals_one_process(tmp_path):
 
     def make():
         return BasisModule(
-            map_settings=MapSettings(ranks=(1, 2, 3), subspace=8, projected_iterations=50, stage_iterations=10),
+            # ranks 2 and 3 only: the personalized path (V, W and the population mean), not K=1's
+            map_settings=MapSettings(ranks=(2, 3), subspace=8, projected_iterations=50, stage_iterations=10),
             fewshot=FEWSHOT,
         )
 
@@ -250,5 +251,5 @@ def test_ddp_map_estimator_equals_one_process(tmp_path):
         train(make, tmp_path / name, devices, epochs=8, data_kwargs=data, check_val_every_n_epoch=1)
         for name, devices in (("one", 1), ("two", 2))
     ]
-    keys = [key for key in ("model.basis", "model.user_logits", "model.prior_mean") if key in runs[0][0]]
+    keys = ["model.basis", "model.user_logits", "model.prior_mean"]
     assert_same_run(*runs, keys)

@@ -195,7 +195,7 @@ def fit_map(features: Tensor, users: Tensor, num_users: int, state: MapState, st
         optimizer.zero_grad()
         loss, _, _ = map_loss(features, users, num_users, state, strengths)
         loss.backward()
-        return loss
+        return loss.detach()  # L-BFGS reads a number
 
     optimizer.step(closure)
     return state.detached()

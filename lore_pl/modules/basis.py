@@ -166,6 +166,7 @@ class BasisModule(PreferenceModule):
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
         self._initial: LoreModel | None = None
         self.selection: dict = {}  # the held-out curve and what was chosen (map), for the logs and reports
+        self._finished = False  # the MAP fit's best stage is restored and final
 
     @classmethod
     def from_initial(cls, model: LoreModel, **kwargs) -> BasisModule:
@@ -531,7 +532,7 @@ class BasisModule(PreferenceModule):
             # the line search must see the one objective on every rank: the mean over ranks of the shares
             if self._reduces_gradients_itself():
                 return self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
-            return loss
+            return loss.detach()
 
         optimizer.step(closure=closure)
         self.iterations_done += 1
@@ -551,6 +552,9 @@ class BasisModule(PreferenceModule):
     def _after_validation(self, val_nll: float) -> None:
         """The ridge path: a better stage is kept and the next, weaker ridge comes; a worse one ends the
         fit with the best stage restored (K = 1: the whole wide path is validated, the best kept)."""
+        if self._finished:  # max_epochs ended the path and the best stage is back: nothing to compare
+            self.trainer.should_stop = True
+            return
         stage, path = int(self.path_stage), self.ridge_path
         better = val_nll < float(self.best_val_nll)
         self.selection.setdefault("path", []).append({"ridge": path[min(stage, len(path) - 1)], "val_nll": val_nll})
@@ -608,9 +612,10 @@ class BasisModule(PreferenceModule):
 
     def _finish(self) -> None:
         """The best stage, its users' posterior covariance, and the pruned columns (idempotent)."""
-        if self.model.weight_covariance is None:
+        if not self._finished:
             self._restore_best()
             self._posterior(getattr(self.trainer, "datamodule", None))
+            self._finished = True
         self.prune_()
 
     def on_train_end(self) -> None:
