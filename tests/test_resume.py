@@ -164,6 +164,47 @@ def test_basis_exports_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["basis.safetensors"]
 
 
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_take_the_umask_mode(tmp_path, umask, mode):
+    import numpy as np
+
+    from lore_pl.data.atomic import write_json_atomic, write_npy_atomic
+    from lore_pl.data.basis_file import BasisFile, save_basis
+    from lore_pl.modules.checkpoint_io import AtomicCheckpointIO
+
+    previous = os.umask(umask)
+    try:
+        written = [
+            save_basis(tmp_path / "basis.safetensors", BasisFile(torch.ones(4, 2), 1.0)),
+            write_json_atomic(tmp_path / "protocol.json", {"a": 1}),
+            write_npy_atomic(tmp_path / "shard-00000.npy", np.zeros((2, 3), np.float32)),
+        ]
+        AtomicCheckpointIO().save_checkpoint({"epoch": 1}, tmp_path / "last.ckpt")
+        written.append(tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(mode) for p in written}
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import lore_pl.modules.checkpoint_io as checkpoint_io
+
+    io = checkpoint_io.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def disk_full(obj, stream):  # what torch raises when the device is full part way through
+        stream.write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"last\.ckpt: could not be written .*enforce fail.*unchanged"):
+        io.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
 def run_in_process(directory: Path, *extra: str):
     cli = build_cli(["fit", "--config", str(write_config(directory, 30)), *TINY_DATA, *extra])
     return cli

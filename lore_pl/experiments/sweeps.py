@@ -83,7 +83,8 @@ def _write_outputs(out: Path, payload: dict, header: list[str], rows: list[list]
         writer.writerows(rows)
 
     write_atomic(out / "results.csv", write_csv)
-    figure.savefig(out / "results.png", dpi=120, bbox_inches="tight")
+    write_atomic(out / "results.png", lambda stream: figure.savefig(stream, format="png", dpi=120, bbox_inches="tight"),
+                 binary=True)
     tensorboard = SummaryWriter(str(out))
     tensorboard.add_figure(f"sweeps/{out.name}", figure)
     tensorboard.close()
