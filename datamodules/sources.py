@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import csv
 import hashlib
+import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +58,20 @@ def find_files(root: Path, *name_parts: str) -> list[Path]:
     return found
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+class Records(list):
+    """A file's rows, with where each one is in the file (``where[i]``: "line 7", "row 3")."""
+
+    def __init__(self, rows: list[Any], where: list[str]) -> None:
+        super().__init__(rows)
+        self.where = where
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> Records:
     """The rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``), ``.parquet`` or ``.csv`` file.
 
-    A file that cannot be parsed raises ``LoreDataError`` naming it (and the line, for JSONL).
+    A file that cannot be parsed raises ``LoreDataError`` naming it (and the line, for JSONL and CSV,
+    where the bytes are not UTF-8 too). Each row knows its place in the file: its line (JSONL, CSV:
+    blank lines and quoted line breaks counted) or its position (JSON, Parquet).
     """
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -76,38 +82,72 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         raise
     except (OSError, MemoryError):
         raise  # the disk, not the data
-    except Exception as error:  # the parsers' own types (JSONDecodeError, ArrowInvalid, ParserError, ...)
+    except Exception as error:  # the parsers' own types (JSONDecodeError, ArrowInvalid, Error, ...)
         raise LoreDataError(f"{path}: not a readable {suffix} file ({type(error).__name__}: {error})") from error
 
 
-def _read_records(path: Path, suffix: str) -> list[dict[str, Any]]:
+def decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+    """``data`` as text; bytes that are not UTF-8 are reported by line and column in ``path``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise LoreDataError(f"{path}: line {line}, byte {column}: not UTF-8 text "
+                            f"({error.reason}: {data[error.start:error.end]!r})") from None
+
+
+def _read_records(path: Path, suffix: str) -> Records:
     if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as stream:
-            for number, line in enumerate(stream, 1):
+        rows, where = [], []
+        with open(path, "rb") as stream:
+            for number, raw in enumerate(stream, 1):
+                line = decode_utf8(path, raw, first_line=number)
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        rows.append(json.loads(line))
                     except json.JSONDecodeError as error:
                         raise LoreDataError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-        return records
+                    where.append(f"line {number}")
+        return Records(rows, where)
     if suffix == ".json":
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(decode_utf8(path, path.read_bytes()))
         payload = payload.get("data", payload) if isinstance(payload, dict) else payload
         if not isinstance(payload, list):
             raise LoreDataError(f"{path}: expected a JSON list of rows")
-        return payload
+        return Records(payload, [f"row {i}" for i in range(1, len(payload) + 1)])
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()  # nested lists/structs stay Python lists/dicts
-    import pandas as pd
+        rows = pq.read_table(path).to_pylist()  # nested lists/structs stay Python lists/dicts
+        return Records(rows, [f"row {i}" for i in range(1, len(rows) + 1)])
+    # CSV with the standard library: it knows each record's lines (a quoted cell may span several)
+    text = decode_utf8(path, path.read_bytes()).removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    rows, where, previous = [], [], reader.line_num
+    for cells in reader:
+        start, previous = previous + 1, reader.line_num
+        if not any(cell.strip() for cell in cells):
+            continue  # a blank line
+        row = {name: cells[i] if i < len(cells) else None for i, name in enumerate(header)}
+        rows.append({key: _csv_value(value) for key, value in row.items()})
+        where.append(f"line {start}")
+    return Records(rows, where)
 
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        return []  # an empty file: "no rows", said by the caller with its context
-    return [{key: _clean(value) for key, value in row.items()} for row in frame.to_dict(orient="records")]
+
+def _csv_value(value: str | None) -> Any:
+    """A CSV cell; a chat list (JSON, or the Python repr that ``DataFrame.to_csv`` writes) is read back
+    as a list, never evaluated as code."""
+    if value is not None and value.startswith("[") and value.endswith("]") and "role" in value:
+        for parse in (json.loads, ast.literal_eval):  # literal_eval reads literals only, it runs nothing
+            try:
+                parsed = parse(value)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                continue
+            if isinstance(parsed, list) and parsed and all(isinstance(turn, dict) for turn in parsed):
+                return parsed
+    return value
 
 
 def read_all(paths: list[Path]) -> list[dict[str, Any]]:

@@ -155,3 +155,57 @@ def test_the_default_run_keeps_its_headline(tmp_path, monkeypatch):
     assert results["unseen/test_acc"] >= 0.99 and results["seen/test_acc"] >= 0.99
     assert results["selection"]["rank"] == 5  # the planted rank, chosen on the validation prompts
     assert results["gain/shared/unseen/test_acc_low"] > 0.05  # personalization pays here, and clearly
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    from lore_pl.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA, *args])
+    return stopped.value.code, capsys.readouterr().err
+
+
+def test_a_fixed_version_that_holds_a_run_is_refused_unless_overwrite(tmp_path, capsys):
+    run = tmp_path / "logs" / "mine" / "version_3"
+    run.mkdir(parents=True)
+    (run / "protocol.json").write_text("{}")
+    logger = [f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--run_name=mine",
+              "--trainer.logger.init_args.version=3"]
+    code, err = run_main(capsys, *logger)
+    assert code == 2 and f"{run} already holds a run" in err and "--overwrite" in err
+    assert "Traceback" not in err and (run / "protocol.json").read_text() == "{}"
+    # --overwrite goes past the check (and then fails on a setting, before anything is written)
+    code, err = run_main(capsys, *logger, "--overwrite=true", "--model.init_args.prune_threshold=2")
+    assert code == 2 and "already holds" not in err and (run / "protocol.json").read_text() == "{}"
+
+
+def test_a_bad_setting_is_one_line_that_names_it(tmp_path, capsys):
+    code, err = run_main(capsys, f"--trainer.logger.init_args.save_dir={tmp_path}",
+                         "--model.init_args.prune_threshold=2")
+    assert code == 2
+    assert err.strip() == "error: prune_threshold must be in [0, 1], got 2.0"
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path, capsys):
+    code, err = run_main(capsys, f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--ckpt_path=last")
+    assert code == 2 and "no checkpoint to resume from" in err
+    assert str(tmp_path / "logs" / "synthetic" / "version_*" / "checkpoints" / "last.ckpt") in err
+    assert not (tmp_path / "logs").exists()  # no new run was started
+
+
+def test_ckpt_path_last_takes_the_newest_version_that_has_a_checkpoint(tmp_path):
+    from jsonargparse import Namespace
+
+    from lore_pl.cli import resolve_last_checkpoint
+
+    root = tmp_path / "logs" / "mine"
+    for version, has_checkpoint in ((0, True), (2, True), (10, True), (11, False)):
+        (root / f"version_{version}" / "checkpoints").mkdir(parents=True)
+        if has_checkpoint:
+            (root / f"version_{version}" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                       init_args=Namespace(save_dir=str(tmp_path / "logs"), name="mine", version=None))
+    config = Namespace(trainer=Namespace(logger=logger, callbacks=[]))
+    assert resolve_last_checkpoint(config) == (root / "version_10" / "checkpoints" / "last.ckpt", 10)
+    logger.init_args.version = 2  # a fixed version resumes that one only
+    assert resolve_last_checkpoint(config) == (root / "version_2" / "checkpoints" / "last.ckpt", 2)

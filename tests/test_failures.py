@@ -3,6 +3,7 @@ message names the culprit (split, row, user, file, field)."""
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,17 +189,17 @@ GOOD = {"user_id": "a", "prompt": "hello", "chosen": "yes", "rejected": "no"}
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"user_id": "a", "prompt": "hello", "chosen": "yes"}, "row 2: field 'rejected' \\(rejected\\) is missing"),
-    ({**GOOD, "user_id": None}, "row 2: field 'user_id' \\(user_id\\) is missing"),
-    ({**GOOD, "user_id": "  "}, "row 2: field 'user_id' is empty"),
-    ({**GOOD, "user_id": ["a"]}, "row 2: field 'user_id' must be a string or a number"),
-    ({**GOOD, "chosen": ""}, "row 2: field 'chosen' must be a non-empty string"),
-    ({**GOOD, "rejected": 3}, "row 2: field 'rejected' must be a non-empty string"),
-    ({**GOOD, "chosen": "no"}, "row 2: fields 'chosen' and 'rejected' are identical"),
-    ({**GOOD, "prompt": " "}, "row 2: field 'prompt': the prompt is empty"),
-    ({**GOOD, "prompt": {"role": "user"}}, "row 2: field 'prompt': the prompt must be a non-empty string or chat list"),
-    ({**GOOD, "prompt": [{"role": "user", "content": 5}]}, "row 2: field 'prompt': every chat turn needs string"),
-    (["a", "hello", "yes", "no"], "row 2: a row must be an object"),
+    ({"user_id": "a", "prompt": "hello", "chosen": "yes"}, "line 2: field 'rejected' \\(rejected\\) is missing"),
+    ({**GOOD, "user_id": None}, "line 2: field 'user_id' \\(user_id\\) is missing"),
+    ({**GOOD, "user_id": "  "}, "line 2: field 'user_id' is empty"),
+    ({**GOOD, "user_id": ["a"]}, "line 2: field 'user_id' must be a string or a number"),
+    ({**GOOD, "chosen": ""}, "line 2: field 'chosen' must be a non-empty string"),
+    ({**GOOD, "rejected": 3}, "line 2: field 'rejected' must be a non-empty string"),
+    ({**GOOD, "chosen": "no"}, "line 2: fields 'chosen' and 'rejected' are identical"),
+    ({**GOOD, "prompt": " "}, "line 2: field 'prompt': the prompt is empty"),
+    ({**GOOD, "prompt": {"role": "user"}}, "line 2: field 'prompt': the prompt must be a non-empty string or chat"),
+    ({**GOOD, "prompt": [{"role": "user", "content": 5}]}, "line 2: field 'prompt': every chat turn needs string"),
+    (["a", "hello", "yes", "no"], "line 2: a row must be an object"),
 ])
 def test_malformed_rows_name_the_file_row_and_field(tmp_path, row, message):
     path = tmp_path / "prefs.jsonl"
@@ -226,6 +227,69 @@ def test_an_empty_file_has_no_rows(tmp_path):
         with pytest.raises(LoreDataError, match=f"{name}: no rows"):
             parse_rows(tmp_path / name, read_records(tmp_path / name), COLUMNS)
 
+
+
+def write_lines(path, *rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_every_bad_row_is_reported_at_once_by_its_line_blank_lines_counted(tmp_path):
+    path = write_lines(tmp_path / "prefs.jsonl", GOOD, "", {**GOOD, "chosen": ""}, "   ", GOOD,
+                       {**GOOD, "user_id": None}, ["not", "a", "row"])
+    with pytest.raises(LoreDataError) as error:
+        parse_rows(path, read_records(path), COLUMNS)
+    assert str(error.value).splitlines() == [
+        f"{path}: 3 bad rows (skip them with skip_bad_rows: true):",
+        "  line 3: field 'chosen' must be a non-empty string, got ''",
+        "  line 6: field 'user_id' (user_id) is missing",
+        "  line 7: a row must be an object with fields ['chosen', 'prompt', 'rejected', 'user_id'], got list",
+    ]
+
+
+def test_the_list_of_bad_rows_is_capped_and_counts_the_rest(tmp_path):
+    path = write_lines(tmp_path / "prefs.jsonl", *[{**GOOD, "chosen": ""}] * 25)
+    with pytest.raises(LoreDataError) as error:
+        parse_rows(path, read_records(path), COLUMNS)
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("25 bad rows (skip them with skip_bad_rows: true):") and len(lines) == 1 + 20 + 1
+    assert lines[20].startswith("  line 20:") and lines[-1] == "  ... and 5 more"
+
+
+def test_skipping_bad_rows_keeps_the_good_ones_and_lists_the_rest(tmp_path):
+    path = write_lines(tmp_path / "prefs.jsonl", GOOD, {**GOOD, "chosen": " no "}, {**GOOD, "user_id": "b"})
+    items, table = parse_rows(path, read_records(path), COLUMNS, skip_bad_rows=True)
+    assert table["user"] == ["a", "b"] and len(items) == 2  # the two good rows share their two items
+    assert table["skipped"] == [{"where": "line 2", "row": {**GOOD, "chosen": " no "},
+                                 "reason": "fields 'chosen' and 'rejected' are identical up to whitespace"}]
+    only_bad = write_lines(tmp_path / "bad.jsonl", {**GOOD, "chosen": ""})
+    with pytest.raises(LoreDataError, match="no rows left after skipping 1 bad rows"):
+        parse_rows(only_bad, read_records(only_bad), COLUMNS, skip_bad_rows=True)
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_and_byte(tmp_path):
+    (tmp_path / "prefs.jsonl").write_bytes(b'{"a": 1}\n\n{"user_id": "caf\xe9"}\n')
+    with pytest.raises(LoreDataError, match=r"prefs.jsonl: line 3, byte 17: not UTF-8 text .*\\xe9"):
+        read_records(tmp_path / "prefs.jsonl")
+    (tmp_path / "prefs.csv").write_bytes(b"user_id,prompt\nok,fine\nb,\xff\xfe\n")
+    with pytest.raises(LoreDataError, match=r"prefs.csv: line 3, byte 3: not UTF-8 text"):
+        read_records(tmp_path / "prefs.csv")
+
+
+def test_csv_rows_know_their_lines_and_read_chat_lists_back_as_lists(tmp_path):
+    import pandas as pd
+
+    chat = [{"role": "system", "content": "be short"}, {"role": "user", "content": "hi"}]
+    rows = [{**GOOD, "prompt": chat}, {**GOOD, "prompt": "two\nlines", "chosen": ""}, GOOD]
+    path = tmp_path / "prefs.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)  # writes the chat list as its Python repr
+    records = read_records(path)
+    assert records.where == ["line 2", "line 3", "line 5"] and records[0]["prompt"] == chat
+    with pytest.raises(LoreDataError, match="prefs.csv: line 3: field 'chosen' must be a non-empty string"):
+        parse_rows(path, records, COLUMNS)
+    hostile = tmp_path / "hostile.csv"
+    hostile.write_text('user_id,prompt\na,"[__import__(\'os\').system(\'touch pwned\'), \'role\']"\n')
+    assert isinstance(read_records(hostile)[0]["prompt"], str) and not Path("pwned").exists()
 
 # ----------------------------------------------------------------------------------- feature cache
 def filled_cache(tmp_path, dims=(4, 4, 4)):

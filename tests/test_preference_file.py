@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import assert_validation_is_prompt_disjoint, make, tiny_spec, write_preferences
-from lore_pl import BasisModule
+from lore_pl import BasisModule, LoreDataError
 from lore_pl.data.embedder import TextEmbedder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,19 +166,19 @@ def test_encoder_data_has_no_reference_head_for_k0_or_the_regularizer(tmp_path, 
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"user_id": "a", "prompt": "hello"}, "row 2: field 'chosen' .*missing"),
+        ({"user_id": "a", "prompt": "hello"}, "line 2: field 'chosen' .*missing"),
         (
             {"user_id": "a", "prompt": "hello", "chosen": "  ", "rejected": "no"},
-            "row 2: field 'chosen' must be a non-empty",
+            "line 2: field 'chosen' must be a non-empty",
         ),
-        ({"user_id": "a", "prompt": "hello", "chosen": "yes", "rejected": "yes"}, "row 2: .*identical"),
+        ({"user_id": "a", "prompt": "hello", "chosen": "yes", "rejected": "yes"}, "line 2: .*identical"),
         (
             {"user_id": "a", "prompt": 7, "chosen": "yes", "rejected": "no"},
-            "row 2: field 'prompt'.*string or chat list",
+            "line 2: field 'prompt'.*string or chat list",
         ),
         (
             {"user_id": "a", "prompt": [{"role": "user"}], "chosen": "yes", "rejected": "no"},
-            "row 2: field 'prompt'.*'content'",
+            "line 2: field 'prompt'.*'content'",
         ),
     ],
 )
@@ -270,3 +270,30 @@ def test_predict_job_on_two_processes_writes_every_shard_once(tmp_path, tiny_rew
     assert data.feature_cache.is_complete()
     torch.testing.assert_close(data.feature_cache.load()[0], direct.feature_cache.load()[0])
     assert torch.equal(data.feature_cache.load()[1], direct.feature_cache.load()[1])
+
+
+def test_bad_rows_skipped_are_listed_in_the_run_directory_and_small_users_dropped(tmp_path, tiny_reward_model):
+    from lightning import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    rows = write_preferences(tmp_path / "prefs.jsonl")
+    bad = {**rows[0], "chosen": "   "}
+    lonely = {**rows[1], "user_id": "rater-lonely"}  # one pair only
+    with open(tmp_path / "prefs.jsonl", "a") as stream:
+        stream.write(json.dumps(bad) + "\n" + json.dumps(lonely) + "\n")
+    with pytest.raises(LoreDataError, match=f"prefs.jsonl: line {len(rows) + 1}: field 'chosen'"):
+        make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path).prepare_data()
+
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, skip_bad_rows=True, min_pairs_per_user=2)
+    data.trainer = Trainer(logger=TensorBoardLogger(tmp_path / "logs", name="run"), accelerator="cpu",
+                           enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="1 user\\(s\\) have fewer than min_pairs_per_user=2"):
+        data.setup("fit")
+    users = set(data.seen_user_ids) | set(data.unseen_user_ids)
+    assert "rater-lonely" not in users and len(users) == 8
+    skipped = (tmp_path / "logs" / "run" / "version_0" / "skipped_rows.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in skipped] == [
+        {"where": f"line {len(rows) + 1}", "reason": "field 'chosen' must be a non-empty string, got '   '", "row": bad}
+    ]
+    with pytest.raises(ValueError, match="min_pairs_per_user must be an integer >= 1"):
+        make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, min_pairs_per_user=0)

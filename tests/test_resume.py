@@ -22,7 +22,7 @@ trainer:
   devices: 1
   deterministic: true
   max_epochs: {epochs}
-  logger: false
+  logger: {logger}
   default_root_dir: {root}
   check_val_every_n_epoch: 1000
   num_sanity_val_steps: 0
@@ -31,8 +31,7 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args:
-        dirpath: {root}/checkpoints      # fixed, so that --ckpt_path last finds it after a restart
-        every_n_epochs: 1
+{dirpath}        every_n_epochs: 1
         save_on_train_epoch_end: true   # validation (which would trigger saving) never runs here
         save_last: true
     - class_path: callbacks.ProtocolEvaluation
@@ -49,11 +48,24 @@ data:
 """
 
 
-def write_config(directory: Path, epochs: int) -> Path:
+#: the shipped layout: runs in <save_dir>/<name>/version_N, checkpoints in its checkpoints/
+VERSIONED_LOGGER = "{class_path: lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: %s, name: run}}"
+
+
+def write_config(directory: Path, epochs: int, versioned: bool = False) -> Path:
+    """A fit's config: checkpoints in a fixed ``dirpath`` and no logger, or (``versioned``) the shipped
+    layout, where ``--ckpt_path last`` has to find the run's newest version itself."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
-    path.write_text(CONFIG.format(epochs=epochs, root=directory))
+    logger = VERSIONED_LOGGER % (directory / "logs") if versioned else "false"
+    # fixed, so that --ckpt_path last finds it after a restart
+    dirpath = "" if versioned else f"        dirpath: {directory}/checkpoints\n"
+    path.write_text(CONFIG.format(epochs=epochs, root=directory, logger=logger, dirpath=dirpath))
     return path
+
+
+def run_directory(directory: Path, versioned: bool) -> Path:
+    return directory / "logs" / "run" / "version_0" if versioned else directory
 
 
 def fit_command(config: Path, *extra: str) -> list[str]:
@@ -73,21 +85,21 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 def final_state(directory: Path) -> dict:
-    state = torch.load(directory / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    return state
+    return torch.load(directory / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill):
+@pytest.mark.parametrize("kill, versioned", [(signal.SIGKILL, True), (signal.SIGTERM, False)],
+                         ids=["SIGKILL-versioned-run", "SIGTERM-fixed-dirpath"])
+def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill, versioned):
     epochs = 400
     unbroken_dir, killed_dir = tmp_path / "unbroken", tmp_path / "killed"
-    unbroken = subprocess.Popen(fit_command(write_config(unbroken_dir, epochs)), env=env(), cwd=tmp_path,
+    unbroken = subprocess.Popen(fit_command(write_config(unbroken_dir, epochs, versioned)), env=env(), cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # The killed run: SIGKILL (no cleanup at all) or SIGTERM (Lightning stops the fit) well into training.
-    victim = subprocess.Popen(fit_command(write_config(killed_dir, epochs)), env=env(), cwd=tmp_path,
+    victim = subprocess.Popen(fit_command(write_config(killed_dir, epochs, versioned)), env=env(), cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last = killed_dir / "checkpoints" / "last.ckpt"
+    last = run_directory(killed_dir, versioned) / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while checkpoint_epoch(last) <= 20:
         assert victim.poll() is None, victim.stderr.read().decode()[-3000:]
@@ -99,7 +111,7 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill
     assert victim.returncode == (-signal.SIGKILL if kill == signal.SIGKILL else 143), victim.returncode
     killed_at = checkpoint_epoch(last)
     assert 20 < killed_at < epochs - 1, f"killed at epoch {killed_at}: not mid-run"
-    assert not (killed_dir / "protocol.json").exists()
+    assert not (run_directory(killed_dir, versioned) / "protocol.json").exists()
 
     resumed = subprocess.run(fit_command(killed_dir / "config.yaml", "--ckpt_path", "last"), env=env(), cwd=tmp_path,
                              capture_output=True, timeout=300)
@@ -107,6 +119,9 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_unbroken_result(tmp_path, kill
     # a restart from scratch would also end equal (same seed): check that it really resumed
     assert f"Restored all states from the checkpoint at {last}" in (resumed.stdout + resumed.stderr).decode()
     assert unbroken.wait(timeout=300) == 0, unbroken.stderr.read().decode()[-3000:]
+    if versioned:  # the run went on in its own directory, not in a new version
+        assert sorted(p.name for p in (killed_dir / "logs" / "run").iterdir()) == ["version_0"]
+    unbroken_dir, killed_dir = run_directory(unbroken_dir, versioned), run_directory(killed_dir, versioned)
 
     expected, got = final_state(unbroken_dir), final_state(killed_dir)
     assert got["epoch"] == expected["epoch"] == epochs - 1
