@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lore_pl.data.files import read_tensor
 from lore_pl.data.preferences import IndexBatchSampler, ShardIndex
+from lore_pl.errors import LoreDataError
 
 
 class _Rows(Dataset):
@@ -37,30 +38,25 @@ class CandidateFileDataModule(LightningDataModule):
 
     def __init__(self, path: str, key: str = "embeddings", batch_size: int = 4096) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path, self.key, self.batch_size = Path(path), key, batch_size
         self.embeddings: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.embeddings is not None:
             return
-        if not self.path.is_file():
-            raise FileNotFoundError(f"candidate file not found: {self.path}")
-        if self.path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(self.path))
-            if self.key not in tensors:
-                raise ValueError(f"{self.path}: no tensor {self.key!r} (found {sorted(tensors)})")
-            embeddings = tensors[self.key]
-        elif self.path.suffix == ".npy":
-            embeddings = torch.from_numpy(np.load(self.path))
-        elif self.path.suffix == ".pt":
-            embeddings = torch.load(self.path, map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(f"{self.path}: candidate embeddings must be .safetensors, .npy or .pt")
-        if embeddings.ndim != 2 or not torch.isfinite(embeddings).all():
-            raise ValueError(f"{self.path}: candidate embeddings must be a finite [n, d] matrix, "
-                             f"got shape {tuple(embeddings.shape)}")
+        embeddings = read_tensor(self.path, "candidate embeddings file", key=self.key)
+        if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+            raise LoreDataError(f"{self.path}: candidate embeddings must be a non-empty [n, d] matrix, "
+                                f"got shape {tuple(embeddings.shape)}")
+        if not embeddings.is_floating_point():
+            raise LoreDataError(f"{self.path}: candidate embeddings must be floating point, got {embeddings.dtype}")
+        bad = (~torch.isfinite(embeddings)).nonzero()
+        if len(bad):
+            row, column = (int(i) for i in bad[0])
+            raise LoreDataError(f"{self.path}: {len(bad)} non-finite value(s) in the candidate embeddings, the first "
+                                f"at candidate {row}, dimension {column} ({float(embeddings[row, column])})")
         self.embeddings = embeddings.float()
 
     def predict_dataloader(self) -> DataLoader:

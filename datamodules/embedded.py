@@ -9,7 +9,6 @@ shards and the module's ``CacheWriter`` stores them.
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ from datamodules.sources import resolve
 from lore_pl.data.atomic import write_json_atomic
 from lore_pl.data.embedder import EmbedderSpec
 from lore_pl.data.feature_cache import FeatureCache
+from lore_pl.data.files import read_json
 from lore_pl.errors import LoreDataWarning
 
 TABLE = "table.json"
@@ -127,7 +127,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
             # ran on rank 0 already
             self.prepare_data()
         embeddings, head = cache.load()
-        table = json.loads((cache.directory / TABLE).read_text())
+        table = read_json(cache.directory / TABLE, "feature cache table")
         return self.build(table, embeddings, head)
 
     def setup(self, stage: str | None = None) -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from datamodules.base import ROLES, PreferenceData, PreferenceDataModule
 from lore_pl.data.atomic import write_json_atomic, write_npy_atomic
+from lore_pl.data.files import read_json, read_npy
 from lore_pl.data.preferences import PreferenceSplit
 
 USERS_FILE = "users.json"
@@ -63,21 +62,23 @@ class MemmapPreferenceDataModule(PreferenceDataModule):
         users_file = self.directory / USERS_FILE
         if not users_file.is_file():
             raise FileNotFoundError(f"{users_file} not found: write the layout with write_memmap_dataset")
-        user_tables = json.loads(users_file.read_text())
+        user_tables = read_json(users_file, "memmap user table")
         splits = {}
         for role in ROLES:
             path = self.directory / f"{role}.features.npy"
             if role not in user_tables or not path.is_file():
                 continue
             # copy-on-write mapping: a writable array for torch, pages read on demand, file untouched
-            features = torch.from_numpy(np.load(path, mmap_mode="c"))
+            features = torch.from_numpy(read_npy(path, "memmap features", mmap_mode="c"))
             if features.dtype != torch.float32 or features.ndim != 2:
                 raise ValueError(f"{path}: features must be a float32 [N, d] array, got {features.dtype} "
                                  f"{tuple(features.shape)}")
-            users = torch.from_numpy(np.load(self.directory / f"{role}.users.npy"))
+            users = torch.from_numpy(read_npy(self.directory / f"{role}.users.npy", "memmap user ids"))
             prompts_path = self.directory / f"{role}.prompts.npy"
-            prompts = torch.from_numpy(np.load(prompts_path)) if prompts_path.is_file() else None
+            prompts = None
+            if prompts_path.is_file():
+                prompts = torch.from_numpy(read_npy(prompts_path, "memmap prompt ids"))
             splits[role] = PreferenceSplit(features, users, user_tables[role], name=role, prompts=prompts)
         head_path = self.directory / "reference_head.npy"
-        head = torch.from_numpy(np.load(head_path)) if head_path.is_file() else None
+        head = torch.from_numpy(read_npy(head_path, "reference head")) if head_path.is_file() else None
         return PreferenceData(splits, head)

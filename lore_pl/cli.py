@@ -193,6 +193,17 @@ class LoreCLI(LightningCLI):
         elif not config.get("ckpt_path") and not config.get("overwrite") and os.environ.get("LOCAL_RANK", "0") == "0":
             refuse_overwrite(config)  # (the other DDP processes start after the first has written there)
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # A checkpoint to start from is read here first (Lightning reads its hyperparameters next), so
+        # that a truncated, empty or hostile file is refused by name; torch's refusal is a page of advice.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("last", "best", "hpc", "registry") and Path(path).is_file():
+            from lore_pl.data.files import read_checkpoint
+
+            read_checkpoint(path)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()

@@ -77,12 +77,16 @@ class PersonalRewardModel:
         """The user's personal reward direction ``V w_u`` ``[d]``."""
         return self.basis @ self.weights(user)
 
-    def _embeddings(self, embeddings: Tensor) -> Tensor:
+    def _embeddings(self, embeddings: Tensor, what: str = "embeddings") -> Tensor:
         embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
         if embeddings.ndim == 1:
             embeddings = embeddings[None]
         if embeddings.shape[-1] != self.basis.shape[0]:
             raise ValueError(f"embeddings have d={embeddings.shape[-1]}, the basis has d={self.basis.shape[0]}")
+        bad = (~torch.isfinite(embeddings)).nonzero()
+        if len(bad):
+            raise ValueError(f"{what}: {len(bad)} non-finite value(s) in the embeddings, the first at row "
+                             f"{int(bad[0][0])}; nothing was scored or stored")
         return embeddings
 
     def score(self, embeddings: Tensor, user: str) -> Tensor:
@@ -108,10 +112,11 @@ class PersonalRewardModel:
     def score_std(self, embeddings: Tensor, user: str) -> Tensor | None:
         """The posterior standard deviation of the rewards ``e . V w_u`` ``[n]`` that comes from not
         knowing ``w_u`` exactly (a user with few pairs has a wide one); None without a covariance."""
+        embeddings = self._embeddings(embeddings)
         covariance = self.weight_covariance(user)
         if covariance is None:
             return None
-        directions = self._embeddings(embeddings) @ self.basis  # [n, K]: e . V
+        directions = embeddings @ self.basis  # [n, K]: e . V
         return ((directions @ covariance.float()) * directions).sum(-1).clamp(min=0).sqrt()
 
     def personalize(self, user: str, chosen: Tensor, rejected: Tensor, *, steps: int = 500, lr: float = 0.1,
@@ -126,9 +131,10 @@ class PersonalRewardModel:
         pair moves a user little and many pairs move them to their own fit; ``prior_strength`` 0 and
         ``init='randn'`` are the reference's plain fit. The user's weight covariance is kept too.
         """
-        differences = self._embeddings(chosen) - self._embeddings(rejected)
-        if not bool(torch.isfinite(differences).all()):
-            raise ValueError(f"personalize({user!r}): the embeddings hold NaN or Inf; nothing was stored")
+        differences = (self._embeddings(chosen, f"personalize({user!r}): chosen")
+                       - self._embeddings(rejected, f"personalize({user!r}): rejected"))
+        if not bool(torch.isfinite(differences).all()):  # each finite, the difference overflowed
+            raise ValueError(f"personalize({user!r}): the embeddings' differences overflow; nothing was stored")
         prior = self.model.population_logits()
         if settings is None:
             if init == "population" and prior is None:

@@ -369,9 +369,25 @@ def test_a_checkpoint_that_could_run_code_is_refused(tmp_path, tiny_data):
     checkpoint = torch.load(tmp_path / "good.ckpt", weights_only=True)
     checkpoint["hyper_parameters"]["payload"] = _Payload(tmp_path / "pwned")
     torch.save(checkpoint, tmp_path / "hostile.ckpt")
-    for load in (load_basis, PersonalRewardModel.load):
+    from lore_pl.cli import main
+    from lore_pl.data.basis_file import read_reference_head
+    from lore_pl.modules.scoring import ScoringModule
+
+    def resume(path):
+        main(["fit", "--model=lore_pl.BasisModule", "--data=datamodules.SyntheticPopulationDataModule",
+              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={path}"])
+
+    loaders = {"load_basis": load_basis, "PersonalRewardModel.load": PersonalRewardModel.load,
+               "reference_head_file": read_reference_head,
+               "lightning predict (ScoringModule)": lambda path: ScoringModule(str(path)).setup("predict"),
+               "BasisModule(initial_basis)": lambda path: BasisModule(initial_basis=str(path))._given_initial()}
+    for name, load in loaders.items():
         with pytest.raises(LoreDataError, match="hostile.ckpt: refused: .* could run code"):
             load(tmp_path / "hostile.ckpt")
+        assert not (tmp_path / "pwned").exists(), name
+    with pytest.raises(SystemExit) as stopped:  # the command line, --ckpt_path: one line, exit 2
+        resume(tmp_path / "hostile.ckpt")
+    assert stopped.value.code == 2
     module = FewShotModule(basis_path=str(tmp_path / "hostile.ckpt"))
     with pytest.raises(LoreDataError, match="refused"):
         tiny_trainer(max_epochs=1).fit(module, datamodule=tiny_data)
@@ -380,3 +396,51 @@ def test_a_checkpoint_that_could_run_code_is_refused(tmp_path, tiny_data):
     (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "good.ckpt").read_bytes()[:100])
     with pytest.raises(LoreDataError, match="truncated.ckpt: not a readable checkpoint"):
         load_basis(tmp_path / "truncated.ckpt")
+
+
+# ------------------------------------------------------------------------ every file error names its file
+def _truncate(path, keep=100):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_unreadable_files_of_every_kind_name_the_file(tmp_path):
+    from datamodules import CandidateFileDataModule, MemmapPreferenceDataModule, write_memmap_dataset
+    from lore_pl import load_basis
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    torch.save({"scores": torch.zeros(3, 4)}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(0, 4), tmp_path / "none.pt")
+    memmap = write_memmap_dataset(tmp_path / "memmap", SyntheticPopulationDataModule(**TINY).data)
+    _truncate(memmap / "seen_train.features.npy", keep=200)
+    cache = filled_cache(tmp_path)
+    cache.finalize()
+    cache.manifest_path.write_text('{"key": {"test": 1}, "num_items": ')  # cut off mid-write by another tool
+    checks = [
+        (lambda: load_basis(tmp_path / "empty.ckpt"), r"empty.ckpt: not a readable checkpoint \(the file is empty\)"),
+        (lambda: load_basis(tmp_path / "empty.safetensors"),
+         r"empty.safetensors: not a readable safetensors basis file \(the file is empty\)"),
+        (lambda: CandidateFileDataModule(str(tmp_path / "empty.safetensors")).setup(),
+         r"empty.safetensors: not a readable candidate embeddings file \(the file is empty\)"),
+        (lambda: CandidateFileDataModule(str(tmp_path / "dict.pt")).setup(),
+         r"dict.pt: the candidate embeddings file must hold a tensor \(or a dict with 'embeddings'\), found a dict "
+         r"with keys \['scores'\]"),
+        (lambda: CandidateFileDataModule(str(tmp_path / "none.pt")).setup(),
+         r"none.pt: candidate embeddings must be a non-empty \[n, d\] matrix, got shape \(0, 4\)"),
+        (lambda: MemmapPreferenceDataModule(str(memmap)).setup(),
+         r"seen_train.features.npy: not a readable memmap features \(ValueError: mmap length is greater"),
+        (lambda: cache.is_complete(), r"manifest.json: not a readable feature cache manifest \(JSONDecodeError"),
+    ]
+    for call, message in checks:
+        with pytest.raises(LoreDataError, match=message):
+            call()
+
+
+def test_candidate_embeddings_with_nan_are_refused_by_position(tmp_path):
+    from datamodules import CandidateFileDataModule
+
+    embeddings = torch.zeros(5, 3)
+    embeddings[3, 1] = float("nan")
+    np.save(tmp_path / "candidates.npy", embeddings.numpy())
+    with pytest.raises(LoreDataError, match=r"candidates.npy: 1 non-finite value\(s\) .* candidate 3, dimension 1"):
+        CandidateFileDataModule(str(tmp_path / "candidates.npy")).setup()

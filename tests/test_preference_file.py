@@ -297,3 +297,13 @@ def test_bad_rows_skipped_are_listed_in_the_run_directory_and_small_users_droppe
     ]
     with pytest.raises(ValueError, match="min_pairs_per_user must be an integer >= 1"):
         make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, min_pairs_per_user=0)
+
+
+def test_a_corrupt_cache_table_names_the_file(tmp_path, tiny_reward_model):
+    write_preferences(tmp_path / "prefs.jsonl")
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
+    data.prepare_data()
+    table = data.feature_cache.directory / "table.json"
+    table.write_text(table.read_text()[:50])
+    with pytest.raises(LoreDataError, match=r"table.json: not a readable feature cache table \(JSONDecodeError"):
+        data.load()

@@ -76,3 +76,37 @@ def test_bad_input(model):
 def test_scoring_needs_no_lightning():
     code = "import sys, lore_pl.inference; sys.exit(1 if 'lightning' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_refused_at_every_entry_point_and_nothing_changes(model, tmp_path, bad):
+    loaded, *_ = model
+    before_ids, before_weights = list(loaded.user_ids), loaded.user_weights.clone()
+    poisoned = torch.randn(4, 8)
+    poisoned[2, 5] = bad
+    fine = torch.randn(4, 8)
+    calls = {
+        "score": lambda: loaded.score(poisoned, "a"),
+        "rank": lambda: loaded.rank(poisoned, "a"),
+        "preference_probability": lambda: loaded.preference_probability(fine, poisoned, "a"),
+        "score_std": lambda: loaded.score_std(poisoned, "a"),
+        "personalize a new user": lambda: loaded.personalize("new", poisoned, fine),
+        "personalize a known user": lambda: loaded.personalize("b", fine, poisoned),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="non-finite value.* at row 2") as error:
+            call()
+        assert "nothing was scored or stored" in str(error.value), name
+    assert loaded.user_ids == before_ids and torch.equal(loaded.user_weights, before_weights)
+    huge = torch.full((1, 8), 3e38)
+    with pytest.raises(ValueError, match="overflow; nothing was stored"):
+        loaded.personalize("new", huge, -huge)
+    assert loaded.user_ids == before_ids
+
+
+def test_a_basis_file_with_nan_is_refused_on_load(tmp_path):
+    weights = torch.full((2, 3), 1 / 3)
+    weights[1, 0] = float("nan")
+    save_basis(tmp_path / "poisoned.safetensors", BasisFile(torch.randn(8, 3), 1.0, None, ["a", "b"], weights))
+    with pytest.raises(ValueError, match="poisoned.safetensors: the tensor 'user_weights' holds NaN or Inf"):
+        PersonalRewardModel.load(tmp_path / "poisoned.safetensors")

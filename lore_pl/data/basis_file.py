@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lore_pl.core.model import LoreModel
 from lore_pl.data.atomic import write_atomic_path
+from lore_pl.data.files import read_checkpoint, read_tensor, read_tensors
 from lore_pl.errors import LoreDataError
 
 FORMAT = "lore-pl-basis/1"
@@ -103,16 +103,12 @@ def load_basis(path: str | os.PathLike) -> BasisFile:
         raise FileNotFoundError(f"basis file not found: {path}")
     if path.suffix == ".ckpt":
         return basis_from_checkpoint(path)
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise LoreDataError(f"{path}: not a readable safetensors basis file ({error})") from error
+    tensors, metadata = read_tensors(path, "safetensors basis file")
     if "basis" not in tensors or "tau" not in metadata:
         raise LoreDataError(f"{path}: a basis file needs the tensor 'basis' and the metadata 'tau'")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoreDataError(f"{path}: the tensor {name!r} holds NaN or Inf; this basis cannot score anything")
     return BasisFile(
         basis=tensors["basis"],
         tau=float(metadata["tau"]),
@@ -124,17 +120,6 @@ def load_basis(path: str | os.PathLike) -> BasisFile:
         prior_precision=tensors.get("prior_precision"),
         weight_covariance=tensors.get("weight_covariance"),
     )
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's contents, read without running code from it; errors name the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise LoreDataError(f"{path}: refused: the checkpoint holds objects other than tensors and plain values, "
-                            f"and loading those could run code from the file ({str(error).splitlines()[0]})") from None
-    except Exception as error:  # truncated or not a checkpoint at all: torch raises several types
-        raise LoreDataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
 
 
 def checkpoint_model(checkpoint: dict[str, Any], path: object) -> tuple[str, LoreModel, dict[str, Any]]:
@@ -168,21 +153,8 @@ def read_reference_head(path: str | os.PathLike) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference head file not found: {path}")
-    if path.suffix == ".npy":
-        import numpy as np
-
-        try:
-            head = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-        except Exception as error:
-            raise LoreDataError(f"{path}: not a readable .npy vector ({type(error).__name__}: {error})") from None
-    elif path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path))
-        except Exception as error:
-            raise LoreDataError(f"{path}: not a readable safetensors file ({error})") from None
-        if "reference_head" not in tensors:
-            raise LoreDataError(f"{path}: no tensor 'reference_head' (found {sorted(tensors)})")
-        head = tensors["reference_head"].float()
+    if path.suffix in (".npy", ".safetensors"):
+        head = read_tensor(path, "reference head file", key="reference_head").float()
     else:
         head = load_basis(path).reference_head
         if head is None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lore_pl.data.atomic import write_json_atomic, write_npy_atomic
+from lore_pl.data.files import read_json, read_npy
 from lore_pl.errors import LoreDataError
 
 MANIFEST = "manifest.json"
@@ -61,7 +62,7 @@ class FeatureCache:
     def manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.is_file():
             return None
-        return json.loads(self.manifest_path.read_text())
+        return read_json(self.manifest_path, "feature cache manifest")
 
     def is_complete(self) -> bool:
         manifest = self.manifest()
@@ -87,7 +88,7 @@ class FeatureCache:
         })
 
     def items(self) -> list[Any]:
-        return json.loads((self.directory / ITEMS).read_text())
+        return read_json(self.directory / ITEMS, "feature cache item list")
 
     # -------------------------------------------------------------------------------- shards
     def shard_path(self, shard: int) -> Path:
@@ -123,7 +124,7 @@ class FeatureCache:
         shards, dims = [], {}
         for i in range(manifest["num_shards"]):
             path = self.shard_path(i)
-            array = np.load(path, mmap_mode="r")
+            array = read_npy(path, "feature cache shard", mmap_mode="r")
             dims.setdefault(array.shape[1], path.name)
             shards.append({"rows": int(array.shape[0]), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
         if len(dims) > 1:
@@ -191,10 +192,11 @@ class FeatureCache:
                 f"{self.shard_path(shard).name}: {what}; run prepare_data (fit does) to re-embed them, or delete the "
                 "directory"
             )
-        shards = [np.load(self.shard_path(i), mmap_mode="r") for i in range(manifest["num_shards"])]
+        shards = [read_npy(self.shard_path(i), "feature cache shard", mmap_mode="r")
+                  for i in range(manifest["num_shards"])]
         features = torch.from_numpy(np.concatenate(shards)) if shards else torch.zeros(0, 0)
         head_path = self.directory / REFERENCE_HEAD
-        head = torch.from_numpy(np.load(head_path)) if head_path.is_file() else None
+        head = torch.from_numpy(read_npy(head_path, "reference head")) if head_path.is_file() else None
         return features, head
 
     def _require_manifest(self) -> dict[str, Any]:
