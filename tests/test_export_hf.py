@@ -173,3 +173,32 @@ def test_a_basis_without_users_exports_only_its_columns(tmp_path, tiny_reward_mo
     assert config["id2label"] == {"0": "basis-0", "1": "basis-1", "2": "basis-2"}
     assert config["lore_pl"]["num_users"] == 0
     assert load_file(out / USER_WEIGHTS_FILE)["user_weights"].shape == (0, 3)
+
+
+def test_a_pad_token_that_ends_every_text_is_refused(tmp_path, tiny_reward_model, one_thread):
+    # pad = eos and a template that ends each turn with eos: transformers would pool the token before it
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "pad-is-eos"
+    shutil.copytree(tiny_reward_model, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(base)
+    path = tmp_path / "basis.safetensors"
+    write_basis(path, tiny_reward_model, embedder=tiny_spec(str(base)).identity())
+    for weights in ("copy", "link"):
+        with pytest.raises(LoreDataError, match="ends texts with the pad token .*'</s>'.*distinct pad token"):
+            export_hf(path, tmp_path / "out", weights=weights)
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_commands_still_reach_the_lightning_cli(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lore-pl"])  # LightningCLI warns when args and sys.argv both hold some
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["--help"])
+    assert stopped.value.code == 0 and "fit" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["export", "onnx"])
+    assert stopped.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
