@@ -202,3 +202,24 @@ def test_other_commands_still_reach_the_lightning_cli(capsys, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         cli_main(["export", "onnx"])
     assert stopped.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_a_trained_run_exports_and_reproduces(tmp_path, tiny_reward_model, one_thread):
+    # a real run's basis: fitted on a preference file the tiny model embedded, written by BasisExport
+    from callbacks import BasisExport
+    from helpers import make, tiny_trainer, write_preferences
+    from lore_pl.modules.basis import BasisModule
+
+    write_preferences(tmp_path / "prefs.jsonl")
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path)
+    tiny_trainer(max_epochs=5, callbacks=[BasisExport()], default_root_dir=str(tmp_path / "run")).fit(
+        BasisModule(estimator="adam", rank=2), datamodule=data)
+    run = next((tmp_path / "run").rglob("basis.safetensors")).parent
+    out = export_hf(run, tmp_path / "hf")
+    reward_model = PersonalRewardModel.load(run / "basis.safetensors")
+    assert reward_model.user_ids and reward_model.embedder == tiny_spec(tiny_reward_model).identity()
+    logits, config = hf_logits(out, ITEMS)
+    embeddings = TextEmbedder(tiny_spec(tiny_reward_model))(ITEMS)
+    for column, user in enumerate(reward_model.user_ids):
+        assert config.id2label[column] == user
+        torch.testing.assert_close(logits[:, column], reward_model.score(embeddings, user), atol=1e-5, rtol=0)
