@@ -223,3 +223,18 @@ def test_a_trained_run_exports_and_reproduces(tmp_path, tiny_reward_model, one_t
     for column, user in enumerate(reward_model.user_ids):
         assert config.id2label[column] == user
         torch.testing.assert_close(logits[:, column], reward_model.score(embeddings, user), atol=1e-5, rtol=0)
+
+
+def test_base_model_moved_elsewhere(tmp_path, tiny_reward_model, one_thread):
+    # the basis recorded a path that is gone; --base-model names where the same model is now
+    path = tmp_path / "basis.safetensors"
+    write_basis(path, tiny_reward_model, embedder=tiny_spec(str(tmp_path / "gone")).identity())
+    with pytest.raises(OSError):
+        export_hf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    out = export_hf(path, tmp_path / "out", base_model=tiny_reward_model)
+    logits, config = hf_logits(out, ITEMS)
+    embeddings = TextEmbedder(tiny_spec(tiny_reward_model))(ITEMS)
+    expected = PersonalRewardModel.load(path).score(embeddings, USERS[2])
+    torch.testing.assert_close(logits[:, config.label2id[USERS[2]]], expected, atol=1e-5, rtol=0)
+    assert config.lore_pl["base_model"] == tiny_reward_model

@@ -332,6 +332,6 @@ def main(args: list[str] | None = None) -> None:
     try:
         written = export_hf(options.run, options.out, heads=options.heads, weights=options.weights,
                             overwrite=options.overwrite, base_model=options.base_model)
-    except (LoreDataError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (LoreDataError, OSError, ValueError) as error:  # OSError: a base model or file that is not there
         hf.error(str(error))
     print(f"written: {written} ({options.heads} heads, {options.weights} weights)")
