@@ -56,6 +56,8 @@ def hf_logits(directory, items) -> torch.Tensor:
              for m, r in items]
     batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any(), "the pair should need padding"
+    # long texts keep their end (the response), as TextEmbedder's features did
+    assert tokenizer.truncation_side == "left" and tokenizer.model_max_length == tiny_spec("x").max_length
     with torch.no_grad():
         return model(**batch).logits.float(), model.config
 

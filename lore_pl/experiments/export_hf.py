@@ -129,6 +129,14 @@ def configure(config, rows: Tensor, labels: list[str], metadata: dict, pad_token
     config.lore_pl = metadata
 
 
+def save_tokenizer(tokenizer, out: Path, spec: EmbedderSpec) -> None:
+    """The tokenizer as the features were made: the end of a long text kept, at most ``max_length``
+    tokens. Attributes set after loading are not saved; what the tokenizer was built with is."""
+    tokenizer.init_kwargs.update(truncation_side="left", padding_side="right")
+    tokenizer.model_max_length = spec.max_length
+    tokenizer.save_pretrained(out)
+
+
 def write_side_files(directory: Path, model: PersonalRewardModel) -> None:
     from safetensors.torch import save_file
 
@@ -203,7 +211,7 @@ def build_linked(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, 
         (out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
     configure(config, rows, labels, metadata, tokenizer.pad_token_id, spec.dtype)
     config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out, spec)
 
 
 def build_copied(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, labels: list[str],
@@ -224,7 +232,7 @@ def build_copied(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, 
     model.num_labels = rows.shape[0]
     configure(model.config, rows, labels, metadata, tokenizer.pad_token_id, spec.dtype)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out, spec)
 
 
 def publish_directory(out: Path, build: Callable[[Path], None], overwrite: bool) -> Path:
