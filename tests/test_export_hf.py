@@ -108,6 +108,9 @@ def test_basis_heads_with_linked_weights_reproduce(tmp_path, tiny_reward_model, 
     linked = [p.name for p in out.glob("*.safetensors") if p.is_symlink()]
     written = [p.name for p in out.glob("*.safetensors") if not p.is_symlink()]
     assert linked and sorted(linked + written) == sorted(shards + [USER_WEIGHTS_FILE])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    sizes = sum(t.numel() * t.element_size() for name in shards for t in load_file(out / name).values())
+    assert index["metadata"]["total_size"] == sizes
     for name in linked:  # a linked file holds no second score
         with safe_open(str(out / name), framework="pt") as handle:
             names = handle.keys()  # a safe_open handle is not a mapping

@@ -201,13 +201,16 @@ def build_linked(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, 
         file_metadata = handle.metadata() or {}
         names = handle.keys()  # a safe_open handle is not a mapping
         tensors = {key: handle.get_tensor(key) for key in names}
-    check_reference_head(basis.reference_head, tensors[SCORE_KEY], spec, where)
-    tensors[SCORE_KEY] = rows.to(tensors[SCORE_KEY].dtype).contiguous()
+    old_score = tensors[SCORE_KEY]
+    check_reference_head(basis.reference_head, old_score, spec, where)
+    tensors[SCORE_KEY] = rows.to(old_score.dtype).contiguous()
     save_file(tensors, str(out / holders[0]), metadata={**file_metadata, "format": "pt"})
     if (base / SAFE_INDEX).is_file():
         index = json.loads((base / SAFE_INDEX).read_text())
-        # the total size changes with the score's row count; loaders only use the weight map
-        index.setdefault("metadata", {}).pop("total_size", None)
+        metadata_of_index = index.get("metadata") or {}
+        if "total_size" in metadata_of_index:  # the score grew from one row to C (or K)
+            grown = (rows.numel() - old_score.numel()) * old_score.element_size()
+            metadata_of_index["total_size"] = int(metadata_of_index["total_size"]) + grown
         (out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
     configure(config, rows, labels, metadata, tokenizer.pad_token_id, spec.dtype)
     config.save_pretrained(out)
