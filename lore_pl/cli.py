@@ -1,4 +1,5 @@
-"""The command line: ``lightning`` / ``lore-pl`` / ``python -m lore_pl`` ``fit|validate|test|predict``."""
+"""The command line: ``lightning`` / ``lore-pl`` / ``python -m lore_pl`` ``fit|validate|test|predict``, and
+``lore-pl export hf`` (a basis as a Hugging Face checkpoint)."""
 
 from __future__ import annotations
 
@@ -244,8 +245,16 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (``lightning``, ``lore-pl``, ``python -m lore_pl``)."""
+    """Console entry point (``lightning``, ``lore-pl``, ``python -m lore_pl``); ``lore-pl export ...``
+    goes to the export command (``lore_pl.experiments.export_hf``), everything else to the LightningCLI."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from lore_pl.experiments.export_hf import main as export_main
+
+        export_main(argv[1:])
+        return
 
     try:
         build_cli(args)
