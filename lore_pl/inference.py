@@ -67,7 +67,8 @@ class PersonalRewardModel:
             embedder: your own ``EmbedderSpec`` or loaded ``TextEmbedder`` instead of the recorded one;
                 refused unless its identity (every field but ``batch_size``) is the basis's.
             batch_size: texts per forward pass of the recorded embedder (it does not change the embeddings).
-            device: where the embedder runs (e.g. ``"cuda"``); default the CPU.
+            device: where the embedder it loads runs (e.g. ``"cuda"``); default the CPU. A loaded
+                ``TextEmbedder`` stays where it is.
 
         A basis whose features did not come from a text embedder (e.g. the synthetic population) is
         refused here; ``load`` reads it for scoring embeddings.

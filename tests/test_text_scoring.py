@@ -127,7 +127,7 @@ def test_another_embedder_is_refused_and_batch_size_is_free(text_run, tiny_rewar
         torch.testing.assert_close(score, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_basis_of_synthetic_features_is_refused_for_text(tmp_path):
+def test_a_basis_of_synthetic_features_is_refused_for_text(tmp_path, monkeypatch):
     identity = SyntheticPopulationDataModule(**TINY).embedder
     run = tmp_path / "run"
     run.mkdir()
@@ -142,6 +142,11 @@ def test_a_basis_of_synthetic_features_is_refused_for_text(tmp_path):
         loaded.score_text("a prompt", ["a response"], "a")
     with pytest.raises(FileNotFoundError, match="holds basis.safetensors"):
         PersonalRewardModel.from_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path / "responses.jsonl", [{"prompt": "hi", "response": "yes"}])
+    with pytest.raises(LoreDataError, match="cannot embed text"):
+        predict(run, tmp_path / "responses.jsonl", tmp_path / "scores.csv")
+    assert not (tmp_path / "scores.csv").exists()
 
 
 def test_bad_text_is_refused_before_the_embedder_loads(text_run):
@@ -195,8 +200,9 @@ def test_lightning_predict_scores_a_jsonl_of_text(text_run, tmp_path, monkeypatc
         expected = model.score_text(row["prompt"], [row["response"]], user)
         assert float(reward) == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
 
-    # the users option: the rows without a user id are scored for these users only
-    predict(run, tmp_path / "responses.jsonl", tmp_path / "two.csv", f"--model.init_args.users=[{users[1]},{users[0]}]")
+    # the users option: the rows without a user id are scored for these users only (each once)
+    predict(run, tmp_path / "responses.jsonl", tmp_path / "two.csv",
+            f"--model.init_args.users=[{users[1]},{users[0]},{users[1]}]")
     with open(tmp_path / "two.csv", newline="") as stream:
         pairs = [(int(line), user) for line, user, _ in list(csv.reader(stream))[1:]]
     assert pairs == [(1, second), (2, users[1]), (2, users[0]), (4, users[1]), (4, users[0]), (5, first)]

@@ -102,6 +102,8 @@ class TextScoreWriter(BasePredictionWriter):
         self.output = Path(output)
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if not trainer.is_global_zero:
+            return  # every rank scores every row (the sampler does not shard them): one writes
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         lines = torch.cat([batch["line"] for batch in batches]).cpu()
         users = torch.cat([batch["user"] for batch in batches]).cpu()
@@ -148,7 +150,7 @@ class TextScoringModule(LightningModule):
         reward_model = PersonalRewardModel.from_run(basis_path, batch_size=self.hparams.batch_size)
         self.user_ids = list(reward_model.user_ids)
         self._column = {user: column for column, user in enumerate(self.user_ids)}
-        users = self.hparams.users or self.user_ids
+        users = list(dict.fromkeys(self.hparams.users or self.user_ids))  # a user named twice is scored once
         if not users:
             raise LoreDataError(f"{basis_path} names no users to score for")
         unknown = [user for user in users if user not in self._column]
