@@ -12,6 +12,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.sources import decode_utf8
 from lore_pl.data.embedder import Item, as_messages
 from lore_pl.data.preferences import IndexBatchSampler, ShardIndex
 from lore_pl.errors import LoreDataError
@@ -51,12 +52,9 @@ def read_response_rows(path: Path, columns: dict[str, str]) -> ResponseRows:
     if not path.is_file():
         raise FileNotFoundError(f"response file not found: {path}")
     rows = ResponseRows([], [], [])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise LoreDataError(f"{path}: not UTF-8 text ({error})") from None
-    # split at "\n" only: str.splitlines would also cut at U+2028, which JSON allows inside a string
-    for number, line in enumerate(text.split("\n"), 1):
+    # split at b"\n" only: str.splitlines would also cut at U+2028, which JSON allows inside a string
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        line = decode_utf8(path, raw, first_line=number)
         if not line.strip():
             continue
         where = f"{path}: line {number}"

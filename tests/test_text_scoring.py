@@ -255,6 +255,9 @@ def test_bad_response_rows_name_the_file_line_and_field(tmp_path, line, message)
 
 
 def test_a_response_file_without_rows_or_of_another_format_is_refused(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "hi", "response": "yes"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(LoreDataError, match=r"latin1.jsonl: line 2, byte 16: not UTF-8 text"):
+        read_response_rows(tmp_path / "latin1.jsonl", COLUMNS)
     (tmp_path / "empty.jsonl").write_text("\n \n")
     with pytest.raises(LoreDataError, match="empty.jsonl: no rows"):
         read_response_rows(tmp_path / "empty.jsonl", COLUMNS)
