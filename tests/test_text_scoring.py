@@ -187,7 +187,8 @@ def test_lightning_predict_scores_a_jsonl_of_text(text_run, tmp_path, monkeypatc
             {"user_id": None, "prompt": "hello world", "response": "yes please"},
             {"user_id": first, "prompt": chat, "response": "no thanks"}]
     write_rows(tmp_path / "responses.jsonl", rows)
-    predict(run, tmp_path / "responses.jsonl", tmp_path / "scores.csv", "--data.init_args.batch_size=2")
+    predict(run, tmp_path / "responses.jsonl", tmp_path / "scores.csv", "--data.init_args.batch_size=2",
+            "--model.init_args.batch_size=1")  # the embedder's batch: not part of its identity
     with open(tmp_path / "scores.csv", newline="") as stream:
         written = list(csv.reader(stream))
     model = PersonalRewardModel.from_run(run)

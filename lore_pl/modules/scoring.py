@@ -166,8 +166,10 @@ class TextScoringModule(LightningModule):
 
     def _check_user(self, user: str, line: int) -> None:
         if user not in self._column:
-            path = getattr(getattr(self._trainer, "datamodule", None), "path", "the response file")
-            raise LoreDataError(f"{path}: line {line}: field 'user_id': unknown user {user!r}, not among the "
+            datamodule = getattr(self._trainer, "datamodule", None)
+            path = getattr(datamodule, "path", "the response file")
+            field = getattr(datamodule, "columns", {}).get("user_id", "user_id")
+            raise LoreDataError(f"{path}: line {line}: field {field!r}: unknown user {user!r}, not among the "
                                 f"{len(self.user_ids)} users of {self.hparams.basis_path}")
 
     def configure_callbacks(self):
@@ -187,5 +189,5 @@ class TextScoringModule(LightningModule):
         embeddings = self.embedder(batch["items"]).to(self.heads.device)
         if embeddings.shape[1] != self.heads.shape[0]:
             raise ValueError(f"the embedder gives d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}")
-        rewards = (embeddings[rows] * self.heads[:, columns].t()).sum(-1)
+        rewards = (embeddings @ self.heads)[rows, columns]  # [rows, users] first: no [pairs, d] copy
         return {"line": batch["line"][rows.to(batch["line"].device)], "user": columns, "reward": rewards}
