@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
 
-from lore_pl.data.basis_file import BasisFile, save_basis
+from lore_pl.data.basis_file import RUN_BASIS_FILE, BasisFile, save_basis
 from lore_pl.modules.basis import BasisModule
 
 
@@ -22,7 +22,7 @@ class BasisExport(Callback):
 
     reads_final_model = True  # RestoreBestCheckpoint must run before this
 
-    def __init__(self, filename: str = "basis.safetensors") -> None:
+    def __init__(self, filename: str = RUN_BASIS_FILE) -> None:
         self.filename = filename
         self.path: Path | None = None
 

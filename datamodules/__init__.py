@@ -8,6 +8,7 @@ from datamodules.personal_llm import PersonalLLMDataModule
 from datamodules.preference_file import PreferenceFileDataModule
 from datamodules.prism import PRISMDataModule
 from datamodules.reddit_tldr import RedditTLDRDataModule
+from datamodules.responses import ResponseFileDataModule
 from datamodules.synthetic import SyntheticPopulationDataModule
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "PreferenceFileDataModule",
     "PRISMDataModule",
     "RedditTLDRDataModule",
+    "ResponseFileDataModule",
     "SyntheticPopulationDataModule",
     "write_memmap_dataset",
 ]

@@ -27,6 +27,7 @@ _EXPORTS = {
     "BasisModule": "lore_pl.modules.basis",
     "FewShotModule": "lore_pl.modules.fewshot",
     "ScoringModule": "lore_pl.modules.scoring",
+    "TextScoringModule": "lore_pl.modules.scoring",
     "EmbeddingModule": "lore_pl.modules.embedding",
     "PerUserAccuracy": "lore_pl.modules.metrics",
     "PersonalRewardModel": "lore_pl.inference",

@@ -5,20 +5,32 @@
     best_first = model.rank(candidate_embeddings, "seen-00001")
     model.personalize("new-user", chosen_embeddings, rejected_embeddings)  # K numbers, milliseconds
 
-Embeddings must come from the embedder the basis was trained on (``model.embedder``).
+Embeddings must come from the embedder the basis was trained on (``model.embedder``). Or give text,
+which that embedder embeds exactly as training did (loaded on first use):
+
+    model = PersonalRewardModel.from_run("lightning_logs/tulu1/version_0")   # the run dir or its basis file
+    model.score_text("What is the capital of France?", ["Paris.", "Lyon."], "rater-3")
+    model.personalize_text("new-user", [(prompt, chosen, rejected), ...])
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import FewShotSettings, adapt_users, weight_covariance
-from lore_pl.data.basis_file import BasisFile, load_basis, save_basis
+from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path, save_basis
+from lore_pl.data.embedder import EmbedderSpec, Item, TextEmbedder, as_messages
+from lore_pl.errors import LoreDataError
+
+#: a prompt: a string (one user turn) or a chat list of ``{"role", "content"}`` turns
+Prompt = str | Sequence[dict[str, str]]
 
 
 class PersonalRewardModel:
@@ -30,13 +42,90 @@ class PersonalRewardModel:
             raise ValueError(f"{len(exported.user_ids)} user ids but {weights.shape[0]} rows of user weights")
         self.model = exported.to_model()
         self._row = {user: i for i, user in enumerate(self.model.user_ids)}
+        self.source = ""  # the file it was read from, for error messages
+        self._embedder_spec: EmbedderSpec | None = None  # the text embedder's settings, once resolved
+        self._text_embedder: TextEmbedder | None = None  # loaded when text is first embedded
+        self._device: str | torch.device | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PersonalRewardModel:
-        return cls(load_basis(path))
+        model = cls(load_basis(path))
+        model.source = str(path)
+        return model
 
     def save(self, path: str | os.PathLike) -> None:
         save_basis(path, BasisFile.from_model(self.model))
+
+    # ------------------------------------------------------------------- text: the basis's embedder
+    @classmethod
+    def from_run(cls, path: str | os.PathLike, embedder: EmbedderSpec | TextEmbedder | None = None, *,
+                 batch_size: int | None = None, device: str | torch.device | None = None) -> PersonalRewardModel:
+        """A model that also scores text: ``path`` is a run directory (its ``basis.safetensors``) or a
+        basis file or checkpoint, whose recorded embedder embeds the text (loaded on first use).
+
+        Args:
+            embedder: your own ``EmbedderSpec`` or loaded ``TextEmbedder`` instead of the recorded one;
+                refused unless its identity (every field but ``batch_size``) is the basis's.
+            batch_size: texts per forward pass of the recorded embedder (it does not change the embeddings).
+            device: where the embedder it loads runs (e.g. ``"cuda"``); default the CPU. A loaded
+                ``TextEmbedder`` stays where it is.
+
+        A basis whose features did not come from a text embedder (e.g. the synthetic population) is
+        refused here; ``load`` reads it for scoring embeddings.
+        """
+        file = resolve_basis_path(path)
+        model = cls.load(file)
+        if embedder is None:
+            model.embedder_spec  # noqa: B018 - refuses a basis without a text embedder now, not at first use
+        else:
+            model.use_embedder(embedder)
+        if batch_size is not None:
+            if model._text_embedder is not None:
+                raise ValueError("batch_size sets the recorded embedder's; a loaded TextEmbedder keeps its spec's")
+            model._embedder_spec = replace(model.embedder_spec, batch_size=batch_size)
+        model._device = device
+        return model
+
+    def use_embedder(self, embedder: EmbedderSpec | TextEmbedder) -> None:
+        """Embed text with ``embedder`` (a spec, loaded on first use, or a loaded ``TextEmbedder``);
+        refused (``LoreDataError`` naming both) unless it is the embedder the basis was trained on."""
+        spec = embedder if isinstance(embedder, EmbedderSpec) else getattr(embedder, "spec", None)
+        if not isinstance(spec, EmbedderSpec):
+            raise TypeError(f"embedder must be an EmbedderSpec or a TextEmbedder, got {type(embedder).__name__}")
+        if spec.identity() != self.embedder:
+            raise LoreDataError(
+                f"the embedder {spec.identity()!r} is not the one the basis {self.source or '(in memory)'} was "
+                f"trained on ({self.embedder or 'none recorded'!r}): its embeddings would not match the basis"
+            )
+        self._embedder_spec = spec
+        self._text_embedder = None if isinstance(embedder, EmbedderSpec) else embedder
+
+    @property
+    def embedder_spec(self) -> EmbedderSpec:
+        """The settings of the embedder the basis was trained on (read from ``embedder``); a
+        ``LoreDataError`` for a basis whose features did not come from a text embedder."""
+        if self._embedder_spec is None:
+            try:
+                self._embedder_spec = EmbedderSpec.from_identity(self.embedder)
+            except LoreDataError as error:
+                raise LoreDataError(f"{self.source or 'this basis'}: {error}") from None
+        return self._embedder_spec
+
+    @property
+    def text_embedder(self) -> TextEmbedder:
+        """The basis's ``TextEmbedder``, loaded on first use."""
+        if self._text_embedder is None:
+            embedder = TextEmbedder(self.embedder_spec)
+            self._text_embedder = embedder if self._device is None else embedder.to(self._device)
+        return self._text_embedder
+
+    def embed_text(self, prompt: Prompt, responses: str | Sequence[str]) -> Tensor:
+        """Embeddings ``[n, d]`` of the responses to ``prompt`` (a string or a chat list), each item
+        ``[messages, response]`` as the training data modules build it, so they are training's features."""
+        return self._embed(text_items(prompt, responses, "embed_text"))
+
+    def _embed(self, items: list[Item]) -> Tensor:
+        return self._embeddings(self.text_embedder(items))
 
     @property
     def basis(self) -> Tensor:
@@ -100,6 +189,47 @@ class PersonalRewardModel:
     def preference_probability(self, chosen: Tensor, rejected: Tensor, user: str) -> Tensor:
         """``P(user prefers chosen)`` = ``sigmoid((e_c - e_r) . V w_u / tau)``, per pair."""
         return torch.sigmoid((self.score(chosen, user) - self.score(rejected, user)) / self.tau)
+
+    # The same four on text: the responses are embedded by the basis's embedder (``from_run``).
+    def score_text(self, prompt: Prompt, responses: str | Sequence[str], user: str) -> Tensor:
+        """Rewards ``[n]`` of the responses to ``prompt`` (a string or a chat list) for ``user``."""
+        self.weights(user)  # an unknown user raises before any text is embedded
+        return self.score(self._embed(text_items(prompt, responses, "score_text")), user)
+
+    def rank_text(self, prompt: Prompt, responses: str | Sequence[str], user: str) -> Tensor:
+        """Indices of ``responses`` from the user's best to worst (personalized best-of-n on text)."""
+        return torch.argsort(self.score_text(prompt, responses, user), descending=True, stable=True)
+
+    def preference_probability_text(self, prompt: Prompt, chosen: str | Sequence[str], rejected: str | Sequence[str],
+                                    user: str) -> Tensor:
+        """``P(user prefers chosen[i] to rejected[i])`` on ``prompt``, per pair ``[n]``."""
+        self.weights(user)
+        chosen_items = text_items(prompt, chosen, "preference_probability_text: chosen")
+        rejected_items = text_items(prompt, rejected, "preference_probability_text: rejected")
+        if len(chosen_items) != len(rejected_items):
+            raise LoreDataError(f"preference_probability_text: {len(chosen_items)} chosen but "
+                                f"{len(rejected_items)} rejected responses")
+        embeddings = self._embed(chosen_items + rejected_items)
+        count = len(chosen_items)
+        return self.preference_probability(embeddings[:count], embeddings[count:], user)
+
+    def personalize_text(self, user: str, pairs: Iterable[tuple[Prompt, str, str]], **options: Any) -> Tensor:
+        """``personalize`` on text pairs ``(prompt, chosen, rejected)`` (``options``: its keyword
+        arguments); a pair with an empty or identical response is refused, and nothing is stored."""
+        chosen, rejected = [], []
+        for number, pair in enumerate(pairs):
+            where = f"personalize_text({user!r}): pair {number}"
+            if not isinstance(pair, (tuple, list)) or len(pair) != 3:
+                raise LoreDataError(f"{where}: a pair is (prompt, chosen, rejected), got {pair!r:.80}")
+            prompt, better, worse = pair
+            chosen += text_items(prompt, [better], f"{where}: chosen")
+            rejected += text_items(prompt, [worse], f"{where}: rejected")
+            if better == worse:
+                raise LoreDataError(f"{where}: chosen and rejected are identical")
+        if not chosen:
+            raise LoreDataError(f"personalize_text({user!r}): no pairs")
+        embeddings = self._embed(chosen + rejected)
+        return self.personalize(user, embeddings[: len(chosen)], embeddings[len(chosen) :], **options)
 
     def weight_covariance(self, user: str) -> Tensor | None:
         """The posterior covariance ``[K, K]`` of the user's weights (Laplace), where the model has it."""
@@ -168,3 +298,16 @@ class PersonalRewardModel:
             model.user_logits[self._row[user]] = logits
             if covariance is not None and known:
                 model.weight_covariance[self._row[user]] = covariance
+
+
+def text_items(prompt: Prompt, responses: str | Sequence[str], where: str) -> list[Item]:
+    """Items ``[messages, response]`` exactly as the training data modules build them; bad text raises
+    a ``LoreDataError`` naming ``where``."""
+    messages = as_messages(prompt, where=f"{where}: prompt")
+    responses = [responses] if isinstance(responses, str) else list(responses)
+    if not responses:
+        raise LoreDataError(f"{where}: no responses")
+    for number, response in enumerate(responses):
+        if not isinstance(response, str) or not response.strip():
+            raise LoreDataError(f"{where}: response {number} must be a non-empty string, got {response!r:.60}")
+    return [[messages, response] for response in responses]

@@ -76,6 +76,21 @@ class BasisFile:
                          weight_covariance=self.weight_covariance, train_basis=train_basis, train_logits=train_logits)
 
 
+#: the basis file's name in a run directory (``callbacks.BasisExport`` writes it)
+RUN_BASIS_FILE = "basis.safetensors"
+
+
+def resolve_basis_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a run directory the basis file it holds."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / RUN_BASIS_FILE).is_file():
+            raise FileNotFoundError(f"{path}: a run directory holds {RUN_BASIS_FILE} (written at the end of a "
+                                    "BasisModule fit); there is none")
+        return path / RUN_BASIS_FILE
+    return path
+
+
 def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:
     """Write ``exported`` to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)

@@ -1,9 +1,11 @@
-"""``lightning predict``: every user's reward for every candidate response of a file."""
+"""``lightning predict``: users' rewards of candidate responses, from a file of their embeddings
+(``ScoringModule``) or of their text (``TextScoringModule``)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning import LightningModule
@@ -11,7 +13,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from lore_pl.data.atomic import write_atomic
-from lore_pl.data.basis_file import load_basis
+from lore_pl.data.basis_file import load_basis, resolve_basis_path
+from lore_pl.errors import LoreDataError
+from lore_pl.inference import PersonalRewardModel
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -45,7 +49,8 @@ class ScoringModule(LightningModule):
     """Scores candidate embeddings for named users with a learned basis (no training).
 
     Args:
-        basis_path: a ``BasisModule`` or ``FewShotModule`` checkpoint, or an exported ``.safetensors``.
+        basis_path: a ``BasisModule`` or ``FewShotModule`` checkpoint, an exported ``.safetensors``, or
+            a run directory (its ``basis.safetensors``).
         users: the users to score for (``null``: every user the basis file knows).
         output: the CSV file the scores go to (``candidate,<user id>,...``, written by ``ScoreWriter``).
     """
@@ -59,7 +64,7 @@ class ScoringModule(LightningModule):
     def setup(self, stage: str) -> None:
         if self.model is not None:
             return
-        model = load_basis(self.hparams.basis_path).to_model()
+        model = load_basis(resolve_basis_path(self.hparams.basis_path)).to_model()
         users = self.hparams.users or model.user_ids
         if not users:
             raise ValueError(f"{self.hparams.basis_path} names no users to score for")
@@ -82,3 +87,107 @@ class ScoringModule(LightningModule):
                 f"candidate embeddings have d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}"
             )
         return {"index": batch["index"], "scores": embeddings.float() @ self.heads}
+
+
+class TextScoreWriter(BasePredictionWriter):
+    """At the end of prediction, write ``line,user_id,reward`` rows (a row of the input file per
+    user it was scored for, in the file's order), atomically.
+
+    Args:
+        output: the CSV file to write.
+    """
+
+    def __init__(self, output: str = "text_scores.csv") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = Path(output)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if not trainer.is_global_zero:
+            return  # every rank scores every row (the sampler does not shard them): one writes
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        lines = torch.cat([batch["line"] for batch in batches]).cpu()
+        users = torch.cat([batch["user"] for batch in batches]).cpu()
+        rewards = torch.cat([batch["reward"] for batch in batches]).cpu()
+        order = torch.argsort(lines, stable=True)  # within a line, the users' order stays
+        names = pl_module.user_ids
+
+        def write_csv(stream) -> None:
+            writer = csv.writer(stream)
+            writer.writerow(["line", "user_id", "reward"])
+            writer.writerows([line, names[user], f"{reward:.6g}"] for line, user, reward in
+                             zip(lines[order].tolist(), users[order].tolist(), rewards[order].tolist()))
+
+        write_atomic(self.output, write_csv)
+        print(f"wrote {rewards.shape[0]} rewards of {torch.unique(lines).numel()} responses: {self.output}",
+              flush=True)
+
+
+class TextScoringModule(LightningModule):
+    """Scores responses given as text (``datamodules.ResponseFileDataModule``) with a learned basis:
+    each ``[messages, response]`` is embedded by the embedder the basis was trained on, as in
+    training, then rewarded ``e . V w_u`` for the row's user, or for ``users`` when it names none.
+
+    Args:
+        basis_path: a run directory (its ``basis.safetensors``), a basis file or a checkpoint, of a
+            basis trained on a text embedder's features.
+        users: the users to score rows without a user id for (``null``: every user of the basis).
+        output: the CSV file of ``line,user_id,reward`` rows (``TextScoreWriter``).
+        batch_size: texts per forward pass of the embedder (``null``: the recorded embedder's default).
+    """
+
+    def __init__(self, basis_path: str, users: list[str] | None = None, output: str = "text_scores.csv",
+                 batch_size: int | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embedder = None
+        self.user_ids: list[str] = []
+        self._column: dict[str, int] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.embedder is not None:
+            return
+        basis_path = self.hparams.basis_path
+        reward_model = PersonalRewardModel.from_run(basis_path, batch_size=self.hparams.batch_size)
+        self.user_ids = list(reward_model.user_ids)
+        self._column = {user: column for column, user in enumerate(self.user_ids)}
+        users = list(dict.fromkeys(self.hparams.users or self.user_ids))  # a user named twice is scored once
+        if not users:
+            raise LoreDataError(f"{basis_path} names no users to score for")
+        unknown = [user for user in users if user not in self._column]
+        if unknown:
+            raise KeyError(f"unknown user(s) {unknown[:5]}: not among the {len(self.user_ids)} users of {basis_path}")
+        self.register_buffer("default_columns", torch.tensor([self._column[user] for user in users]))
+        # check the rows' users before any text is embedded, where the data module can list them
+        named = getattr(self.trainer.datamodule if self._trainer is not None else None, "named_users", None)
+        for user, line in (named() if callable(named) else {}).items():
+            self._check_user(user, line)
+        self.register_buffer("heads", reward_model.model.heads().detach().contiguous())  # [d, C]
+        self.embedder = reward_model.text_embedder  # a submodule: the Trainer moves it to the device
+
+    def _check_user(self, user: str, line: int) -> None:
+        if user not in self._column:
+            datamodule = getattr(self._trainer, "datamodule", None)
+            path = getattr(datamodule, "path", "the response file")
+            field = getattr(datamodule, "columns", {}).get("user_id", "user_id")
+            raise LoreDataError(f"{path}: line {line}: field {field!r}: unknown user {user!r}, not among the "
+                                f"{len(self.user_ids)} users of {self.hparams.basis_path}")
+
+    def configure_callbacks(self):
+        return [TextScoreWriter(self.hparams.output)]
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        rows, columns = [], []
+        for row, (line, user) in enumerate(zip(batch["line"].tolist(), batch["users"])):
+            if user is None:
+                wanted = self.default_columns
+            else:
+                self._check_user(user, line)
+                wanted = self.default_columns.new_tensor([self._column[user]])
+            rows.append(torch.full_like(wanted, row))
+            columns.append(wanted)
+        rows, columns = torch.cat(rows), torch.cat(columns)
+        embeddings = self.embedder(batch["items"]).to(self.heads.device)
+        if embeddings.shape[1] != self.heads.shape[0]:
+            raise ValueError(f"the embedder gives d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}")
+        rewards = (embeddings @ self.heads)[rows, columns]  # [rows, users] first: no [pairs, d] copy
+        return {"line": batch["line"][rows.to(batch["line"].device)], "user": columns, "reward": rewards}
