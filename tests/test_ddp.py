@@ -253,3 +253,21 @@ def test_ddp_map_estimator_equals_one_process(tmp_path):
     ]
     keys = ["model.basis", "model.user_logits", "model.prior_mean"]
     assert_same_run(*runs, keys)
+
+
+def test_a_gloo_process_group_is_destroyed_before_the_interpreter_finalizes(tmp_path):
+    """The cause of the SIGABRT at exit: gloo's group left to finalization. The modules' setup
+    registers a handler that destroys it while Python is alive (checked by a handler that runs after)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+atexit.register(lambda: print("at exit, initialized:", dist.is_initialized(), flush=True))  # runs last
+from lore_pl.modules.distributed import release_process_group_at_exit
+release_process_group_at_exit(); release_process_group_at_exit()  # once, however often setup runs
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "at exit, initialized: False"

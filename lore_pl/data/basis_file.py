@@ -85,9 +85,11 @@ def resolve_basis_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / RUN_BASIS_FILE).is_file():
-            raise FileNotFoundError(f"{path}: a run directory holds {RUN_BASIS_FILE} (written at the end of a "
-                                    "BasisModule fit); there is none")
+            raise LoreDataError(f"{path}: a run directory needs {RUN_BASIS_FILE} (written at the end of a "
+                                "BasisModule fit); there is none. Pass the basis file itself otherwise")
         return path / RUN_BASIS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no such run directory or basis file: {path}")
     return path
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lore_pl.data.basis_file import FORMAT as BASIS_FORMAT
-from lore_pl.data.basis_file import BasisFile, load_basis
+from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path
 from lore_pl.data.embedder import EmbedderSpec, load_tokenizer, resolve_model_path
 from lore_pl.errors import LoreDataError
 from lore_pl.inference import PersonalRewardModel
@@ -42,20 +42,6 @@ USER_IDS_FILE = "lore_user_ids.json"
 SCORE_KEY = "score.weight"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-
-
-def resolve_basis_path(run: str | os.PathLike) -> Path:
-    """``RUN/basis.safetensors`` for a run directory, else ``run`` itself (a basis file or checkpoint)."""
-    run = Path(run)
-    if run.is_dir():
-        path = run / "basis.safetensors"
-        if not path.is_file():
-            raise LoreDataError(f"{run}: a run directory needs basis.safetensors (written by BasisExport); "
-                                "pass the basis file itself otherwise")
-        return path
-    if not run.is_file():
-        raise FileNotFoundError(f"--run {run}: no such run directory or basis file")
-    return run
 
 
 def text_spec(basis: BasisFile, path: Path) -> EmbedderSpec:

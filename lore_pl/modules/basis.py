@@ -20,6 +20,7 @@ from lore_pl.data.basis_file import load_basis, read_reference_head
 from lore_pl.data.preferences import DataRequest
 from lore_pl.errors import LoreDataError, LoreDataWarning
 from lore_pl.modules.base import PreferenceModule
+from lore_pl.modules.distributed import release_process_group_at_exit
 
 Estimator = Literal["map", "adam"]
 #: under this many validation pairs the held-out choice is mostly noise: a warning says so
@@ -194,6 +195,7 @@ class BasisModule(PreferenceModule):
         return self.hparams.rank != 0
 
     def setup(self, stage: str) -> None:
+        release_process_group_at_exit()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             if self.built:

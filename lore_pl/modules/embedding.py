@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lore_pl.data.embedder import TextEmbedder
 from lore_pl.data.preferences import DataRequest
+from lore_pl.modules.distributed import release_process_group_at_exit
 
 
 class CacheWriter(BasePredictionWriter):
@@ -54,6 +55,7 @@ class EmbeddingModule(LightningModule):
         self.embedder: TextEmbedder | None = None
 
     def setup(self, stage: str) -> None:
+        release_process_group_at_exit()
         datamodule = self.trainer.datamodule
         spec = getattr(datamodule, "embedder_spec", None)
         if spec is None:

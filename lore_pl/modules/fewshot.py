@@ -14,6 +14,7 @@ from lore_pl.data.basis_file import BasisFile, check_embedder, load_basis
 from lore_pl.data.preferences import DataRequest, PreferenceSplit
 from lore_pl.errors import LoreDataError
 from lore_pl.modules.base import PreferenceModule
+from lore_pl.modules.distributed import release_process_group_at_exit
 
 
 class FewShotModule(PreferenceModule):
@@ -125,6 +126,7 @@ class FewShotModule(PreferenceModule):
         )
 
     def setup(self, stage: str) -> None:
+        release_process_group_at_exit()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             if self.built:

@@ -16,6 +16,7 @@ from lore_pl.data.atomic import write_atomic
 from lore_pl.data.basis_file import load_basis, resolve_basis_path
 from lore_pl.errors import LoreDataError
 from lore_pl.inference import PersonalRewardModel
+from lore_pl.modules.distributed import release_process_group_at_exit
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -62,6 +63,7 @@ class ScoringModule(LightningModule):
         self.user_ids: list[str] = []
 
     def setup(self, stage: str) -> None:
+        release_process_group_at_exit()
         if self.model is not None:
             return
         model = load_basis(resolve_basis_path(self.hparams.basis_path)).to_model()
@@ -144,6 +146,7 @@ class TextScoringModule(LightningModule):
         self._column: dict[str, int] = {}
 
     def setup(self, stage: str) -> None:
+        release_process_group_at_exit()
         if self.embedder is not None:
             return
         basis_path = self.hparams.basis_path
