@@ -81,6 +81,9 @@ class PreferenceDataModule(LightningDataModule):
         super().__init__()
         if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a number of pairs >= 1 (or null for the whole split), got {value!r}")
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
         self.feature_dtype = feature_dtype

@@ -13,7 +13,7 @@ from datamodules import PreferenceData, PreferenceDataModule, SyntheticPopulatio
 from datamodules.preference_file import parse_rows
 from datamodules.sources import read_records
 from helpers import TINY, tiny_trainer
-from lore_pl import BasisModule, FewShotModule, LoreDataError, LoreDataWarning
+from lore_pl import BasisModule, FewShotModule, FewShotSettings, LoreDataError, LoreDataWarning
 from lore_pl.data.basis_file import BasisFile, save_basis
 from lore_pl.data.feature_cache import FeatureCache
 from lore_pl.data.preferences import PreferenceSplit
@@ -444,3 +444,24 @@ def test_candidate_embeddings_with_nan_are_refused_by_position(tmp_path):
     np.save(tmp_path / "candidates.npy", embeddings.numpy())
     with pytest.raises(LoreDataError, match=r"candidates.npy: 1 non-finite value\(s\) .* candidate 3, dimension 1"):
         CandidateFileDataModule(str(tmp_path / "candidates.npy")).setup()
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: SyntheticPopulationDataModule(**{**TINY, "batch_size": 0}), "batch_size must be a number of pairs >= 1"),
+    (lambda: SyntheticPopulationDataModule(**{**TINY, "eval_batch_size": -4}), "eval_batch_size must be"),
+    (lambda: SyntheticPopulationDataModule(**{**TINY, "val_fraction": 1.0}), r"val_fraction must be in \[0, 1\)"),
+    (lambda: BasisModule(estimator="adam", rank=2, prune_threshold=1.5), "prune_threshold must be in"),
+    (lambda: FewShotSettings(steps=-1), "steps must be >= 0"),
+])
+def test_option_ranges_are_checked_where_they_are_read(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_embedder_options_are_checked():
+    from lore_pl.data.embedder import EmbedderSpec
+
+    with pytest.raises(ValueError, match="dtype must be 'bfloat16', 'float16' or 'float32', got 'int8'"):
+        EmbedderSpec(dtype="int8")
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        EmbedderSpec(max_length=1)

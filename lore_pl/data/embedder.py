@@ -57,6 +57,8 @@ class EmbedderSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("reward_model", "encoder"):
             raise ValueError(f"kind must be 'reward_model' or 'encoder', got {self.kind!r}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
         if self.max_length < 2 or self.batch_size < 1:
             raise ValueError("max_length must be >= 2 and batch_size >= 1")
 
