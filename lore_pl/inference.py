@@ -149,6 +149,7 @@ class PersonalRewardModel:
         if self.model.personalized:
             covariance = weight_covariance(projected, users, logits, self.tau, precision)[0]
         self._set_user(user, logits[0], covariance)
+        self._answers.pop(user, None)  # this fit replaces whatever ``observe`` had recorded (it re-adds them)
         return self.weights(user)
 
     def _set_user(self, user: str, logits: Tensor, covariance: Tensor | None) -> None:

@@ -95,6 +95,8 @@ def test_observe_moves_the_user_and_equals_personalize():
     rejected = torch.stack([p[1 - c] for p, c in zip(pairs, choices)])
     torch.testing.assert_close(reference.personalize("new", chosen, rejected, settings=fast), weights, rtol=0, atol=0)
     torch.testing.assert_close(reference.weight_covariance("new"), model.weight_covariance("new"), rtol=0, atol=0)
+    reference.personalize("new", chosen[:1], rejected[:1], settings=fast)
+    assert reference.answers("new") is None  # a direct fit replaces the recorded answers
     # each answer narrows the posterior along the direction it asked about
     variance = [two_column_model()._posterior("new")[1]]
     variance.append(model._posterior("new")[1])
