@@ -133,6 +133,15 @@ def test_a_fit_without_prior_takes_an_empirical_one_or_says_it_needs_one():
     assert torch.equal(posterior_precision(None, torch.tensor([2.0, 3.0]), 2), torch.tensor([2.0, 3.0]).double())
     with pytest.raises(ValueError, match="needs a prior"):
         posterior_precision(0.0, None, 2)
+    assert torch.equal(posterior_precision(0.0, None, 1), torch.ones(1).double())  # K=1: nothing to fit
+
+
+def test_a_shared_model_asks_its_least_decided_pair_and_learns_nothing_personal():
+    model = PersonalRewardModel(BasisFile(torch.eye(4)[:, :1], 1.0))
+    pool = torch.stack([pair([2.0, 0, 0, 0]), pair([-0.5, 3.0, 0, 0]), pair([1.0, 0, 0, 0])])
+    assert model.next_pair("new", pool, selection="uncertainty") == 1
+    assert model.next_pair("new", pool, selection="information") == 0  # no pair informs: the first
+    assert torch.equal(model.observe("new", pool[1], 1), torch.ones(1))
 
 
 def test_active_fits_ask_each_pair_once_and_refit_with_the_one_solver(tiny_data):

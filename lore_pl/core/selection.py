@@ -97,7 +97,9 @@ def information_scores(
     rule = rule.to(mean.device)
     predictive = (torch.sigmoid(logits) * rule).sum(-1)
     expected = (_binary_entropy_of_logit(logits) * rule).sum(-1)
-    return (_binary_entropy(predictive) - expected).clamp(min=0)
+    information = (_binary_entropy(predictive) - expected).clamp(min=0)
+    # exactly 0 for a certain logit, not the two entropies' rounding (which would break ties at random)
+    return torch.where(variance > 0, information, torch.zeros_like(information))
 
 
 def selection_scores(
@@ -150,6 +152,8 @@ def posterior_precision(
     prior (the reference's) has an improper posterior before its first answers: every direction
     the user has not answered along would look certain, and nothing would look worth asking.
     """
+    if rank <= 1:  # one column: the weight is 1 whatever the answers, there is nothing to be unsure of
+        return torch.ones(max(rank, 1), dtype=torch.float64)
     for precision in (fit_precision, basis_precision):
         if precision is not None:
             precision = torch.as_tensor(precision, dtype=torch.float64).expand(rank)
