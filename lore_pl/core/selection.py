@@ -115,7 +115,7 @@ def selection_scores(
     scores from ``generator``."""
     check_selection(selection)
     if selection == "random":
-        return torch.rand(projected.shape[0], generator=generator, dtype=torch.float64)
+        return torch.rand(projected.shape[0], generator=generator, dtype=torch.float64).to(projected.device)
     if selection == "uncertainty":
         return uncertainty_scores(projected, users, weights, tau)
     if covariance is None:
@@ -190,13 +190,14 @@ def active_fits(
     under ``selection`` among the pairs not yet asked. Returns the weights after each of ``counts``
     answers ``[len(counts), C, K]`` and the order asked ``[C, max(counts)]`` (-1 once a pool is spent).
     """
-
     check_selection(selection)
+    if selection == "information" and covariance_precision is None:
+        raise ValueError("selection 'information' needs covariance_precision (see posterior_precision)")
     if not counts or min(counts) < 1:
         raise ValueError(f"counts must be positive numbers of pairs, got {counts}")
     total = max(counts)
     asked = torch.zeros(projected.shape[0], dtype=torch.bool, device=projected.device)
-    order = torch.full((num_users, total), -1, dtype=torch.long)
+    order = torch.full((num_users, total), -1, dtype=torch.long, device=projected.device)
     recorded = {}
 
     def fit() -> Tensor:
