@@ -4,6 +4,8 @@
     rewards = model.score(embeddings, "seen-00001")          # [n] rewards e . V w_u
     best_first = model.rank(candidate_embeddings, "seen-00001")
     model.personalize("new-user", chosen_embeddings, rejected_embeddings)  # K numbers, milliseconds
+    i = model.next_pair("new-user", pool)                    # pool [n, 2, d]: which pair to ask next
+    model.observe("new-user", pool[i], choice)               # choice 0/1: which response they preferred
 
 Embeddings must come from the embedder the basis was trained on (``model.embedder``). Or give text,
 which that embedder embeds exactly as training did (loaded on first use):
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import FewShotSettings, adapt_users, weight_covariance
+from lore_pl.core.selection import best_per_user, check_selection, posterior_precision, selection_scores
 from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path, save_basis
 from lore_pl.data.embedder import EmbedderSpec, Item, TextEmbedder, as_messages
 from lore_pl.errors import LoreDataError
@@ -46,6 +49,8 @@ class PersonalRewardModel:
         self._embedder_spec: EmbedderSpec | None = None  # the text embedder's settings, once resolved
         self._text_embedder: TextEmbedder | None = None  # loaded when text is first embedded
         self._device: str | torch.device | None = None
+        # the answers given to ``observe``, per user: (chosen embeddings, rejected embeddings, settings)
+        self._answers: dict[str, tuple[list[Tensor], list[Tensor], FewShotSettings | None]] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PersonalRewardModel:
@@ -280,6 +285,7 @@ class PersonalRewardModel:
         if self.model.personalized:
             covariance = weight_covariance(projected, users, logits, self.tau, precision)[0]
         self._set_user(user, logits[0], covariance)
+        self._answers.pop(user, None)  # this fit replaces whatever ``observe`` had recorded (it re-adds them)
         return self.weights(user)
 
     def _set_user(self, user: str, logits: Tensor, covariance: Tensor | None) -> None:
@@ -298,6 +304,107 @@ class PersonalRewardModel:
             model.user_logits[self._row[user]] = logits
             if covariance is not None and known:
                 model.weight_covariance[self._row[user]] = covariance
+
+    # -------------------------------------------------------------------- asking a user, one pair at a time
+    def _pool(self, pool: Tensor, caller: str, user: str) -> Tensor:
+        pool = torch.as_tensor(pool, dtype=torch.float32)
+        if pool.ndim == 2:
+            pool = pool[None]
+        if pool.ndim != 3 or pool.shape[1] != 2 or pool.shape[0] == 0:
+            raise ValueError(f"{caller}({user!r}): pairs must be [n, 2, d] (or one pair [2, d]), got "
+                             f"{tuple(pool.shape)}")
+        if pool.shape[-1] != self.basis.shape[0]:
+            raise ValueError(f"{caller}({user!r}): embeddings have d={pool.shape[-1]}, the basis has "
+                             f"d={self.basis.shape[0]}")
+        if not bool(torch.isfinite(pool).all()):
+            raise ValueError(f"{caller}({user!r}): the embeddings hold NaN or Inf; nothing was stored")
+        return pool
+
+    def _posterior(self, user: str) -> tuple[Tensor, Tensor]:
+        """The user's current weights ``[K]`` and their Laplace covariance ``[K, K]``, what selection uses.
+
+        A user with answers from ``observe``: their fit and its covariance on those answers; a user
+        the model does not know: the population prior; a stored user without answers: their weights
+        and the stored covariance (the prior's spread around their weights where none is stored).
+        """
+        model, rank = self.model, self.basis_rank
+        prior = model.population_logits()
+        answers = self._answers.get(user)
+        settings = answers[2] if answers is not None else None
+        fit_precision = None if settings is None else settings.prior_strength
+        if rank <= 1:
+            return self.basis.new_ones(1), self.basis.new_zeros(1, 1)
+        if user in self._row:
+            logits = model.user_logits[self._row[user]].detach()
+            if answers is None and model.weight_covariance is not None:
+                return self.weights(user), model.weight_covariance[self._row[user]].detach()
+        else:  # a new user: the population prior (uniform weights for a basis without users)
+            logits = prior if prior is not None else self.basis.new_zeros(rank)
+        precision = posterior_precision(fit_precision, model.prior_precision, rank,
+                                        model.user_weights() if model.num_users else None, prior)
+        projected = self.basis.new_zeros(0, rank)
+        if answers is not None:
+            projected = LF.project(torch.stack(answers[0]) - torch.stack(answers[1]), self.basis)
+        users = torch.zeros(projected.shape[0], dtype=torch.long)
+        covariance = weight_covariance(projected, users, logits[None].float(), self.tau, precision)[0]
+        return torch.softmax(logits.float(), dim=-1), covariance
+
+    def next_pair(self, user: str, pool: Tensor, *, selection: str = "information",
+                  exclude: list[int] | None = None, generator: torch.Generator | None = None) -> int:
+        """Which pair of ``pool`` to ask ``user`` next: an index into the pool.
+
+        ``pool`` ``[n, 2, d]``: n candidate pairs, each two responses' embeddings (which is first does
+        not matter). ``selection``: ``information`` (the pair whose answer tells most about the user's
+        weights under their current posterior, BALD), ``uncertainty`` (the pair whose predicted
+        probability is closest to 0.5) or ``random`` (drawn with ``generator``); see
+        ``lore_pl.core.selection``. A user the model does not know starts at the population prior;
+        each ``observe`` narrows their posterior. ``exclude``: indices not to pick (e.g. pairs already
+        asked). Stores nothing; a pool with NaN or Inf is refused.
+        """
+        check_selection(selection)
+        pool = self._pool(pool, "next_pair", user)
+        available = torch.ones(pool.shape[0], dtype=torch.bool)
+        for index in exclude or []:
+            if not -pool.shape[0] <= index < pool.shape[0]:
+                raise IndexError(f"next_pair({user!r}): exclude holds {index}, the pool has {pool.shape[0]} pairs")
+            available[index] = False
+        if not bool(available.any()):
+            raise ValueError(f"next_pair({user!r}): every pair of the pool is excluded")
+        weights, covariance = self._posterior(user)
+        projected = LF.project(pool[:, 0] - pool[:, 1], self.basis)
+        users = torch.zeros(pool.shape[0], dtype=torch.long)
+        scores = selection_scores(selection, projected, users, weights[None], covariance[None], self.tau,
+                                  generator)
+        return int(best_per_user(scores, users, 1, available)[0])
+
+    def observe(self, user: str, pair: Tensor, choice: int, *, settings: FewShotSettings | None = None) -> Tensor:
+        """Record that ``user`` preferred response ``choice`` (0 or 1) of ``pair`` ``[2, d]`` and refit them.
+
+        The refit is ``personalize`` on every answer observed for this user so far (so a new user
+        starts at the population prior, and the weights equal ``personalize`` on the same pairs),
+        with ``settings`` (None: ``personalize``'s defaults; the latest given is kept for the user).
+        Returns the user's weights ``[K]``. A pair with NaN or Inf, or a choice other than 0 or 1, is
+        refused and nothing is stored.
+        """
+        if choice not in (0, 1) or isinstance(choice, float):
+            raise ValueError(f"observe({user!r}): choice must be 0 (the first response preferred) or 1 "
+                             f"(the second), got {choice!r}")
+        pair = self._pool(pair, "observe", user)
+        if pair.shape[0] != 1:
+            raise ValueError(f"observe({user!r}): one pair [2, d] at a time, got {pair.shape[0]}")
+        chosen, rejected, kept = self._answers.get(user, ([], [], None))
+        chosen, rejected = [*chosen, pair[0, int(choice)]], [*rejected, pair[0, 1 - int(choice)]]
+        settings = settings if settings is not None else kept
+        weights = self.personalize(user, torch.stack(chosen), torch.stack(rejected), settings=settings)
+        self._answers[user] = (chosen, rejected, settings)
+        return weights
+
+    def answers(self, user: str) -> tuple[Tensor, Tensor] | None:
+        """The (chosen ``[m, d]``, rejected ``[m, d]``) answers ``observe`` recorded for ``user``, or None."""
+        if user not in self._answers:
+            return None
+        chosen, rejected, _ = self._answers[user]
+        return torch.stack(chosen), torch.stack(rejected)
 
 
 def text_items(prompt: Prompt, responses: str | Sequence[str], where: str) -> list[Item]:

@@ -7,7 +7,7 @@ from helpers import ROOT, TINY_DATA
 from lore_pl import FewShotSettings
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import fit_user_weights, per_fit_accuracy, stack_shots
-from lore_pl.experiments.sweeps import held_out_prior, shots_sweep
+from lore_pl.experiments.sweeps import active_sweep, held_out_prior, shots_sweep, shots_to_match
 
 
 @pytest.fixture
@@ -75,6 +75,25 @@ def test_more_shots_help_and_the_prior_choice_is_from_the_grid(tiny_data, basis)
     assert label.startswith("isotropic") and any(abs(float(precision[0]) - s) < 1e-6 for s in ISOTROPIC_PRIORS)
 
 
+def test_shots_to_match_by_hand():
+    shots = [1, 2, 5, 10]
+    random = [0.6, 0.7, 0.8, 0.9]
+    active = [0.7, 0.85, 0.88, 0.95]
+    assert shots_to_match(active, random, shots) == {"1": 1, "2": 1, "5": 2, "10": 10}
+    assert shots_to_match([0.5] * 4, random, shots)["10"] is None
+
+
+def test_active_selection_on_the_planted_population_beats_its_first_pairs(tiny_data, basis):
+    pool, test = tiny_data.split("unseen_pool"), tiny_data.split("unseen_test")
+    prior = LF.population_logits(tiny_data.true_weights["seen"])
+    settings = FewShotSettings(steps=100, prior_strength=1.0)
+    curve = active_sweep(basis, 1.0, pool, test, [1, 6], "information", settings, prior,
+                         covariance_precision=torch.ones(3))
+    assert curve.shape == (2,) and curve[1] > curve[0]
+    with pytest.raises(ValueError, match="unknown selection"):
+        active_sweep(basis, 1.0, pool, test, [1], "best", settings, prior)
+
+
 @pytest.mark.slow
 def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
     from lore_pl import BasisFile, save_basis
@@ -85,9 +104,12 @@ def test_sweep_commands_write_their_outputs(tiny_data, tmp_path):
                          tiny_data.true_weights["seen"]))
     main(["shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={tmp_path / 'basis.safetensors'}",
           "--shots=[1, 4]", "--trials=2", "--fewshot.steps=30", "--methods=[reference, population, map, average]",
-          "--loop_sample=2", f"--out_dir={tmp_path / 'shots'}", *TINY_DATA])
+          "--selection=[random, information]", "--loop_sample=2", f"--out_dir={tmp_path / 'shots'}", *TINY_DATA])
     results = json.loads((tmp_path / "shots" / "results.json").read_text())
     assert set(results["methods"]) == {"reference", "population", "map", "average"}
+    assert results["selection"] == ["random", "information"] and "selection" not in results["methods"]["average"]
+    assert len(results["methods"]["map"]["selection"]["information"]["mean"]) == 2
+    assert "map_information_mean" in (tmp_path / "shots" / "results.csv").read_text().splitlines()[0]
     average = results["methods"]["average"]["mean"]
     assert average[0] == average[1]  # no fit: the same whatever the shots
     assert len(results["methods"]["map"]["mean"]) == 2 and results["methods"]["reference"]["speedup"] > 0

@@ -29,6 +29,7 @@ from lore_pl.core.fewshot import (
     per_fit_accuracy,
     stack_shots,
 )
+from lore_pl.core.selection import SELECTIONS, active_fits, posterior_precision
 from lore_pl.data.atomic import write_atomic
 from lore_pl.data.basis_file import check_embedder, load_basis
 from lore_pl.data.preferences import PreferenceSplit
@@ -66,6 +67,24 @@ def shots_sweep(basis: Tensor, tau: float, pool: PreferenceSplit, test: Preferen
                           settings.shot_generator())
     weights = fit_stacked(stacked, settings, tau, prior_logits, prior_precision)
     return per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau).reshape(len(shots), trials)
+
+
+def active_sweep(basis: Tensor, tau: float, pool: PreferenceSplit, test: PreferenceSplit, shots: list[int],
+                 selection: str, settings: FewShotSettings, prior_logits: Tensor | None = None,
+                 prior_precision: Tensor | None = None, covariance_precision: Tensor | None = None) -> Tensor:
+    """Unseen users' test accuracy (mean over users) after each of ``shots`` pairs asked by ``selection``
+    from their pool, one at a time (``active_fits``): ``[len(shots)]``. Deterministic: one run, no trials."""
+    weights, _ = active_fits(LF.project(pool.features, basis), pool.users, pool.num_users, shots, selection,
+                             settings, tau, prior_logits, prior_precision, covariance_precision,
+                             settings.shot_generator())
+    return per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau)
+
+
+def shots_to_match(active: list[float], random: list[float], shots: list[int]) -> dict[str, int | None]:
+    """For each shots value s of the random curve, the fewest shots at which ``active`` reaches random's
+    accuracy at s (None: not within the shots swept)."""
+    order = sorted(range(len(shots)), key=lambda i: shots[i])
+    return {str(shots[i]): next((shots[j] for j in order if active[j] >= random[i] - 1e-12), None) for i in order}
 
 
 PROTOCOL_KEYS = ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc")
@@ -108,6 +127,7 @@ def shots(
     shots: list[int] = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50],  # noqa: B006 - read by jsonargparse
     trials: int = 20,
     methods: list[str] = ["reference"],  # noqa: B006
+    selection: list[str] = ["random"],  # noqa: B006
     fewshot: FewShotSettings = FewShotSettings(),
     prior_shots: int = 10,
     loop_sample: int = 0,
@@ -124,6 +144,10 @@ def shots(
             the population's mean logits), ``map`` (that start and a prior, chosen on the unseen users'
             validation pairs, or the basis's own prior where there are none), ``average`` (no fit: the
             seen users' mean weights for everyone).
+        selection: how the pairs are chosen from each user's pool: ``random`` (a fresh subsample per
+            trial, always run: the baseline), ``uncertainty`` and ``information`` (asked one at a time,
+            refitting after each answer; see ``lore_pl.core.selection``), for every fitted method, on the
+            same users, pools and test prompts. An active curve is one deterministic run (std 0).
         fewshot: the few-shot fit (Adam steps and lr; ``shot_seed`` seeds the subsamples and the
             starts; ``shots``, ``weight_init`` and ``prior_strength`` are set per shots value and method).
         prior_shots: shots at which ``map`` chooses its prior (the prior's pull then fades with more shots).
@@ -138,6 +162,10 @@ def shots(
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown few-shot methods {sorted(unknown)}; choose from {sorted(METHODS)}")
+    unknown = set(selection) - set(SELECTIONS)
+    if unknown:
+        raise ValueError(f"unknown selections {sorted(unknown)}; choose from {list(SELECTIONS)}")
+    active = [name for name in dict.fromkeys(selection) if name != "random"]
     loaded = load_basis(basis_path)
     basis, tau = loaded.basis.float(), loaded.tau
     check_embedder(loaded.embedder, data.embedder, basis_path)
@@ -145,7 +173,7 @@ def shots(
     model = loaded.to_model()
     prior = model.population_logits()
     payload: dict = {"basis_path": str(basis_path), "rank": basis.shape[1], "shots": shots, "trials": trials,
-                     "users": pool.num_users, "methods": {}}
+                     "users": pool.num_users, "selection": ["random", *active], "methods": {}}
     for method in methods:
         init, strength = METHODS[method]
         if init in ("population", "average") and prior is None and basis.shape[1] >= 2:
@@ -199,16 +227,27 @@ def shots(
                 loop_seconds_estimated=per_fit * fits,
                 speedup=per_fit * fits / seconds,
             )
+        if active:
+            fit_precision = strength if strength is not None else precision
+            covariance_precision = posterior_precision(fit_precision, model.prior_precision, basis.shape[1],
+                                                       loaded.user_weights, prior)
+            result["selection"] = {}
+            for name in active:
+                start = time.perf_counter()
+                curve = active_sweep(basis, tau, pool, test, shots, name, settings, prior, precision,
+                                     covariance_precision).tolist()
+                result["selection"][name] = {"mean": curve, "std": [0.0] * len(curve),
+                                             "seconds": time.perf_counter() - start,
+                                             "shots_to_match_random": shots_to_match(curve, result["mean"], shots)}
         payload["methods"][method] = result
 
-    header = ["shots"] + [f"{m}_{stat}" for m in methods for stat in ("mean", "std")]
-    rows = [
-        [s] + [payload["methods"][m][stat][i] for m in methods for stat in ("mean", "std")] for i, s in enumerate(shots)
-    ]
+    series = shot_series(payload)
+    header = ["shots"] + [f"{name}_{stat}" for name, _ in series for stat in ("mean", "std")]
+    rows = [[s] + [result[stat][i] for _, result in series for stat in ("mean", "std")] for i, s in enumerate(shots)]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for method in methods:
-        result = payload["methods"][method]
-        axis.errorbar(shots, result["mean"], yerr=result["std"], marker="o", capsize=3, label=method)
+    for name, result in series:
+        axis.errorbar(shots, result["mean"], yerr=result["std"], marker="o", capsize=3, label=name,
+                      linestyle="-" if name in payload["methods"] else "--")
     axis.set(
         xlabel="shots per unseen user",
         ylabel="unseen users' test accuracy",
@@ -221,13 +260,21 @@ def shots(
     return payload
 
 
+def shot_series(payload: dict) -> list[tuple[str, dict]]:
+    """Every curve of a shots sweep: each method with random shots (named by the method), then each
+    method with each active selection (``METHOD_SELECTION``)."""
+    series = [(m, r) for m, r in payload["methods"].items()]
+    series += [(f"{m}_{name}", curve) for m, r in payload["methods"].items()
+               for name, curve in r.get("selection", {}).items()]
+    return series
+
+
 def format_shots_table(payload: dict) -> str:
     methods = list(payload["methods"])
-    lines = [f"{'shots':>5}" + "".join(f"{m:>22}" for m in methods)]
+    series = shot_series(payload)
+    lines = [f"{'shots':>5}" + "".join(f"{name:>24}" for name, _ in series)]
     for i, s in enumerate(payload["shots"]):
-        cells = "".join(
-            f"{payload['methods'][m]['mean'][i]:>13.4f} ± {payload['methods'][m]['std'][i]:.4f}" for m in methods
-        )
+        cells = "".join(f"{r['mean'][i]:>15.4f} ± {r['std'][i]:.4f}" for _, r in series)
         lines.append(f"{s:>5}{cells}")
     for m in methods:
         r = payload["methods"][m]
@@ -238,6 +285,11 @@ def format_shots_table(payload: dict) -> str:
                 f"(timed on {r['loop_fits_timed']} fits): {r['speedup']:.0f}x slower"
             )
         lines.append(f"{m}: batched sweep {r['seconds']:.2f} s{extra}")
+        for name, curve in r.get("selection", {}).items():
+            matched = ", ".join(f"{s} -> {'>' + str(max(payload['shots'])) if n is None else n}"
+                                for s, n in curve["shots_to_match_random"].items())
+            lines.append(f"{m}_{name}: {curve['seconds']:.2f} s; shots to reach random's accuracy at "
+                         f"(random shots -> {name} shots): {matched}")
     return "\n".join(lines)
 
 
