@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -28,11 +29,14 @@ Item = list  # [messages: list[dict[str, str]], response: str]
 PLAIN_TEMPLATE = "plain-v1"
 #: how a basis file names a text embedder (then the spec as JSON)
 IDENTITY_PREFIX = "text-embedder:"
+#: spec fields that change how texts are batched, not the embeddings: in no cache key or identity
+BATCHING_FIELDS = ("batch_size", "max_tokens_per_batch")
 
 
 @dataclass(frozen=True)
 class EmbedderSpec:
-    """What embeds the texts; every field but ``batch_size`` is part of the feature cache key.
+    """What embeds the texts; every field but the batching ones (``batch_size``,
+    ``max_tokens_per_batch``) is part of the feature cache key.
 
     Args:
         model: a Hugging Face model id, a local directory, or ``package:NAME`` for a Python package
@@ -43,7 +47,11 @@ class EmbedderSpec:
         dtype: weights' dtype while embedding (``bfloat16`` for an 8B reward model on GPU).
         normalize: L2-normalize encoder embeddings (sentence-transformers models do).
         revision: model revision on the Hub.
-        batch_size: texts per forward pass.
+        batch_size: at most this many texts per forward pass.
+        max_tokens_per_batch: at most this many tokens per forward pass, padding included (rows times
+            the batch's longest text); a text longer than that goes alone. ``None``: ``batch_size``
+            times ``max_length``, so no batch is larger than the fixed-size batches of before. Each call
+            sorts its texts by length, so texts of similar length share a batch and little is padding.
     """
 
     model: str = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
@@ -53,6 +61,7 @@ class EmbedderSpec:
     normalize: bool = True
     revision: str = "main"
     batch_size: int = 8
+    max_tokens_per_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("reward_model", "encoder"):
@@ -61,12 +70,16 @@ class EmbedderSpec:
             raise ValueError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
         if self.max_length < 2 or self.batch_size < 1:
             raise ValueError("max_length must be >= 2 and batch_size >= 1")
+        budget = self.max_tokens_per_batch
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"max_tokens_per_batch must be None or an integer >= 1, got {budget!r}")
 
     def identity(self) -> str:
         """What a basis records about the features it was trained on (``from_identity`` reads it back):
-        every field but ``batch_size``, which does not change the embeddings."""
+        every field but the batching ones, which do not change the embeddings."""
         fields = asdict(self)
-        fields.pop("batch_size")
+        for name in BATCHING_FIELDS:
+            fields.pop(name)
         return IDENTITY_PREFIX + json.dumps(fields, sort_keys=True)
 
     @classmethod
@@ -86,7 +99,8 @@ class EmbedderSpec:
 
     def cache_key(self, template: str) -> dict[str, Any]:
         key = asdict(self)
-        key.pop("batch_size")
+        for name in BATCHING_FIELDS:
+            key.pop(name)
         if self.kind == "reward_model":
             key.pop("normalize")
         key["template"] = template
@@ -124,6 +138,37 @@ def render_plain(messages: list[dict[str, str]], response: str) -> str:
     return "\n".join([f"{turn['role']}: {turn['content']}" for turn in messages] + [f"assistant: {response}"])
 
 
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices into ``lengths`` (tokens per text) grouped into forward passes, longest texts first.
+
+    Each batch holds at most ``max_rows`` texts and, padded to its longest text, at most
+    ``max_tokens`` tokens; a text longer than ``max_tokens`` goes alone. Longest first, so the
+    largest batch (in memory) runs first and a too-large setting fails at once. Equal lengths keep
+    their input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for index in order:
+        # lengths[batch[0]] is the batch's longest text: the length every row is padded to
+        if batch and (
+            len(batch) == max_rows or (max_tokens is not None and (len(batch) + 1) * lengths[batch[0]] > max_tokens)
+        ):
+            batches.append(batch)
+            batch = []
+        batch.append(index)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def padded_token_fraction(lengths: Sequence[int], batches: list[list[int]]) -> float:
+    """Share of the tokens of ``batches`` (each padded to its longest text) that are padding."""
+    total = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    real = sum(lengths[i] for batch in batches for i in batch)
+    return 1.0 - real / total if total else 0.0
+
+
 def last_token_index(attention_mask: Tensor) -> Tensor:
     """Position of the last non-pad token of each row, whichever side the padding is on."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -142,14 +187,18 @@ class TextEmbedder(nn.Module):
         path = resolve_model_path(spec.model)
         dtype = getattr(torch, spec.dtype)
         self.tokenizer = load_tokenizer(spec)
+        model_class = AutoModelForSequenceClassification if spec.kind == "reward_model" else AutoModel
+        self.model = load_model(model_class, path, revision=spec.revision, dtype=dtype)
         if spec.kind == "reward_model":
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, revision=spec.revision, dtype=dtype)
             score = getattr(self.model, "score", None)
             if not isinstance(score, nn.Linear) or score.weight.shape[0] != 1:
                 raise ValueError(f"{spec.model}: a reward model needs a one-output score layer `score`")
-        else:
-            self.model = AutoModel.from_pretrained(path, revision=spec.revision, dtype=dtype)
         self.model.eval()
+
+    @property
+    def attention_implementation(self) -> str:
+        """The attention the model runs: ``sdpa`` where it supports it, else its default (``eager``)."""
+        return str(getattr(self.model.config, "_attn_implementation", None) or "eager")
 
     @property
     def reference_head(self) -> Tensor | None:
@@ -169,36 +218,73 @@ class TextEmbedder(nn.Module):
             ]
         return [render_plain(messages, response) for messages, response in items]
 
+    def tokenize(self, items: list[Item]) -> list[list[int]]:
+        """Token ids of each item's text, unpadded, truncated to ``spec.max_length`` (from the left)."""
+        # The chat template already holds the special tokens (BOS); the encoder wants its own.
+        encoded = self.tokenizer(
+            self.texts(items),
+            truncation=True,
+            max_length=self.spec.max_length,
+            add_special_tokens=self.spec.kind == "encoder",
+        )
+        return encoded["input_ids"]
+
+    @torch.no_grad()
+    def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Embeddings (float32) of one padded batch of token ids: last real token, or masked mean."""
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.spec.kind == "reward_model":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, last_token_index(attention_mask)].float()
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        embedding = ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float()
+        return nn.functional.normalize(embedding, dim=-1) if self.spec.normalize else embedding
+
     @torch.no_grad()
     def forward(self, items: list[Item]) -> Tensor:
-        """Embeddings ``[len(items), d]`` (float32), in ``spec.batch_size`` chunks."""
+        """Embeddings ``[len(items), d]`` (float32, on the CPU), row i for ``items[i]``.
+
+        The texts run sorted by token length in batches of at most ``spec.batch_size`` texts and
+        ``spec.max_tokens_per_batch`` tokens (``token_batches``), right-padded; each text's
+        embedding does not depend on its batch (the padding is masked), only the speed does.
+        """
+        if not items:
+            return torch.zeros(0, 0)
         device = next(self.model.parameters()).device
-        chunks = []
-        for start in range(0, len(items), self.spec.batch_size):
-            texts = self.texts(items[start : start + self.spec.batch_size])
-            # The chat template already holds the special tokens (BOS); the encoder wants its own.
-            batch = self.tokenizer(
-                texts,
-                padding=True,
-                truncation=True,
-                max_length=self.spec.max_length,
-                add_special_tokens=self.spec.kind == "encoder",
-                return_tensors="pt",
-            ).to(device)
-            hidden = self.model.base_model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-            mask = batch["attention_mask"]
-            if self.spec.kind == "reward_model":
-                rows = torch.arange(hidden.shape[0], device=device)
-                embedding = hidden[rows, last_token_index(mask)].float()
-            else:
-                weights = mask.unsqueeze(-1).to(hidden.dtype)
-                embedding = ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float()
-                if self.spec.normalize:
-                    embedding = nn.functional.normalize(embedding, dim=-1)
-            chunks.append(embedding.cpu())
-        return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+        token_ids = self.tokenize(items)
+        lengths = [len(ids) for ids in token_ids]
+        budget = self.spec.max_tokens_per_batch or self.spec.batch_size * self.spec.max_length
+        embeddings: Tensor | None = None
+        for batch in token_batches(lengths, self.spec.batch_size, budget):
+            input_ids, attention_mask = pad_right([token_ids[i] for i in batch], self.tokenizer.pad_token_id)
+            embedding = self.embed_tokens(input_ids.to(device), attention_mask.to(device)).cpu()
+            if embeddings is None:
+                embeddings = torch.empty(len(items), embedding.shape[1])
+            embeddings[torch.tensor(batch)] = embedding
+        return embeddings
+
+
+def pad_right(token_ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input ids, attention mask) ``[rows, longest]`` of token id lists, padded on the right."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(token_ids), longest, dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def load_model(model_class, path: str, **options):
+    """``model_class.from_pretrained`` with PyTorch's fused attention (sdpa); a model without sdpa
+    support is loaded with its default attention instead (transformers refuses sdpa for it before
+    reading any weights, so the fallback costs no second load)."""
+    try:
+        return model_class.from_pretrained(path, attn_implementation="sdpa", **options)
+    except ValueError as error:
+        if "scaled_dot_product_attention" not in str(error) and "sdpa" not in str(error):
+            raise
+    return model_class.from_pretrained(path, **options)
 
 
 def load_tokenizer(spec: EmbedderSpec):
