@@ -190,6 +190,8 @@ class LoreCLI(LightningCLI):
                 os.environ[RESUME_ENV] = json.dumps([str(checkpoint), version])
                 print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
             config.ckpt_path = str(checkpoint)
+            # resuming in place: the checkpoint directory is not empty by design
+            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
             if version is not None:
                 _init_args(_versioned_logger(config["trainer"])).version = version
         elif not config.get("ckpt_path") and not config.get("overwrite") and os.environ.get("LOCAL_RANK", "0") == "0":
