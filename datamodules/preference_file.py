@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,9 @@ from torch import Tensor
 from datamodules.base import PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, drop_users_without, split_fraction
-from datamodules.sources import file_digest, read_records
+from datamodules.sources import bad_rows_error, file_digest, read_records, user_id
 from lore_pl.data.embedder import as_messages
 from lore_pl.errors import LoreDataError
-
-#: bad rows listed in one error (the count says how many there are in all)
-MAX_REPORTED_ROWS = 20
 
 
 def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str],
@@ -40,11 +36,7 @@ def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str
         group = repr(messages)  # the prompt itself: pairs on one prompt stay on one side of train/test
         table.append(user, items.add(messages, chosen), items.add(messages, rejected), group)
     if bad and not skip_bad_rows:
-        shown = "".join(f"\n  {row['where']}: {row['reason']}" for row in bad[:MAX_REPORTED_ROWS])
-        more = f"\n  ... and {len(bad) - MAX_REPORTED_ROWS} more" if len(bad) > MAX_REPORTED_ROWS else ""
-        if len(bad) == 1:
-            raise LoreDataError(f"{path}: {bad[0]['where']}: {bad[0]['reason']}")
-        raise LoreDataError(f"{path}: {len(bad)} bad rows (skip them with skip_bad_rows: true):{shown}{more}")
+        raise bad_rows_error(path, bad, " (skip them with skip_bad_rows: true)")
     if not table.columns["user"]:
         raise LoreDataError(f"{path}: no rows" + (f" left after skipping {len(bad)} bad rows" if bad else ""))
     payload = dict(table.to_json())
@@ -68,14 +60,7 @@ def parse_row(where: str, record: Any, columns: dict[str, str]) -> tuple[str, li
     for field, column in columns.items():
         if record.get(column) is None:
             raise LoreDataError(f"{where}: field {column!r} ({field}) is missing")
-    value = record[columns["user_id"]]
-    # an id is a string or a number; a list, dict, bool or NaN is a broken row, not a user
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise LoreDataError(f"{where}: field {columns['user_id']!r} must be a string or a number, got {value!r:.60}")
-    user = str(value).strip()
-    if not user:
-        raise LoreDataError(f"{where}: field {columns['user_id']!r} is empty")
+    user = user_id(record[columns["user_id"]], f"{where}: field {columns['user_id']!r}")
     messages = as_messages(record[columns["prompt"]], where=f"{where}: field {columns['prompt']!r}")
     texts = {}
     for field in ("chosen", "rejected"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sources import decode_utf8
+from datamodules.sources import bad_rows_error, decode_utf8, user_id
 from lore_pl.data.embedder import Item, as_messages
 from lore_pl.data.preferences import IndexBatchSampler, ShardIndex
 from lore_pl.errors import LoreDataError
@@ -35,57 +34,63 @@ def user_id_of(value: Any, where: str) -> str | None:
     """A row's user id as a string; None when the field is absent or null (every user)."""
     if value is None:
         return None
-    # an id is a string or a number; a list, dict, bool or NaN is a broken row, not a user
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise LoreDataError(f"{where} must be a string or a number, got {value!r:.60}")
-    user = str(value).strip()
-    if not user:
-        raise LoreDataError(f"{where} is empty (leave it out to score the row for every user)")
-    return user
+    return user_id(value, where, " (leave it out to score the row for every user)")
 
 
 def read_response_rows(path: Path, columns: dict[str, str]) -> ResponseRows:
-    """Validated rows of a JSONL file; a bad row raises ``LoreDataError`` naming file, line and field."""
+    """Validated rows of a JSONL file; every bad row is found and they raise one ``LoreDataError``
+    naming the file and each row's line and field (the first 20, then how many more)."""
     if path.suffix.lower() != ".jsonl":
         raise LoreDataError(f"{path}: responses to score are a .jsonl file (one JSON object a line)")
     if not path.is_file():
         raise FileNotFoundError(f"response file not found: {path}")
     rows = ResponseRows([], [], [])
+    bad = []
     # split at b"\n" only: str.splitlines would also cut at U+2028, which JSON allows inside a string
     for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
         line = decode_utf8(path, raw, first_line=number)
         if not line.strip():
             continue
-        where = f"{path}: line {number}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LoreDataError(f"{where} is not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise LoreDataError(f"{where}: a row is an object with fields {columns['prompt']!r}, "
-                                f"{columns['response']!r} and optionally {columns['user_id']!r}, "
-                                f"got {type(record).__name__}")
-        for field in ("prompt", "response"):
-            if record.get(columns[field]) is None:
-                raise LoreDataError(f"{where}: field {columns[field]!r} is missing")
-        user = user_id_of(record.get(columns["user_id"]), f"{where}: field {columns['user_id']!r}")
-        messages = as_messages(record[columns["prompt"]], where=f"{where}: field {columns['prompt']!r}")
-        response = record[columns["response"]]
-        if not isinstance(response, str) or not response.strip():
-            raise LoreDataError(f"{where}: field {columns['response']!r} must be a non-empty string, "
-                                f"got {response!r:.60}")
-        for value in [response, user or ""] + [turn[key] for turn in messages for key in turn]:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:  # a JSON "\ud800" escape: a lone surrogate no tokenizer takes
-                raise LoreDataError(f"{where}: a field holds text that is not valid Unicode ({value!r:.60})") from None
+            user, messages, response = parse_response_row(f"{path}: line {number}", line, columns)
+        except LoreDataError as error:
+            bad.append({"where": f"line {number}", "reason": str(error).removeprefix(f"{path}: line {number}: ")})
+            continue
         rows.lines.append(number)
         rows.users.append(user)
         rows.items.append([messages, response])
+    if bad:
+        raise bad_rows_error(path, bad)
     if not rows.lines:
         raise LoreDataError(f"{path}: no rows")
     return rows
+
+
+def parse_response_row(where: str, line: str, columns: dict[str, str]) -> tuple[str | None, list, str]:
+    """(user or None, chat messages, response) of one line, or a ``LoreDataError`` prefixed by ``where``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise LoreDataError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise LoreDataError(f"{where}: a row is an object with fields {columns['prompt']!r}, "
+                            f"{columns['response']!r} and optionally {columns['user_id']!r}, "
+                            f"got {type(record).__name__}")
+    for field in ("prompt", "response"):
+        if record.get(columns[field]) is None:
+            raise LoreDataError(f"{where}: field {columns[field]!r} is missing")
+    user = user_id_of(record.get(columns["user_id"]), f"{where}: field {columns['user_id']!r}")
+    messages = as_messages(record[columns["prompt"]], where=f"{where}: field {columns['prompt']!r}")
+    response = record[columns["response"]]
+    if not isinstance(response, str) or not response.strip():
+        raise LoreDataError(f"{where}: field {columns['response']!r} must be a non-empty string, "
+                            f"got {response!r:.60}")
+    for value in [response, user or ""] + [turn[key] for turn in messages for key in turn]:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a JSON "\ud800" escape: a lone surrogate no tokenizer takes
+            raise LoreDataError(f"{where}: a field holds text that is not valid Unicode ({value!r:.60})") from None
+    return user, messages, response
 
 
 class _Batches(Dataset):

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,31 @@ def find_files(root: Path, *name_parts: str) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no data file with {name_parts} in its path ({', '.join(SUFFIXES)}) under {root}")
     return found
+
+
+#: bad rows listed in one error (the count says how many there are in all)
+MAX_REPORTED_ROWS = 20
+
+
+def bad_rows_error(path: Path, bad: list[dict[str, Any]], hint: str = "") -> LoreDataError:
+    """One error for every bad row (``where``, ``reason``) of ``path``: the first 20, then the count."""
+    if len(bad) == 1:
+        return LoreDataError(f"{path}: {bad[0]['where']}: {bad[0]['reason']}")
+    shown = "".join(f"\n  {row['where']}: {row['reason']}" for row in bad[:MAX_REPORTED_ROWS])
+    more = f"\n  ... and {len(bad) - MAX_REPORTED_ROWS} more" if len(bad) > MAX_REPORTED_ROWS else ""
+    return LoreDataError(f"{path}: {len(bad)} bad rows{hint}:{shown}{more}")
+
+
+def user_id(value: Any, where: str, empty_hint: str = "") -> str:
+    """A row's user id as a stripped string: a string or a number; a list, dict, bool or NaN is a
+    broken row, not a user."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise LoreDataError(f"{where} must be a string or a number, got {value!r:.60}")
+    user = str(value).strip()
+    if not user:
+        raise LoreDataError(f"{where} is empty{empty_hint}")
+    return user
 
 
 class Records(list):

@@ -236,7 +236,7 @@ def test_embedding_scoring_takes_a_run_directory_too(text_run, tmp_path, monkeyp
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"prompt": "hi", "response": "yes"', r"line 2 is not valid JSON"),
+        ('{"prompt": "hi", "response": "yes"', r"line 2: not valid JSON"),
         ('["hi", "yes"]', r"line 2: a row is an object with fields 'prompt', 'response'"),
         ('{"response": "yes"}', r"line 2: field 'prompt' is missing"),
         ('{"prompt": "hi"}', r"line 2: field 'response' is missing"),
@@ -272,3 +272,17 @@ def test_a_response_file_without_rows_or_of_another_format_is_refused(tmp_path):
 def write_and(path, text):
     path.write_text(text + "\n")
     return path
+
+
+def test_every_bad_response_row_is_reported_at_once(tmp_path):
+    lines = ['{"prompt": "fine", "response": "fine"}', "", '{"prompt": "hi"}', '{"prompt": "hi", "response": "ok"',
+             '{"user_id": " ", "prompt": "a", "response": "b"}']
+    path = write_and(tmp_path / "responses.jsonl", "\n".join(lines))
+    with pytest.raises(LoreDataError) as error:
+        read_response_rows(path, COLUMNS)
+    assert str(error.value).splitlines() == [
+        f"{path}: 3 bad rows:",
+        "  line 3: field 'response' is missing",
+        "  line 4: not valid JSON (Expecting ',' delimiter)",
+        "  line 5: field 'user_id' is empty (leave it out to score the row for every user)",
+    ]
