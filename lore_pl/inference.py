@@ -279,7 +279,7 @@ class PersonalRewardModel:
         settings = replace(settings, shots=None)
         users = torch.zeros(differences.shape[0], dtype=torch.long)
         projected = LF.project(differences, self.basis)
-        precision = self.model.prior_precision if settings.prior_strength is None else settings.prior_strength
+        precision = settings.precision(self.model.prior_precision)
         logits = adapt_users(projected, users, 1, settings, self.tau, prior, prior_precision=self.model.prior_precision)
         covariance = None
         if self.model.personalized:

@@ -294,13 +294,13 @@ def select_model(
     settings: MapSettings,
     ranks: tuple[int, ...] | None = None,
     subspace: Tensor | None = None,
-) -> tuple[Candidate, list[Candidate], Tensor]:
+) -> tuple[Candidate, list[Candidate]]:
     """Choose K and the strengths in the spectral subspace, on the validation pairs' NLL.
 
     Every K of ``ranks`` (default ``settings.ranks``) is fitted at each of ``start_ridges`` (strong to
     weak, warm started); K is chosen by ``parsimonious`` among each K's best; then, for K >= 2, every
     combination of ``ridges`` (times its ridge) x ``deviation_ratios`` x ``priors``, warm started.
-    Returns (the best candidate, lifted to the full space: ``V = U A``; the held-out curve; ``U``).
+    Returns (the best candidate, lifted to the full space: ``V = U A``; the held-out curve).
     """
     ranks = tuple(ranks or settings.ranks)
     if subspace is None:
@@ -339,7 +339,7 @@ def select_model(
         None if best.state.logits is None else best.state.logits.float(),
         None if best.state.mean is None else best.state.mean.float(),
     )
-    return replace(best, state=lifted), curve, subspace
+    return replace(best, state=lifted), curve
 
 
 def ridge_path(

@@ -73,6 +73,10 @@ class FewShotSettings:
     def shot_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.shot_seed)
 
+    def precision(self, chosen: Tensor | None) -> float | Tensor | None:
+        """The prior's precision: ``prior_strength``, or where that is ``None`` the ``chosen`` one."""
+        return chosen if self.prior_strength is None else self.prior_strength
+
     def init_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.shot_seed + 1)
 
@@ -162,6 +166,13 @@ def fewshot_loss_and_grad(
     arithmetic; ``tests/test_functional.py`` checks this gradient against autograd's. The loss
     (``None`` unless ``with_loss``) is not needed to take a step.
     """
+    return _loss_and_grad(pairs, logits, tau, prior_logits, _strength(prior_strength, logits, prior_logits), with_loss)
+
+
+def _loss_and_grad(pairs: PaddedPairs, logits: Tensor, tau: float, prior_logits: Tensor | None,
+                   strength: Tensor | None, with_loss: bool) -> tuple[Tensor | None, Tensor]:
+    """``fewshot_loss_and_grad`` with the prior's precision already checked (``_strength``): the
+    Adam loop's step, which must not re-check it (two device syncs) every time."""
     weights = torch.softmax(logits, dim=-1)
     margin = (pairs.projected * weights[:, :, None]).sum(dim=1) / tau
     loss = (F.softplus(-margin) * pairs.row_scale).sum() if with_loss else None
@@ -170,7 +181,6 @@ def fewshot_loss_and_grad(
     grad_weights = (pairs.projected * grad_margin[:, None, :]).sum(dim=-1)
     # back through softmax: dz = w * (dw - <w, dw>)
     grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
-    strength = _strength(prior_strength, logits, prior_logits)
     if strength is not None:
         pull = strength[None, :] / pairs.pairs[:, None]
         offset = logits - prior_logits
@@ -213,7 +223,7 @@ def fit_user_weights(
         torch.set_num_threads(1)
     try:
         for step in range(1, steps + 1):
-            _, grad = fewshot_loss_and_grad(pairs, logits, tau, prior_logits, prior_strength, with_loss=False)
+            _, grad = _loss_and_grad(pairs, logits, tau, prior_logits, prior_strength, with_loss=False)
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
@@ -247,7 +257,7 @@ def adapt_users(
     if init_logits is None:
         init = "zeros" if settings.weight_init == "population" and prior_logits is None else settings.weight_init
         init_logits = initial_user_logits(num_users, rank, init, settings.init_generator(), prior_logits)
-    strength = settings.prior_strength if settings.prior_strength is not None else prior_precision
+    strength = settings.precision(prior_precision)
     return fit_user_weights(
         projected,
         users,
@@ -272,6 +282,11 @@ def logit_variance(user_logits: Tensor, prior_logits: Tensor) -> Tensor:
     centred = user_logits - user_logits.mean(dim=1, keepdim=True)
     mean = prior_logits - prior_logits.mean()
     return (centred - mean).pow(2).mean(dim=0).clamp(min=1e-3)
+
+
+def weights_logit_variance(user_weights: Tensor, prior_logits: Tensor) -> Tensor:
+    """``logit_variance`` of users given by their weights (a basis file stores weights, not logits)."""
+    return logit_variance(user_weights.clamp(min=1e-30).log(), prior_logits)
 
 
 def choose_prior(

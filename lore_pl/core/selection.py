@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lore_pl.core.fewshot import FewShotSettings, adapt_users, logit_variance, weight_covariance
+from lore_pl.core.fewshot import FewShotSettings, adapt_users, weight_covariance, weights_logit_variance
 from lore_pl.core.functional import simplex_weights
 
 Selection = Literal["random", "uncertainty", "information"]
@@ -160,7 +160,7 @@ def posterior_precision(
             if bool((precision > 0).all()):
                 return precision.clone()
     if user_weights is not None and prior_logits is not None and user_weights.shape[0] >= 2:
-        variance = logit_variance(user_weights.double().clamp(min=1e-30).log(), prior_logits.double())
+        variance = weights_logit_variance(user_weights.double(), prior_logits.double())
         return 1.0 / variance
     raise ValueError(
         "selection 'information' needs a prior on the users' logits: the fit has none (prior "

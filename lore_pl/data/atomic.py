@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 
 
-def file_mode() -> int:
-    """The mode a newly created file gets under the process's umask (``open`` gives 0o666 & ~umask);
-    ``mkstemp`` makes its files 0600, which would hide a basis or a checkpoint from everyone else."""
+def file_mode(base: int = 0o666) -> int:
+    """The mode a newly created file (``base`` 0o666, as ``open`` gives) or directory (0o777) gets under
+    the process's umask; ``mkstemp``/``mkdtemp`` make them private, which would hide a basis or a
+    checkpoint from everyone else."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return base & ~mask
 
 
 def write_atomic_path(path: str | os.PathLike, write_to: Callable[[str], None], fsync: bool = False) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lore_pl.data.atomic import file_mode
 from lore_pl.data.basis_file import FORMAT as BASIS_FORMAT
 from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path
 from lore_pl.data.embedder import EmbedderSpec, load_tokenizer, resolve_model_path
@@ -58,10 +59,7 @@ def text_spec(basis: BasisFile, path: Path) -> EmbedderSpec:
 
 
 def check_basis(basis: BasisFile, path: Path) -> None:
-    for name in ("basis", "user_weights"):
-        value = getattr(basis, name)
-        if value is not None and not bool(torch.isfinite(value).all()):
-            raise LoreDataError(f"{path}: the tensor {name!r} holds NaN or Inf; nothing was written")
+    # NaN/Inf: load_basis refuses them already, for basis files and checkpoints alike
     if len(set(basis.user_ids)) != len(basis.user_ids):
         repeated = sorted({u for u in basis.user_ids if basis.user_ids.count(u) > 1})
         raise LoreDataError(f"{path}: user ids repeat ({repeated[:5]}); id2label needs one label per user")
@@ -237,9 +235,7 @@ def publish_directory(out: Path, build: Callable[[Path], None], overwrite: bool)
     old = None
     try:
         build(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+        tmp.chmod(file_mode(0o777))  # mkdtemp makes it private; the export is an ordinary directory
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             old.rmdir()

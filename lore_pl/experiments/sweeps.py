@@ -25,9 +25,9 @@ from lore_pl.core.fewshot import (
     adapt_users,
     choose_prior,
     fit_stacked,
-    logit_variance,
     per_fit_accuracy,
     stack_shots,
+    weights_logit_variance,
 )
 from lore_pl.core.selection import SELECTIONS, active_fits, posterior_precision
 from lore_pl.data.atomic import write_atomic
@@ -194,7 +194,7 @@ def shots(
             variance = (
                 None
                 if loaded.user_weights is None
-                else logit_variance(loaded.user_weights.clamp(min=1e-30).log(), prior)
+                else weights_logit_variance(loaded.user_weights, prior)
             )
             precision, label = held_out_prior(
                 basis, tau, pool, data.split("unseen_val"), prior, variance, prior_shots, settings

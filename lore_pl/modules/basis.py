@@ -444,7 +444,7 @@ class BasisModule(PreferenceModule):
                            "noise (one shared model, K=1, wins ties); more data or a larger val_fraction helps",
                            category=LoreDataWarning)
         ranks = settings.ranks if hp.rank == "auto" else (hp.rank,)
-        best, curve, _ = E.select_model(
+        best, curve = E.select_model(
             train.features, train.users, val.features, val.users, train.num_users, settings, ranks
         )
         self.selection = {
@@ -622,8 +622,9 @@ class BasisModule(PreferenceModule):
 
     def on_train_end(self) -> None:
         if self.hparams.estimator == "map" and self.hparams.rank != 0:
-            self._finish()  # where max_epochs ended the path before it finished
-        self.prune_()
+            self._finish()  # where max_epochs ended the path before it finished (it prunes)
+        else:
+            self.prune_()
 
     def configure_optimizers(self):
         if self.rank == 0:

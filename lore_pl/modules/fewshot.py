@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lore_pl.core import functional as LF
-from lore_pl.core.fewshot import FewShotSettings, adapt_users, choose_prior, logit_variance, weight_covariance
+from lore_pl.core.fewshot import FewShotSettings, adapt_users, choose_prior, weight_covariance, weights_logit_variance
 from lore_pl.core.model import LoreModel
 from lore_pl.data.basis_file import BasisFile, check_embedder, load_basis
 from lore_pl.data.preferences import DataRequest, PreferenceSplit
@@ -172,7 +172,7 @@ class FewShotModule(PreferenceModule):
             variance = None
             basis = self.basis_file
             if basis.user_weights is not None and len(basis.user_weights):
-                variance = logit_variance(basis.user_weights.float().clamp(min=1e-30).log(), self.prior_logits)
+                variance = weights_logit_variance(basis.user_weights.float(), self.prior_logits)
             device = projected.device
             projected_val = LF.project(val.features.to(device), self.model.basis)
             precision, self.prior_choice, self.prior_curve = choose_prior(
@@ -197,7 +197,7 @@ class FewShotModule(PreferenceModule):
             init_logits=self.model.user_logits,
             prior_precision=self.prior_precision,
         )
-        precision = self.settings.prior_strength if self.settings.prior_strength is not None else self.prior_precision
+        precision = self.settings.precision(self.prior_precision)
         with torch.no_grad():
             self.model.user_logits.copy_(logits)
             self.model.weight_covariance = weight_covariance(projected, users, logits, self.tau, precision)
