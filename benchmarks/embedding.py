@@ -39,6 +39,7 @@ from lore_pl.data.embedder import (  # noqa: E402
     EmbedderSpec,
     TextEmbedder,
     as_messages,
+    padded_token_count,
     padded_token_fraction,
     token_batches,
 )
@@ -122,26 +123,21 @@ def bench_model(name: str, spec: EmbedderSpec, items: list, rounds: int, budget_
             cpu_times.append((measured["ours_s"][1], measured["baseline_s"][1]))
         median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
         ours_s, baseline_s = median([a for a, _ in times]), median([b for _, b in times])
-        plan = token_batches(lengths, variant_spec.batch_size,
-                             variant_spec.max_tokens_per_batch or variant_spec.batch_size * variant_spec.max_length)
+        plan = token_batches(lengths, variant_spec.batch_size, variant_spec.max_tokens_per_batch)
         rows.append({
             "benchmark": "embedding", "model": name, "kind": spec.kind, "variant": variant,
             "attention": embedder.attention_implementation, "texts": len(items), "max_length": spec.max_length,
             "tokens_median": sorted(lengths)[len(lengths) // 2], "tokens_max": max(lengths),
             "texts_per_s": len(items) / ours_s, "baseline_texts_per_s": len(items) / baseline_s,
             "speedup": median([b / a for a, b in times]), "cpu_time_speedup": median([b / a for a, b in cpu_times]),
-            "padded_tokens": padded_tokens(lengths, plan), "baseline_padded_tokens": padded_tokens(lengths, fixed),
+            "padded_tokens": padded_token_count(lengths, plan),
+            "baseline_padded_tokens": padded_token_count(lengths, fixed),
             "padded_fraction": padded_token_fraction(lengths, plan),
             "baseline_padded_fraction": padded_token_fraction(lengths, fixed), "batches": len(plan),
             "baseline_batches": len(fixed), "max_abs_difference": float((ours - reference).abs().max()),
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
-    """Tokens the model runs on, padding included: the work, whatever the machine's load."""
-    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
 
 
 def table(rows: list[dict]) -> str:

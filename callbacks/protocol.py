@@ -33,9 +33,17 @@ COMPARED = ("seen/test_acc", "unseen/test_acc")
 BASELINES = {"shared": "one shared model (K=1)", "population": "population-average weights"}
 
 
+def user_accuracies(logits: Tensor, split: PreferenceSplit) -> Tensor:
+    """Each user's accuracy ``[C]`` (NaN for a user without pairs)."""
+    return per_user_accuracy(logits.detach().cpu(), split.users.cpu(), split.num_users)
+
+
 def accuracy(logits: Tensor, split: PreferenceSplit) -> tuple[float, float]:
     """(mean over users, plain std over users) of per-user accuracy; users without pairs left out."""
-    per_user = per_user_accuracy(logits.detach().cpu(), split.users.cpu(), split.num_users)
+    return mean_std(user_accuracies(logits, split))
+
+
+def mean_std(per_user: Tensor) -> tuple[float, float]:
     per_user = per_user[~torch.isnan(per_user)]
     if per_user.numel() == 0:
         return float("nan"), float("nan")
@@ -88,10 +96,8 @@ def evaluate_protocol(
     evaluated: dict[str, tuple[PreferenceSplit, Tensor]] = {}
     for role in ("seen_train", "seen_test"):
         if datamodule.has_split(role):
-            evaluated[role] = (
-                datamodule.split(role),
-                logits_of(datamodule.split(role), basis, seen_weights, tau, device),
-            )
+            split = datamodule.split(role)
+            evaluated[role] = (split, logits_of(split, basis, seen_weights, tau, device))
     results: dict[str, float | int | str] = {
         "rank": model.rank,
         "kept_rank": int(basis.shape[1]),
@@ -122,16 +128,17 @@ def evaluate_protocol(
     heads = {"population": (basis, seen_weights.mean(0, keepdim=True), tau)}
     if shared is not None:
         heads["shared"] = (shared.to(device), torch.ones(1, 1, device=device), 1.0)
+    role_of = {key: role for key, role, _ in PROTOCOL_ROWS}
     for key in COMPARED:
-        role = {"seen/test_acc": "seen_test", "unseen/test_acc": "unseen_test"}[key]
-        if role not in evaluated:
+        if role_of[key] not in evaluated:
             continue
-        split, logits = evaluated[role]
-        mine = per_user_accuracy(logits.cpu(), split.users, split.num_users)
+        split, logits = evaluated[role_of[key]]
+        mine = user_accuracies(logits, split)
         for name, (head_basis, weights, head_tau) in heads.items():
             baseline = logits_of(split, head_basis, weights.expand(split.num_users, -1), head_tau, device)
-            results[f"baselines/{name}/{key}"], results[f"baselines/{name}/{key}_std"] = accuracy(baseline, split)
-            gain = paired_bootstrap(mine, per_user_accuracy(baseline.cpu(), split.users, split.num_users), seed=seed)
+            theirs = user_accuracies(baseline, split)  # once: the table's numbers and the bootstrap's
+            results[f"baselines/{name}/{key}"], results[f"baselines/{name}/{key}_std"] = mean_std(theirs)
+            gain = paired_bootstrap(mine, theirs, seed=seed)
             results[f"gain/{name}/{key}"] = gain["gain"]
             results[f"gain/{name}/{key}_low"], results[f"gain/{name}/{key}_high"] = gain["low"], gain["high"]
     return results

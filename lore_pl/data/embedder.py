@@ -162,9 +162,14 @@ def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None 
     return batches
 
 
+def padded_token_count(lengths: Sequence[int], batches: list[list[int]]) -> int:
+    """Tokens the model runs on, padding included (each batch padded to its longest text)."""
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+
 def padded_token_fraction(lengths: Sequence[int], batches: list[list[int]]) -> float:
     """Share of the tokens of ``batches`` (each padded to its longest text) that are padding."""
-    total = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    total = padded_token_count(lengths, batches)
     real = sum(lengths[i] for batch in batches for i in batch)
     return 1.0 - real / total if total else 0.0
 

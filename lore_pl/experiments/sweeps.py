@@ -181,9 +181,10 @@ def shots(
         if init == "average":
             start = time.perf_counter()
             seen = loaded.user_weights if loaded.user_weights is not None else torch.ones(1, basis.shape[1])
-            weights = seen.float().mean(0).expand(len(shots) * trials, pool.num_users, -1)
+            # one set of weights for every (shots, trial): scored once, repeated in the table
+            weights = seen.float().mean(0).expand(1, pool.num_users, -1)
             accuracy = per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau)
-            accuracy = accuracy.reshape(len(shots), trials)
+            accuracy = accuracy.reshape(1, 1).expand(len(shots), trials)
             payload["methods"][method] = {"init": init, "prior": "none", "mean": accuracy.mean(1).tolist(),
                                           "std": accuracy.std(1, unbiased=False).tolist(),
                                           "seconds": time.perf_counter() - start}
@@ -191,11 +192,7 @@ def shots(
         settings = replace(fewshot, weight_init=init, prior_strength=strength)
         precision, label = model.prior_precision, f"{strength:g}" if strength is not None else "the basis's"
         if strength is None and data.has_split("unseen_val") and basis.shape[1] >= 2:
-            variance = (
-                None
-                if loaded.user_weights is None
-                else weights_logit_variance(loaded.user_weights, prior)
-            )
+            variance = None if loaded.user_weights is None else weights_logit_variance(loaded.user_weights, prior)
             precision, label = held_out_prior(
                 basis, tau, pool, data.split("unseen_val"), prior, variance, prior_shots, settings
             )
