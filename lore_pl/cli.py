@@ -27,6 +27,7 @@ QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning, with torch >= 2.10
     r".*is deprecated and will be removed in v5.*",  # jsonargparse about arguments Lightning passes
     r".*`configure_optimizers` returned `None`.*",  # K=0 and FewShotModule take no optimizer steps
+    r".*No seed found, seed set to.*",  # predict configs set no seed: scoring draws nothing at random
     r".*Couldn't infer the batch indices.*",  # the score writers read each row's index from the predictions
 )
 
