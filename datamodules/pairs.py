@@ -83,7 +83,7 @@ def build_preference_data(table: dict[str, list[Any]], embeddings: Tensor, refer
 
     ``role_rows[role]`` are the table rows of that role. The seen roles share one user table, the
     unseen roles another (sorted user ids). Each pair's prompt (its ``group``) becomes an id shared
-    by every split.
+    by every split; each response's item row is its id (``PreferenceSplit.responses``).
     """
     users = np.asarray(table["user"], dtype=object)
     _, prompt_ids = np.unique(np.asarray(table["group"], dtype=object).astype(str), return_inverse=True)
@@ -99,7 +99,8 @@ def build_preference_data(table: dict[str, list[Any]], embeddings: Tensor, refer
             features = embeddings[chosen[rows]] - embeddings[rejected[rows]]
             user_rows = torch.as_tensor([position[users[row]] for row in role_rows[role]], dtype=torch.long)
             splits[role] = PreferenceSplit(features.float(), user_rows, user_ids, name=role,
-                                           prompts=torch.as_tensor(prompt_ids[role_rows[role]], dtype=torch.long))
+                                           prompts=torch.as_tensor(prompt_ids[role_rows[role]], dtype=torch.long),
+                                           responses=torch.stack([chosen[rows], rejected[rows]], dim=1))
     if not splits:
         raise ValueError("no pairs are left after the split rules")
     return PreferenceData(splits, reference_head=reference_head)

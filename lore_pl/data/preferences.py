@@ -60,7 +60,10 @@ class PreferenceSplit(Dataset):
     ``features[i] = e(chosen_i) - e(rejected_i)`` (``[N, d]``), ``users[i]`` the row of pair i's
     user in ``user_ids`` (``[N]``, long), and optionally ``prompts[i]``, an id of pair i's prompt
     (``[N]``, long; the same prompt has the same id in every split of a data set), which is what a
-    prompt-disjoint validation split is cut by. Indexing takes an index tensor (or slice) and
+    prompt-disjoint validation split is cut by. Where the data know their texts, ``responses[i]``
+    holds the ids of pair i's chosen and rejected responses (``[N, 2]``, long; one id per distinct
+    response text in every split) and ``lengths[i]`` their lengths (``[N, 2]``, float), which the
+    skeptic's baselines (the longer response wins, the crowd's win-rate) are computed from. Indexing takes an index tensor (or slice) and
     returns the batch ``{"features", "users"}`` by plain tensor indexing: no per-sample Python work.
     """
 
@@ -69,6 +72,8 @@ class PreferenceSplit(Dataset):
     user_ids: Sequence[str]
     name: str = "split"
     prompts: Tensor | None = None
+    responses: Tensor | None = None
+    lengths: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
@@ -87,6 +92,14 @@ class PreferenceSplit(Dataset):
                 raise LoreDataError(
                     f"{self.name}: prompts must be [N] with N = {len(self)}, got {tuple(self.prompts.shape)}"
                 )
+        for field, dtype in (("responses", torch.long), ("lengths", torch.float32)):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            value = torch.as_tensor(value).to(dtype)
+            if value.shape != (len(self), 2):
+                raise LoreDataError(f"{self.name}: {field} must be [N, 2] with N = {len(self)}, got {tuple(value.shape)}")
+            setattr(self, field, value)
         self._check_finite()
 
     def _check_finite(self) -> None:
@@ -154,12 +167,16 @@ class PreferenceSplit(Dataset):
 
     def subset(self, index: Tensor, name: str | None = None) -> PreferenceSplit:
         """The pairs at ``index``, same user table."""
-        prompts = None if self.prompts is None else self.prompts[index]
-        return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name, prompts)
+        def pick(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value[index]
+
+        return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name,
+                               pick(self.prompts), pick(self.responses), pick(self.lengths))
 
     def with_features(self, features: Tensor) -> PreferenceSplit:
         """The same pairs with other features (e.g. another dtype)."""
-        return PreferenceSplit(features, self.users, self.user_ids, self.name, self.prompts)
+        return PreferenceSplit(features, self.users, self.user_ids, self.name, self.prompts, self.responses,
+                               self.lengths)
 
     def loader(
         self, batch_size: int | None = None, shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1
