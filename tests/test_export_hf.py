@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,10 +17,12 @@ from safetensors.torch import load_file
 
 from helpers import tiny_spec
 from lore_pl.cli import main as cli_main
-from lore_pl.data.basis_file import BasisFile, save_basis
+from lore_pl.data.basis_file import BasisFile, load_basis, save_basis
 from lore_pl.data.embedder import TextEmbedder
 from lore_pl.errors import LoreDataError
-from lore_pl.experiments.export_hf import USER_IDS_FILE, USER_WEIGHTS_FILE, export_hf
+from lore_pl.data.embedder import weights_digest
+from lore_pl.experiments.export_destination import check_not_protected, export_lock, publish_directory
+from lore_pl.experiments.export_hf import USER_IDS_FILE, USER_WEIGHTS_FILE, export_hf, load_reward_model
 from lore_pl.inference import PersonalRewardModel
 
 USERS = ["rater-0", "ü ser/1", "3", "rater three"]
@@ -33,13 +40,20 @@ def score_head(model_dir: str) -> torch.Tensor:
     return weights["score.weight"][0].float()
 
 
+@functools.cache
+def digest_of(model_dir: str) -> str:
+    """The weights digest an embedding run records for the model in ``model_dir``."""
+    return weights_digest(load_reward_model(model_dir, tiny_spec(model_dir)))
+
+
 def write_basis(path, model_dir: str, rank: int = 3, users=USERS, seed: int = 0, **kwargs) -> BasisFile:
-    """A random basis whose recorded embedder is the tiny reward model (as a trained run records it)."""
+    """A random basis whose recorded embedder is the tiny reward model, with its weights digest (as a
+    trained run records them; ``embedder_weights=""``: a basis from before the digest was kept)."""
     generator = torch.Generator().manual_seed(seed)
     fields = dict(basis=torch.randn(16, rank, generator=generator), tau=0.7, reference_head=score_head(model_dir),
                   user_ids=list(users),
                   user_weights=torch.randn(len(users), rank, generator=generator).softmax(-1) if users else None,
-                  embedder=tiny_spec(model_dir).identity())
+                  embedder=tiny_spec(model_dir).identity(), embedder_weights=digest_of(model_dir))
     fields.update(kwargs)
     exported = BasisFile(**fields)
     save_basis(path, exported)
@@ -154,17 +168,24 @@ def test_refusals_name_the_problem_and_write_nothing(tmp_path, tiny_reward_model
     with pytest.raises(LoreDataError, match="empty-run: a run directory needs basis.safetensors"):
         export_hf(tmp_path / "empty-run", tmp_path / "a")
 
-    # an existing non-empty directory is kept as it was, unless --overwrite
+    # a non-empty directory that no export wrote is kept as it was, even with --overwrite
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit) as stopped:
-        cli_main(["export", "hf", "--run", str(run_dir), "--out", str(out)])
-    assert stopped.value.code == 2 and (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(FileExistsError, match="existing: the directory exists and is not empty; pass --overwrite"):
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["export", "hf", "--run", str(run_dir), "--out", str(out), *overwrite])
+        assert stopped.value.code == 2 and (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="existing: the directory is not empty and is not a lore-pl export"):
+        export_hf(run_dir, out, overwrite=True)
+    # an earlier export is replaced only with --overwrite
+    out = tmp_path / "exported"
+    export_hf(run_dir, out, heads="basis")
+    with pytest.raises(FileExistsError, match="exported: holds an earlier export; pass --overwrite"):
         export_hf(run_dir, out)
     export_hf(run_dir, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["lore_pl"]["heads"] == "users"
+    assert not (out / USER_WEIGHTS_FILE).exists(), "a file of the replaced export was left"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -223,6 +244,9 @@ def test_a_trained_run_exports_and_reproduces(tmp_path, tiny_reward_model, one_t
     out = export_hf(run, tmp_path / "hf")
     reward_model = PersonalRewardModel.load(run / "basis.safetensors")
     assert reward_model.user_ids and reward_model.embedder == tiny_spec(tiny_reward_model).identity()
+    # the embedding recorded the model's weights digest, and the fit kept it in the basis
+    recorded = load_basis(run / "basis.safetensors").embedder_weights
+    assert recorded == data.feature_cache.weights_digest() == TextEmbedder(tiny_spec(tiny_reward_model)).weights_digest()
     logits, config = hf_logits(out, ITEMS)
     embeddings = TextEmbedder(tiny_spec(tiny_reward_model))(ITEMS)
     for column, user in enumerate(reward_model.user_ids):
@@ -236,6 +260,12 @@ def test_base_model_moved_elsewhere(tmp_path, tiny_reward_model, one_thread):
     write_basis(path, tiny_reward_model, embedder=tiny_spec(str(tmp_path / "gone")).identity())
     with pytest.raises(OSError):
         export_hf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # a basis from before the weights digest: nothing to check the model against, so it is refused
+    old = tmp_path / "old.safetensors"
+    write_basis(old, tiny_reward_model, embedder=tiny_spec(str(tmp_path / "gone")).identity(), embedder_weights="")
+    with pytest.raises(LoreDataError, match="old.safetensors .*records no digest.*'.*gone' is not a local directory"):
+        export_hf(old, tmp_path / "out", base_model=tiny_reward_model)
     assert not (tmp_path / "out").exists()
     out = export_hf(path, tmp_path / "out", base_model=tiny_reward_model)
     logits, config = hf_logits(out, ITEMS)
