@@ -12,6 +12,7 @@ its lock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -50,11 +51,12 @@ def check_not_protected(out: Path, places: list[tuple[Path, str]]) -> None:
     """Refuse an ``out`` that is one of ``places`` (the run's directory, the base model, ...), or a
     directory above one: replacing it would delete what the export reads or what the user works in."""
     real = _real(out)
-    for place, what in places + [(Path.cwd(), "the current directory"), (Path.home(), "the home directory")]:
-        place_real = _real(place)
-        if real == place_real:
+    places = places + [(Path.cwd(), "the current directory"), (Path.home(), "the home directory")]
+    for place, what in places:
+        if real == _real(place):
             raise FileExistsError(f"--out {out}: refusing to write there: it is {what}; choose a new directory")
-        if place_real.is_relative_to(real):
+    for place, what in places:
+        if _real(place).is_relative_to(real):
             raise FileExistsError(f"--out {out}: refusing to write there: it holds {what} ({place}); "
                                   "choose a new directory")
 
@@ -166,10 +168,8 @@ def remove_export(directory: Path) -> None:
         if path.is_symlink() or path.is_file():
             path.unlink()
     for top, _, _ in sorted(os.walk(directory), key=lambda entry: -len(entry[0])):
-        try:
+        with contextlib.suppress(OSError):  # not empty: something no export wrote
             os.rmdir(top)
-        except OSError:  # not empty: something no export wrote
-            pass
     if directory.exists():
         warnings.warn(f"kept {directory}: it holds files that no export wrote", LoreDataWarning, stacklevel=2)
 

@@ -34,8 +34,12 @@ from lore_pl.data.basis_file import FORMAT as BASIS_FORMAT
 from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path
 from lore_pl.data.embedder import EmbedderSpec, load_model, load_tokenizer, resolve_model_path, weights_digest
 from lore_pl.errors import LoreDataError
-from lore_pl.experiments.export_destination import check_not_protected, destination, publish_directory
-from lore_pl.experiments.export_destination import check_destination as check_out
+from lore_pl.experiments.export_destination import (
+    check_destination,
+    check_not_protected,
+    destination,
+    publish_directory,
+)
 from lore_pl.inference import PersonalRewardModel
 
 #: ``config.json["lore_pl"]["format"]`` of an exported checkpoint
@@ -305,7 +309,7 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "user
     protected += [(model_dir, f"the base model {model_dir}") for model_dir in
                   {local_directory(spec.model), local_directory(recorded.model)} - {None}]
     check_not_protected(out, protected)  # before a model is loaded: a refusal costs nothing
-    check_out(out, overwrite)
+    check_destination(out, overwrite)
     expected = expected_weights(basis, recorded, base_model, where)
     model = PersonalRewardModel(basis)
     rows, labels = score_rows(model, heads)
