@@ -360,6 +360,19 @@ def test_the_root_and_every_directory_above_the_work_are_refused(tmp_path, monke
     check_not_protected(tmp_path / "new", [])  # beside the work: fine
 
 
+def test_a_link_or_a_file_as_the_destination_is_refused(run_dir, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "file").write_text("mine")
+    before = tree_state(tmp_path)
+    assert "is a symbolic link; name a directory itself" in refused(
+        ["--run", str(run_dir), "--out", str(tmp_path / "link"), "--overwrite"], capsys)
+    assert "exists and is not a directory" in refused(
+        ["--run", str(run_dir), "--out", str(tmp_path / "file"), "--overwrite"], capsys)
+    assert tree_state(tmp_path) == before
+
+
 def test_overwriting_a_linked_export_leaves_the_base_model_whole(tmp_path, tiny_reward_model, one_thread):
     from transformers import AutoModelForSequenceClassification
 
@@ -488,6 +501,11 @@ def test_a_base_model_with_the_same_head_and_another_body_is_refused(recorded, t
         assert f"the base model {other} is not the model the basis was embedded with ({tiny_reward_model})" in message
         assert "weights digest is sha256-state-dict-v1:" in message
     assert not (tmp_path / "out").exists()
+    if recorded == "in the basis":  # the model the basis names was changed in place: refused without --base-model
+        changed = tmp_path / "changed.safetensors"
+        write_basis(changed, tiny_reward_model, embedder=tiny_spec(str(other)).identity())
+        with pytest.raises(LoreDataError, match="changed.safetensors .*the model .*other changed since the basis was embedded"):
+            export_hf(changed, tmp_path / "out")
 
     # the very model, copied elsewhere: accepted, and the export scores as score_text does
     copy = Path(shutil.copytree(tiny_reward_model, tmp_path / "copy"))

@@ -138,8 +138,9 @@ def check_weights(expected: ExpectedWeights, seen: str, base: str, recorded: Emb
     another body would give other rewards than ``score_text``)."""
     if expected is None or seen == expected[0]:
         return
-    raise LoreDataError(f"{where}: the base model {base} is not the model the basis was embedded with "
-                        f"({recorded.model}): its weights digest is {seen[:40]}..., {expected[1]} is "
+    what = (f"the base model {base} is not the model the basis was embedded with ({recorded.model})"
+            if base != recorded.model else f"the model {base} changed since the basis was embedded")
+    raise LoreDataError(f"{where}: {what}: its weights digest is {seen[:40]}..., {expected[1]} is "
                         f"{expected[0][:40]}...; give the very model the features came from")
 
 
