@@ -21,7 +21,7 @@ from lore_pl.cli import main as cli_main
 from lore_pl.data.basis_file import BasisFile, load_basis, save_basis
 from lore_pl.data.embedder import TextEmbedder, weights_digest
 from lore_pl.errors import LoreDataError
-from lore_pl.experiments.export_destination import check_not_protected, export_lock, publish_directory
+from lore_pl.experiments.export_destination import check_not_protected, export_lock, publish_directory, swap_in
 from lore_pl.experiments.export_hf import USER_IDS_FILE, USER_WEIGHTS_FILE, export_hf, load_reward_model
 from lore_pl.inference import PersonalRewardModel
 
@@ -418,6 +418,13 @@ def test_a_second_export_into_the_same_destination_fails(run_dir, tmp_path, caps
     with pytest.raises(FileExistsError, match="other: the directory is not empty and is not a lore-pl export"):
         publish_directory(other, racing, False, [])
     assert [p.name for p in other.iterdir()] == ["theirs.txt"]
+    # ... even between the last check and the rename: the rename onto a filled directory fails
+    built = tmp_path / ".other.lore-export-abcdefgh.tmp"
+    built.mkdir()
+    (built / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="other: another writer filled it meanwhile"):
+        swap_in(built, other)
+    assert [p.name for p in other.iterdir()] == ["theirs.txt"] and (built / "config.json").is_file()
 
 
 def test_stale_temporary_folders_are_cleaned_by_the_next_export(run_dir, tmp_path, capsys, one_thread):

@@ -152,7 +152,8 @@ def clean_stale(out: Path) -> None:
     """Under the lock, what a killed export into ``out`` left: an earlier export moved aside but not
     replaced is put back; builds and replaced exports are removed."""
     for stale in stale_directories(out):
-        if stale.suffix == ".old" and not out.exists() and exported_files(stale) is not None:
+        vacant = not out.exists() or (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
+        if stale.suffix == ".old" and vacant and exported_files(stale) is not None:
             os.rename(stale, out)  # killed between moving the earlier export aside and renaming the new one in
         elif stale.suffix == ".old":
             remove_export(stale)
@@ -224,10 +225,10 @@ def publish_directory(out: Path, build: Callable[[Path], None], overwrite: bool,
 
 
 def swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier export there is moved aside first, removed after. A rename
-    onto a directory that is not empty fails, so nothing that appeared at ``out`` is replaced."""
+    """Rename ``tmp`` to ``out``; an earlier export there (marked) is moved aside first, removed after. A
+    rename onto a directory that is not empty fails, so nothing else that appeared at ``out`` is replaced."""
     old = None
-    if out.exists() and any(out.iterdir()):
+    if not out.is_symlink() and out.is_dir() and exported_files(out) is not None:
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{TAG}-", suffix=".old"))
         old.rmdir()
         os.rename(out, old)
