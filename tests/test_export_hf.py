@@ -390,6 +390,13 @@ def test_overwriting_a_linked_export_leaves_the_base_model_whole(tmp_path, tiny_
     assert tree_state(base) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
+    # an edited marker that lists a file outside the export deletes nothing outside it
+    config = json.loads((out / "config.json").read_text())
+    config["lore_pl"]["files"].append("../basis.safetensors")
+    (out / "config.json").write_text(json.dumps(config))
+    export_hf(path, out, overwrite=True)
+    assert path.is_file() and tree_state(base) == before
+
 
 def test_a_second_export_into_the_same_destination_fails(run_dir, tmp_path, capsys, one_thread):
     out = tmp_path / "hf"

@@ -164,10 +164,10 @@ def clean_stale(out: Path) -> None:
 def remove_export(directory: Path) -> None:
     """Delete the files the export in ``directory`` wrote (links themselves, never what they point to)
     and the directories they leave empty; anything else is kept, and said."""
-    for name in exported_files(directory) or []:
-        path = directory / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
+    listed = set(exported_files(directory) or [])
+    for name in files_under(directory):  # what is there, so a listed '../x' names nothing outside
+        if name in listed:
+            (directory / name).unlink()
     for top, _, _ in sorted(os.walk(directory), key=lambda entry: -len(entry[0])):
         with contextlib.suppress(OSError):  # not empty: something no export wrote
             os.rmdir(top)
