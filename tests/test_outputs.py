@@ -248,8 +248,8 @@ def test_check_output_by_hand(tmp_path):
     (tmp_path / "link.csv").symlink_to(theirs)  # a link to an input is that input
     with pytest.raises(LoreDataError, match="an input of this command"):
         check_output(tmp_path / "link.csv", SCORE_CSV, inputs=[theirs], overwrite=True)
-    with pytest.raises(LoreDataError, match="is a file"):
-        check_output(mine / "x.csv", SCORE_CSV)
+    with pytest.raises(LoreDataError, match="is a file"), claim_outputs([mine / "x.csv"], SCORE_CSV):
+        pass
 
 
 def test_sweep_results_are_recognised_and_foreign_ones_refused_before_the_sweep_runs(tmp_path, capsys):
@@ -268,17 +268,18 @@ def test_sweep_results_are_recognised_and_foreign_ones_refused_before_the_sweep_
     for name in ("results.json", "results.csv", "results.png"):
         assert shots.recognises(tmp_path / "shots" / name) and not rank.recognises(tmp_path / "shots" / name)
 
-    save_basis(tmp_path / "basis.safetensors", BasisFile(torch.eye(16, 3), 1.0))
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "results.csv").write_text("my,table\n")
-    before = digest(tmp_path / "out" / "results.csv")
+    basis, out = tmp_path / "basis.safetensors", tmp_path / "out"
+    save_basis(basis, BasisFile(torch.eye(16, 3), 1.0))
+    out.mkdir()
+    (out / "results.csv").write_text("my,table\n")
+    before = digest(out / "results.csv")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
-        main(["shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={tmp_path / 'basis.safetensors'}",
-              "--shots=[1]", "--trials=1", f"--out_dir={tmp_path / 'out'}", *TINY_DATA])
+        main(["shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={basis}", "--shots=[1]",
+              "--trials=1", f"--out_dir={out}", *TINY_DATA])
     assert exit.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {tmp_path / 'out' / 'results.csv'}: refusing to replace a file that lore-pl-sweep shots did not "
-        "write (lore-pl-sweep shots replaces only the results.json/csv/png of a shots sweep); pass --overwrite to "
-        "replace it")
-    assert digest(tmp_path / "out" / "results.csv") == before and sorted(os.listdir(tmp_path / "out")) == ["results.csv"]
+        f"error: {out / 'results.csv'}: refusing to replace a file that lore-pl-sweep shots did not write "
+        "(lore-pl-sweep shots replaces only the results.json/csv/png of a shots sweep); pass --overwrite=true "
+        "to replace it")
+    assert digest(out / "results.csv") == before and sorted(os.listdir(out)) == ["results.csv"]

@@ -44,7 +44,7 @@ class OutputKind:
     command: str
     recognises: Callable[[Path], bool]
     owns: str
-    overwrite_hint: str = "pass --overwrite to replace it"
+    overwrite_hint: str = "pass --overwrite=true to replace it"
 
 
 def first_line(path: Path) -> str | None:
@@ -305,18 +305,16 @@ def _release_all() -> None:
 @contextmanager
 def claim_outputs(paths: Iterable[str | os.PathLike], kind: OutputKind,
                   inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False) -> Iterator[list[Path]]:
-    """Lock each output path, then ``check_output`` it; the locks are released when the block ends."""
+    """``check_output`` each output path and lock it; the locks are released when the block ends."""
     inputs = list(inputs)
     locks = []
     try:
         for path in paths:
-            path = Path(path).expanduser()
-            if path.is_dir():  # refused before any lock is made beside it
-                check_output(path, kind, inputs, overwrite)
+            path = check_output(path, kind, inputs, overwrite)  # a refusal makes no lock (nor folder)
             lock = OutputLock(path, kind.command)
             lock.acquire()
             locks.append(lock)
-            check_output(path, kind, inputs, overwrite)
+            check_output(path, kind, inputs, overwrite)  # again, now that no other claimer can change it
         yield [lock.path for lock in locks]
     finally:
         for lock in reversed(locks):

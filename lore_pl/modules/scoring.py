@@ -38,7 +38,7 @@ class _ScoreCsvWriter(BasePredictionWriter):
         self._inputs: list = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.is_global_zero:
+        if stage == "predict" and trainer.is_global_zero:
             inputs = [pl_module.hparams.get("basis_path"), getattr(trainer.datamodule, "path", None)]
             self._claim.enter_context(claim_outputs([self.output], SCORE_CSV, inputs, self.overwrite))
             self._inputs = inputs
