@@ -103,11 +103,15 @@ def test_predict_refuses_to_write_over_its_inputs_a_basis_a_checkpoint_or_anothe
         assert len(list(csv.reader(stream))) == 5
 
 
-def test_predict_into_a_directory_is_one_line_before_any_scoring(run, tmp_path, capsys):
+def test_predict_into_a_directory_is_one_line_before_any_scoring(run, tmp_path, capsys, monkeypatch):
+    import lore_pl.modules.scoring as scoring
+
+    loads = []
+    monkeypatch.setattr(scoring, "load_basis", lambda *args: loads.append(args) or 1 / 0)  # the model's setup
     (tmp_path / "out").mkdir()
     line = refused(capsys, run, tmp_path / "out")
     assert line == f"error: {tmp_path / 'out'}: the output is a directory; give the path of a file to write"
-    assert "wrote" not in capsys.readouterr().out
+    assert not loads  # refused before the basis was even read
     assert list((tmp_path / "out").iterdir()) == [] and not list(tmp_path.glob(".out.lock"))
 
 
