@@ -11,7 +11,8 @@ and test pairs; the plan says how many users and pairs it drops, and why.
   tested on prompts they never trained on, which other users may have trained on.
 - ``response``: responses are held out: a test pair has both its responses held out, a training pair
   neither; pairs mixing the two are dropped (and counted). ``test_fraction`` is then the test share
-  of the kept pairs. No test response appears in any training pair.
+  of the kept pairs (responses are held out, in a random order, until it is reached). No test
+  response appears in any training pair.
 - ``auto``: the first of prompt, user_prompts, response that keeps most users (see ``choose_mode``).
 
 An optional group column ties rows together: pairs of one group never straddle train, validation
@@ -97,7 +98,15 @@ class SplitPlan:
         return self.users - sum(self.dropped_users.values())
 
     def trainable(self) -> bool:
+        """Some seen user has training and test pairs."""
         return len(self.role_rows.get("seen_train", ())) > 0 and len(self.role_rows.get("seen_test", ())) > 0
+
+    def has_validation(self) -> bool:
+        return len(self.role_rows.get("seen_val", ())) + len(self.role_rows.get("unseen_val", ())) > 0
+
+    def usable(self, val_fraction: float) -> bool:
+        """Trainable, with the validation pairs asked for."""
+        return self.trainable() and (val_fraction <= 0 or self.has_validation())
 
     def describe(self, rows: PairRows, source: str, asked: str) -> str:
         """The plan as printed: a header, one line per role, then what was dropped."""
@@ -169,10 +178,23 @@ def hold_out_count(fraction: float, available: int) -> int:
     return min(max(1, int(round(fraction * available))), available - 1)
 
 
-def held_share(fraction: float) -> float:
-    """The share r of responses to hold out so that pairs with both responses held out are ``fraction``
-    of the kept pairs (held r^2 against kept (1-r)^2, for pairs drawn evenly)."""
-    return math.sqrt(fraction) / (math.sqrt(fraction) + math.sqrt(1.0 - fraction))
+def held_responses(rows: PairRows, order: np.ndarray, fraction: float) -> np.ndarray:
+    """The shortest prefix of ``order`` (responses in a random order) whose held-out pairs (both
+    responses in it) make at least ``fraction`` of the kept pairs (held-out or with neither response
+    in it); the share grows with the prefix, so a bisection finds it."""
+    def share(count: int) -> float:
+        chosen, rejected = np.isin(rows.chosen, order[:count]), np.isin(rows.rejected, order[:count])
+        held, kept = int((chosen & rejected).sum()), int((~chosen & ~rejected).sum())
+        return held / max(held + kept, 1)
+
+    low, high = 1, max(order.size - 1, 1)
+    while low < high:
+        middle = (low + high) // 2
+        if share(middle) >= fraction:
+            high = middle
+        else:
+            low = middle + 1
+    return order[:low]
 
 
 def release_for_users(users: np.ndarray, units: np.ndarray, held: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -234,9 +256,8 @@ def response_sides(rows: PairRows, settings: SplitSettings) -> np.ndarray:
     """Held-out responses: a pair with both held out is a test pair, with neither a training pair;
     pairs mixing the two are dropped."""
     responses = np.unique(np.concatenate([rows.chosen, rows.rejected]))
-    count = min(max(1, int(round(held_share(settings.test_fraction) * responses.size))), max(responses.size - 1, 1))
-    held = np.random.default_rng(settings.seed + 1).permutation(responses)[:count]
-    return response_side(rows, held, TEST)
+    order = np.random.default_rng(settings.seed + 1).permutation(responses)
+    return response_side(rows, held_responses(rows, order, settings.test_fraction), TEST)
 
 
 def response_side(rows: PairRows, held: np.ndarray, side: int) -> np.ndarray:
@@ -259,8 +280,7 @@ def validation_sides(mode: str, rows: PairRows, side: np.ndarray, settings: Spli
     part = rows.subset(train)
     if mode == "response":
         responses = np.unique(np.concatenate([part.chosen, part.rejected]))
-        count = min(max(1, int(round(held_share(settings.val_fraction) * responses.size))), responses.size - 1)
-        held = draw_order(responses, settings.val_seed)[:max(count, 0)]
+        held = held_responses(part, draw_order(responses, settings.val_seed), settings.val_fraction)
         side[train] = response_side(part, held, VAL)
         return side, {"mixing a validation and a training response": int((side[train] == DROP).sum())}
     users = part.user_index
@@ -365,11 +385,11 @@ def one_prompt_words(shape: dict[str, int]) -> str:
     return f"{shape['one_prompt_users']:,} of {shape['users']:,} users have pairs on one prompt only"
 
 
-def choose_mode(rows: PairRows, plans: dict[str, SplitPlan]) -> tuple[str, str]:
+def choose_mode(rows: PairRows, plans: dict[str, SplitPlan], val_fraction: float) -> tuple[str, str]:
     """(mode, why): prompt where whole prompts can be held out (enough prompts, and it keeps nearly
     as many users as the best mode), else user_prompts, else response."""
     shape = describe_shape(rows)
-    kept = {mode: plan.kept_users if plan.trainable() else 0 for mode, plan in plans.items()}
+    kept = {mode: plan.kept_users if plan.usable(val_fraction) else 0 for mode, plan in plans.items()}
     best = max(kept.values())
     if best == 0:
         return "prompt", ""  # nothing works: the caller names why
@@ -386,15 +406,17 @@ def choose_mode(rows: PairRows, plans: dict[str, SplitPlan]) -> tuple[str, str]:
                 reason = f"{shape['prompts']:,} prompts, {shape['median_prompts']} per user (median): " + reason
             return mode, "; ".join(why_not + [reason])
         why_not.append(f"{words[mode]} keeps {kept[mode]:,}" + (
+            " (no validation pairs)" if plans[mode].trainable() and not kept[mode] else "") + (
             f" ({one_prompt_words(shape)})" if shape["one_prompt_users"] and mode != "response" else ""))
     raise AssertionError("unreachable: response is taken when it keeps the most users")
 
 
-def impossible_error(source: str, asked: str, rows: PairRows, plans: dict[str, SplitPlan]) -> LoreDataError:
+def impossible_error(source: str, asked: str, rows: PairRows, plans: dict[str, SplitPlan],
+                     val_fraction: float) -> LoreDataError:
     """One line: what leaves no user trainable, the count that makes it so, and the modes that fit."""
     shape = describe_shape(rows)
     failed = plans.get(asked)
-    fits = [mode for mode, plan in plans.items() if plan.trainable() and mode != asked]
+    fits = [mode for mode, plan in plans.items() if plan.usable(val_fraction) and mode != asked]
     cause = one_prompt_words(shape) if shape["one_prompt_users"] else (
         f"{shape['users']:,} users, {shape['prompts']:,} prompts")
     if failed is not None and failed.dropped_users:
@@ -404,11 +426,14 @@ def impossible_error(source: str, asked: str, rows: PairRows, plans: dict[str, S
     return LoreDataError(f"{source}: {what} leaves no user with training and test pairs ({cause}); {advice}")
 
 
-def empty_validation_error(source: str, plan: SplitPlan, val_fraction: float) -> LoreDataError:
+def empty_validation_error(source: str, plan: SplitPlan, val_fraction: float,
+                           plans: dict[str, SplitPlan]) -> LoreDataError:
     unit = {"prompt": "prompt", "user_prompts": "user's own prompt", "response": "response"}[plan.mode]
+    fits = [mode for mode, other in plans.items() if other.usable(val_fraction) and mode != plan.mode]
+    other = f"split_by: {' or '.join(fits)}" if fits else "more pairs per user"
     return LoreDataError(f"{source}: split_by: {plan.mode} with val_fraction={val_fraction} holds out no validation "
-                         f"pairs (no {unit} can be held out without taking a user's last training pair); set "
-                         "val_fraction: 0 for no validation, or another split_by")
+                         f"pairs (no {unit} can be held out without taking a user's last training pair, or no pair "
+                         f"has both responses held out); use {other}, or val_fraction: 0 for no validation")
 
 
 def make_plan(rows: PairRows, asked: str, seen: set[str], settings: SplitSettings, source: str,
@@ -418,14 +443,13 @@ def make_plan(rows: PairRows, asked: str, seen: set[str], settings: SplitSetting
     if asked not in SPLIT_CHOICES:
         raise LoreDataError(f"split_by must be one of {', '.join(SPLIT_CHOICES)}, got {asked!r}")
     plans = {mode: plan_split(rows, mode, seen, settings, too_few) for mode in SPLIT_MODES}
-    mode, reason = (asked, "") if asked != "auto" else choose_mode(rows, plans)
+    mode, reason = (asked, "") if asked != "auto" else choose_mode(rows, plans, settings.val_fraction)
     plan = plans[mode]
     if not plan.trainable():
-        raise impossible_error(source, asked, rows, plans)
+        raise impossible_error(source, asked, rows, plans, settings.val_fraction)
     plan.reason = reason
-    validation = sum(len(plan.role_rows[role]) for role in ("seen_val", "unseen_val"))
-    if settings.val_fraction > 0 and not validation:
-        raise empty_validation_error(source, plan, settings.val_fraction)
+    if settings.val_fraction > 0 and not plan.has_validation():
+        raise empty_validation_error(source, plan, settings.val_fraction, plans)
     if not len(plan.role_rows["unseen_test"]):
         plan.notes.append("no unseen user has pool and test pairs: the protocol's unseen-user rows will be missing")
     return plan
