@@ -176,6 +176,12 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:
         return parse_rows(self.path, read_records(self.path), self.columns, skip_bad_rows=self.skip_bad_rows)
 
+    @property
+    def held_out(self) -> str:
+        """What the test pairs hold out under the split plan (``prompts`` before there is one)."""
+        mode = self.split_plan.mode if self.split_plan is not None else "prompt"
+        return {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}[mode]
+
     def plan_splits(self, table: dict[str, Any]) -> None:
         if self.split_plan is not None:
             return  # planned once (before the embedding); the table does not change

@@ -428,12 +428,13 @@ def impossible_error(source: str, asked: str, rows: PairRows, plans: dict[str, S
 
 def empty_validation_error(source: str, plan: SplitPlan, val_fraction: float,
                            plans: dict[str, SplitPlan]) -> LoreDataError:
-    unit = {"prompt": "prompt", "user_prompts": "user's own prompt", "response": "response"}[plan.mode]
+    why = {"prompt": "no prompt can be held out without taking some user's last training prompt",
+           "user_prompts": "no user has a training prompt to spare",
+           "response": "no kept pair has both its responses held out"}[plan.mode]
     fits = [mode for mode, other in plans.items() if other.usable(val_fraction) and mode != plan.mode]
     other = f"split_by: {' or '.join(fits)}" if fits else "more pairs per user"
     return LoreDataError(f"{source}: split_by: {plan.mode} with val_fraction={val_fraction} holds out no validation "
-                         f"pairs (no {unit} can be held out without taking a user's last training pair, or no pair "
-                         f"has both responses held out); use {other}, or val_fraction: 0 for no validation")
+                         f"pairs ({why}); use {other}, or val_fraction: 0 for no validation")
 
 
 def make_plan(rows: PairRows, asked: str, seen: set[str], settings: SplitSettings, source: str,

@@ -89,6 +89,7 @@ def test_each_mode_keeps_what_it_holds_out_out_of_training(tmp_path, embedded, m
     write_shaped(tmp_path / "prefs.jsonl", own_prompts, users=20, responses=10, pairs=18)
     data = embedded(tmp_path / "prefs.jsonl", split_by=mode, val_fraction=0.2)
     assert data.split_plan.mode == mode
+    assert data.held_out == {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}[mode]
     assert f"split plan for {tmp_path / 'prefs.jsonl'} (split_by: {mode})" in capsys.readouterr().out
     assert_every_kept_user_has_both_sides(data)
     assert any(data.has_split(role) and len(data.split(role)) for role in VALIDATION)  # validation non-empty
@@ -201,7 +202,7 @@ def test_validation_is_never_silently_empty(tmp_path, tiny_reward_model, no_embe
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, split_by="user_prompts", val_fraction=0.3)
     table = data.read_source()[1]
     with pytest.raises(LoreDataError, match=r"split_by: user_prompts with val_fraction=0.3 holds out no validation "
-                                            r"pairs .*use split_by: .*or val_fraction: 0 for no validation"):
+                                            r"pairs \(no user has a training prompt to spare\); use .*, or val_fraction: 0"):
         data.plan_splits(table)
     quiet = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, split_by="user_prompts", val_fraction=0.0)
     quiet.plan_splits(table)  # asked for no validation: none, and every user still has both sides
@@ -235,3 +236,23 @@ def test_a_missing_group_value_names_the_row(tmp_path, tiny_reward_model):
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, group_column="thread")
     with pytest.raises(LoreDataError, match=r"prefs.jsonl: line 4: field 'thread' \(group\) is missing"):
         data.read_source()
+
+
+def test_the_base_hold_out_says_when_no_prompt_can_be_held_out():
+    from datamodules.base import PreferenceData, PreferenceDataModule
+    from lore_pl.data.preferences import PreferenceSplit
+
+    class OnePromptEach(PreferenceDataModule):
+        """Three users, each with one training prompt of their own: no prompt can be held out."""
+
+        def load(self):
+            users = torch.tensor([0, 0, 1, 1, 2, 2])
+            train = PreferenceSplit(torch.randn(6, 4), users, ["a", "b", "c"], "seen_train", prompts=users)
+            test = PreferenceSplit(torch.randn(3, 4), torch.arange(3), ["a", "b", "c"], "seen_test",
+                                   prompts=torch.arange(3, 6))
+            return PreferenceData({"seen_train": train, "seen_test": test})
+
+    with pytest.raises(LoreDataError, match="val_fraction=0.5 holds out no validation prompt: of the 3 training "
+                                            "prompts, none can be held out"):
+        OnePromptEach(val_fraction=0.5).setup("fit")
+    assert not OnePromptEach(val_fraction=0.0).has_split("seen_val")
