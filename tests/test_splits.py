@@ -89,7 +89,8 @@ def test_each_mode_keeps_what_it_holds_out_out_of_training(tmp_path, embedded, m
     write_shaped(tmp_path / "prefs.jsonl", own_prompts, users=20, responses=10, pairs=18)
     data = embedded(tmp_path / "prefs.jsonl", split_by=mode, val_fraction=0.2)
     assert data.split_plan.mode == mode
-    assert data.held_out == {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}[mode]
+    words = {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}
+    assert data.held_out == words[mode]
     assert f"split plan for {tmp_path / 'prefs.jsonl'} (split_by: {mode})" in capsys.readouterr().out
     assert_every_kept_user_has_both_sides(data)
     assert any(data.has_split(role) and len(data.split(role)) for role in VALIDATION)  # validation non-empty
@@ -189,7 +190,8 @@ def test_the_cli_prints_the_impossible_plan_as_one_line_and_exits_2(tmp_path, ti
     with pytest.raises(SystemExit) as stopped:
         main(["fit", "--model=lore_pl.BasisModule", "--data=datamodules.PreferenceFileDataModule",
               f"--data.init_args.path={tmp_path / 'prefs.jsonl'}", "--data.init_args.split_by=prompt",
-              f"--data.init_args.cache_dir={tmp_path / 'cache'}", f"--data.init_args.embedder.model={tiny_reward_model}",
+              f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+              f"--data.init_args.embedder.model={tiny_reward_model}",
               "--trainer.accelerator=cpu", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert stopped.value.code == 2
@@ -201,8 +203,9 @@ def test_validation_is_never_silently_empty(tmp_path, tiny_reward_model, no_embe
     write_shaped(tmp_path / "prefs.jsonl", lambda user: [user % 5, user % 5 + 5], users=16, pairs=8)
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, split_by="user_prompts", val_fraction=0.3)
     table = data.read_source()[1]
-    with pytest.raises(LoreDataError, match=r"split_by: user_prompts with val_fraction=0.3 holds out no validation "
-                                            r"pairs \(no user has a training prompt to spare\); use .*, or val_fraction: 0"):
+    with pytest.raises(LoreDataError, match=r"split_by: user_prompts with val_fraction=0.3 holds out no "
+                                            r"validation pairs \(no user has a training prompt to spare\); use .*, "
+                                            r"or val_fraction: 0"):
         data.plan_splits(table)
     quiet = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, split_by="user_prompts", val_fraction=0.0)
     quiet.plan_splits(table)  # asked for no validation: none, and every user still has both sides
