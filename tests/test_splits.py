@@ -217,9 +217,9 @@ def test_a_group_never_straddles_the_split(tmp_path, tiny_reward_model, mode):
     from datamodules.preference_file import GROUP_KEY
     from datamodules.splits import ROLE_ORDER
 
-    # threads cut across prompts and users: a thread must land on one side as a whole
+    # threads join two prompts of four users: a thread must land on one side as a whole
     write_shaped(tmp_path / "prefs.jsonl", own_prompts, users=20, responses=10, pairs=18,
-                 group_of=lambda user, prompt, i: f"t{(user + i) % 25}")
+                 group_of=lambda user, prompt, i: f"t{user // 4}-{prompt // 2}")
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, split_by=mode, group_column="thread",
                 val_fraction=0.2)
     table = data.read_source()[1]
