@@ -239,6 +239,8 @@ def test_a_missing_group_value_names_the_row(tmp_path, tiny_reward_model):
     data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, group_column="thread")
     with pytest.raises(LoreDataError, match=r"prefs.jsonl: line 4: field 'thread' \(group\) is missing"):
         data.read_source()
+    with pytest.raises(ValueError, match="split_by must be one of prompt, user_prompts, response, auto, got 'x'"):
+        make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, split_by="x")
 
 
 def test_the_base_hold_out_says_when_no_prompt_can_be_held_out():
