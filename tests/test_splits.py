@@ -84,14 +84,22 @@ def embedded(tmp_path, tiny_reward_model):
     return build
 
 
+@pytest.fixture(scope="module")
+def many_prompts(tmp_path_factory):
+    """One file of 40 prompts, six per user, and one cache: the modes' tests embed it once."""
+    directory = tmp_path_factory.mktemp("many-prompts")
+    write_shaped(directory / "prefs.jsonl", own_prompts, users=20, responses=10, pairs=18)
+    return directory
+
+
 @pytest.mark.parametrize("mode", ["prompt", "user_prompts", "response"])
-def test_each_mode_keeps_what_it_holds_out_out_of_training(tmp_path, embedded, mode, capsys):
-    write_shaped(tmp_path / "prefs.jsonl", own_prompts, users=20, responses=10, pairs=18)
-    data = embedded(tmp_path / "prefs.jsonl", split_by=mode, val_fraction=0.2)
+def test_each_mode_keeps_what_it_holds_out_out_of_training(many_prompts, tiny_reward_model, mode, capsys):
+    data = make(many_prompts / "prefs.jsonl", tiny_reward_model, many_prompts, split_by=mode, val_fraction=0.2)
+    data.setup("fit")
     assert data.split_plan.mode == mode
     words = {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}
     assert data.held_out == words[mode]
-    assert f"split plan for {tmp_path / 'prefs.jsonl'} (split_by: {mode})" in capsys.readouterr().out
+    assert f"split plan for {many_prompts / 'prefs.jsonl'} (split_by: {mode})" in capsys.readouterr().out
     assert_every_kept_user_has_both_sides(data)
     assert any(data.has_split(role) and len(data.split(role)) for role in VALIDATION)  # validation non-empty
     if mode == "prompt":  # no test or validation prompt is anyone's training prompt
@@ -110,9 +118,9 @@ def test_each_mode_keeps_what_it_holds_out_out_of_training(tmp_path, embedded, m
         assert data.split_plan.dropped_pairs  # pairs mixing held-out and training responses are counted
 
 
-def test_lengths_are_the_responses_characters(tmp_path, embedded):
-    write_shaped(tmp_path / "prefs.jsonl", own_prompts)
-    data = embedded(tmp_path / "prefs.jsonl", split_by="prompt")
+def test_lengths_are_the_responses_characters(many_prompts, tiny_reward_model):
+    data = make(many_prompts / "prefs.jsonl", tiny_reward_model, many_prompts, split_by="prompt")
+    data.setup("fit")
     items = data.feature_cache.items()
     for role in ("seen_train", "unseen_test"):
         split = data.split(role)
