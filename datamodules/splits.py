@@ -139,7 +139,7 @@ class SplitPlan:
 
 @dataclass(frozen=True)
 class SplitSettings:
-    """The numbers every mode reads: ``seen`` is the set of seen users (the rest are unseen)."""
+    """The numbers every mode reads (the fractions as the data module was given them, and the seeds)."""
 
     test_fraction: float
     val_fraction: float
