@@ -402,7 +402,9 @@ class LoreCLI(LightningCLI):
         # that a truncated, empty or hostile file is refused by name; torch's refusal is a page of advice.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and path not in ("last", "best", "hpc", "registry") and Path(path).is_file():
+        if path and path not in ("last", "best", "hpc", "registry") and "://" not in path:
+            if not Path(path).is_file():  # before the data are loaded and the model set up, not after
+                raise LoreDataError(f"--ckpt_path {path}: no such checkpoint file")
             from lore_pl.data.files import read_checkpoint
 
             read_checkpoint(path)
