@@ -152,13 +152,14 @@ def _read_records(path: Path, suffix: str, keep_bad_lines: bool = False) -> Reco
                     line = UnreadableLine(text, str(error).split(f"line {number}, ", 1)[-1])
                 if line.strip():
                     if not isinstance(line, UnreadableLine):
+                        text = line.rstrip("\r\n")
                         try:
-                            line = json.loads(line)
+                            line = json.loads(text)
                         except json.JSONDecodeError as error:
                             if not keep_bad_lines:
                                 raise LoreDataError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-                            reason = f"not valid JSON ({error.msg}: column {error.colno})"
-                            line = UnreadableLine(line.rstrip("\r\n"), reason)
+                            line = UnreadableLine(text, f"not valid JSON ({error.msg} at character {error.pos + 1} "
+                                                        f"of {len(text)})")
                     rows.append(line)
                     where.append(f"line {number}")
         return Records(rows, where)

@@ -292,15 +292,19 @@ def finished_run(checkpoint: Path, config) -> str | None:
 
 def new_run_directory(trainer) -> list[Path]:
     """The directories this run's logger is about to create (its ``version_N``, and the run name's
-    folder if that is new too): empty when they exist already or there is no versioned logger."""
+    folder and ``save_dir`` if they are new too), deepest first: empty when the version exists already
+    or there is no versioned logger."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     if not trainer.loggers or not isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
         return []
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return []  # the first process creates it, and cleans up
-    directory = Path(trainer.loggers[0].log_dir)
-    return [path for path in (directory, directory.parent) if not path.exists()]
+    created, directory = [], Path(trainer.loggers[0].log_dir).absolute()
+    while not directory.exists():
+        created.append(directory)
+        directory = directory.parent
+    return created
 
 
 def remove_unused_run_directory(created: list[Path]) -> None:
