@@ -12,6 +12,7 @@ import sys
 import unicodedata
 import warnings
 from argparse import ArgumentError
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
@@ -486,6 +487,20 @@ def user_error_message(error: BaseException) -> str:
     return str(error)
 
 
+@contextmanager
+def user_errors_in_one_line():
+    """A user error (``USER_ERRORS``) in the block: ``error: <message>`` on stderr and exit 2, for every
+    command (``LORE_PL_TRACEBACK=1``: the traceback instead)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        # bad input or settings: the message names the culprit; a traceback would only bury it
+        if os.environ.get("LORE_PL_TRACEBACK"):
+            raise
+        print(f"error: {user_error_message(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``lightning``, ``lore-pl``, ``python -m lore_pl``); ``lore-pl export ...``
     goes to the export command (``lore_pl.experiments.export_hf``), everything else to the LightningCLI."""
@@ -495,19 +510,15 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         from lore_pl.experiments.export_hf import main as export_main
 
-        export_main(argv[1:])
+        with user_errors_in_one_line():
+            export_main(argv[1:])
         return
 
     try:
-        build_cli(args)
+        with user_errors_in_one_line():
+            build_cli(args)
     except RunFinished as finished:
         print(finished, file=sys.stderr, flush=True)
-    except USER_ERRORS as error:
-        # bad input or settings: the message names the culprit; a traceback would only bury it
-        if os.environ.get("LORE_PL_TRACEBACK"):
-            raise
-        print(f"error: {user_error_message(error)}", file=sys.stderr, flush=True)
-        sys.exit(2)
     except SIGTERMException:
         # Lightning stops a fit on SIGTERM with a SystemExit of status 0, which tells a scheduler the
         # job finished; exit as a process killed by SIGTERM would (128 + 15).

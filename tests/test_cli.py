@@ -213,10 +213,12 @@ def test_ckpt_path_last_takes_the_newest_version_that_has_a_checkpoint(tmp_path)
 
 # ------------------------------------------------------------------ user errors: one line, exit 2
 def run_command(capsys, argv: list[str]) -> tuple[int, str]:
+    """``lightning ARGV`` in-process, or ``lore-pl-sweep ...`` when ARGV starts with that."""
     from lore_pl.cli import main
+    from lore_pl.experiments.sweeps import main as sweep
 
     with pytest.raises(SystemExit) as stopped:
-        main(argv)
+        sweep(argv[1:]) if argv[0] == "lore-pl-sweep" else main(argv)
     return stopped.value.code, capsys.readouterr().err
 
 
@@ -301,6 +303,17 @@ USER_ERRORS = {
     "predict text: batch_size 0": (lambda root, model: [
         "predict", "--config", str(ROOT / "configs/experiment/score_text.yaml"), f"--model.init_args.basis_path={root}",
         "--model.init_args.batch_size=0", f"--data.init_args.path={root / 'r.jsonl'}"], "batch_size must be a number"),
+    # the sweeps
+    "sweep: no such basis file": (lambda root, model: [
+        "lore-pl-sweep", "shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={root}/no",
+        f"--out_dir={root}/sweep"], "basis file not found"),
+    "sweep: an unknown method": (lambda root, model: [
+        "lore-pl-sweep", "shots", "--config", str(ROOT / "configs/sweep/shots.yaml"),
+        f"--basis_path={root}/basis.safetensors", "--methods=[bogus]", f"--out_dir={root}/sweep"],
+                                 "unknown few-shot methods ['bogus']"),
+    "sweep: a rank that is not an int": (lambda root, model: [
+        "lore-pl-sweep", "rank", "--config", str(ROOT / "configs/sweep/rank.yaml"), "--ranks=[0.5]"],
+                                         "ranks: Expected a <class 'int'>"),
     # fit, validate, test
     "fit: a preference file with one user": (lambda root, model: preference_args(root, model),
                                              "has no seen users for BasisModule"),
