@@ -349,7 +349,8 @@ class LoreCLI(LightningCLI):
                             help="the run's name: its files go to <logger save_dir>/<run_name>/version_N "
                                  "(sets the logger's name; default: the logger's own)")
         parser.add_argument("--overwrite", type=bool, default=False,
-                            help="let a fit write into a fixed logger version that already holds a run")
+                            help="replace the run in a fixed logger version (or checkpoint dirpath): its files are "
+                                 "removed just before the new run writes; other files there make it refuse")
 
     def init_parser(self, **kwargs):
         parser = super().init_parser(**kwargs)
