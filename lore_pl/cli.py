@@ -75,7 +75,7 @@ def check_run_name(name) -> None:
     if problem:
         shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
         raise LoreDataError(f"--run_name {shown} {problem}: a run name is one directory name under the logger's "
-                            f"save_dir (no '/' or '\\\\', not '.' or '..', no control characters, at most "
+                            f"save_dir (no '/' or '\\', not '.' or '..', no control characters, at most "
                             f"{MAX_RUN_NAME} characters)")
 
 
