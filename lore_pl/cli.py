@@ -470,10 +470,11 @@ def argument_error_message(message: str) -> str:
     keys, reasons = [], []
     for line in message.splitlines():
         text = line.strip().removeprefix("- ").strip()
-        key = re.fullmatch(r'Parser key "([^"]+)":?', text)
+        key = re.fullmatch(r'Parser key "([^"]+)":?\s*(.*)', text)
         if key:
             keys.append(key.group(1))
-        elif text and not text.startswith(UNION_NOISE):
+            text = key.group(2)  # what is wrong, when it is said on the same line
+        if text and not text.startswith(UNION_NOISE):
             reasons.append(text.rstrip(":") if text.startswith("Problem with given class_path") else text)
     reasons = [reason for reason in reasons if not reason.startswith("Problem with given class_path")] or reasons
     return ".".join(keys) + ": " + "; ".join(reasons) if keys else "; ".join(reasons)

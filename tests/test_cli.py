@@ -323,6 +323,8 @@ USER_ERRORS = {
                           "batch_size must be a number of pairs >= 1"),
     "fit: an option that does not exist": (lambda root, model: fit_args(root, "fit", "--trainer.max_epochz=3"),
                                            "max_epochz"),
+    "fit: a config file that does not exist": (lambda root, model: ["fit", "--config", f"{root}/no.yaml"],
+                                               "config: File does not exist"),
     "fit: K > d, found in setup": (lambda root, model: fit_args(root, "fit", "--model.init_args.estimator=adam",
                                                                 "--model.init_args.rank=17"), "rank K=17 exceeds"),
     "validate: no such checkpoint": (lambda root, model: fit_args(root, "validate", f"--ckpt_path={root}/no.ckpt"),
