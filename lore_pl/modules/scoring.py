@@ -107,10 +107,10 @@ class ScoringModule(LightningModule):
         model = load_basis(resolve_basis_path(self.hparams.basis_path)).to_model()
         users = self.hparams.users or model.user_ids
         if not users:
-            raise ValueError(f"{self.hparams.basis_path} names no users to score for")
+            raise LoreDataError(f"{self.hparams.basis_path} names no users to score for")
         unknown = [user for user in users if user not in model.user_ids]
         if unknown:
-            raise KeyError(f"unknown user(s) {unknown[:5]}: not among the {model.num_users} users of "
+            raise LoreDataError(f"unknown user(s) {unknown[:5]}: not among the {model.num_users} users of "
                            f"{self.hparams.basis_path}")
         position = {user: row for row, user in enumerate(model.user_ids)}
         rows = torch.tensor([position[user] for user in users])
@@ -123,7 +123,7 @@ class ScoringModule(LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         embeddings = batch["embeddings"]
         if embeddings.shape[1] != self.heads.shape[0]:
-            raise ValueError(
+            raise LoreDataError(
                 f"candidate embeddings have d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}"
             )
         return {"index": batch["index"], "scores": embeddings.float() @ self.heads}
@@ -180,6 +180,8 @@ class TextScoringModule(LightningModule):
     def __init__(self, basis_path: str, users: list[str] | None = None, output: str = "text_scores.csv",
                  batch_size: int | None = None, overwrite: bool = False) -> None:
         super().__init__()
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise LoreDataError(f"batch_size must be a number of texts >= 1 (null: the embedder's), got {batch_size}")
         self.save_hyperparameters()
         self.embedder = None
         self.user_ids: list[str] = []
@@ -198,7 +200,9 @@ class TextScoringModule(LightningModule):
             raise LoreDataError(f"{basis_path} names no users to score for")
         unknown = [user for user in users if user not in self._column]
         if unknown:
-            raise KeyError(f"unknown user(s) {unknown[:5]}: not among the {len(self.user_ids)} users of {basis_path}")
+            raise LoreDataError(
+                f"unknown user(s) {unknown[:5]}: not among the {len(self.user_ids)} users of {basis_path}"
+            )
         self.register_buffer("default_columns", torch.tensor([self._column[user] for user in users]))
         # check the rows' users before any text is embedded, where the data module can list them
         named = getattr(self.trainer.datamodule if self._trainer is not None else None, "named_users", None)
@@ -231,6 +235,6 @@ class TextScoringModule(LightningModule):
         rows, columns = torch.cat(rows), torch.cat(columns)
         embeddings = self.embedder(batch["items"]).to(self.heads.device)
         if embeddings.shape[1] != self.heads.shape[0]:
-            raise ValueError(f"the embedder gives d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}")
+            raise LoreDataError(f"the embedder gives d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}")
         rewards = (embeddings @ self.heads)[rows, columns]  # [rows, users] first: no [pairs, d] copy
         return {"line": batch["line"][rows.to(batch["line"].device)], "user": columns, "reward": rewards}
