@@ -93,14 +93,17 @@ def evaluate_protocol(
     seed: int = 0,
 ) -> dict[str, float | int | str]:
     """The four protocol accuracies (each with its std over users), the oracle's where known, and the
-    baselines on the same users and prompts, with the gain over each and its 95% paired-bootstrap
-    interval over users.
+    baselines on the same users and prompts, with the gain over each (and over the best of them) and its
+    95% paired-bootstrap interval over users; then the diagnosis of personal signal (``results["diagnosis"]``).
 
     The seen users are scored with their own weights; the unseen users are adapted to the pruned
     basis by ``FewShotModule`` with ``fewshot`` (``shots`` pairs each, drawn with ``shot_seed``; a prior
     chosen on their validation pairs where asked), and their few-shot accuracy is measured on those
     pairs. Baselines: ``shared`` (``v`` ``[d, 1]``, a K=1 direction on the logit scale, when given) and
-    ``population`` (every user at the seen users' mean weights, on this basis).
+    ``population`` (every user at the seen users' mean weights, on this basis), and the rules that read
+    no features: ``longer`` (the longer response wins; needs ``PreferenceSplit.lengths``) and ``crowd`` (each
+    response's win-rate in the seen users' train pairs and the unseen users' few-shot pairs; needs
+    ``PreferenceSplit.responses``). A baseline the data cannot give is None, as are its gains.
     """
     device = torch.device(device) if device is not None else model.basis.device
     basis, seen_weights = (tensor.to(device) for tensor in model.kept())
@@ -327,8 +330,10 @@ def loggable(results: dict) -> dict[str, float]:
 class ProtocolEvaluation(Callback):
     """At the end of ``fit`` of a ``BasisModule``: adapt the unseen users with few-shot, then log,
     print and save the four protocol accuracies (and the oracle's, where the data know it), beside
-    one shared model (K=1, the same seen users' pairs, its ridge chosen on the validation pairs) and
-    the population-average weights, with the gain over each and its 95% interval.
+    one shared model (K=1, the same seen users' pairs, its ridge chosen on the validation pairs),
+    the population-average weights, "the longer response wins" and the crowd's win-rate (where the data
+    give lengths and response ids), with the gain over each and its 95% interval, then the diagnosis of
+    personal signal (docs/guide.md, "The skeptic's baselines and the diagnosis of personal signal").
 
     The unseen users are adapted as the module says (``BasisModule.fewshot``). Writes
     ``protocol.json`` into the run directory, logs every number to the logger, and the unseen

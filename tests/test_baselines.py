@@ -86,11 +86,16 @@ def test_agreement_is_fleiss_over_pairs_judged_by_several_users():
 
 
 def test_the_verdict_follows_its_rules_in_order():
-    above, across = {"gain": 0.1, "low": 0.05, "high": 0.15}, {"gain": 0.01, "low": -0.02, "high": 0.04}
+    def gain(value, low, high):
+        return {"gain": value, "low": low, "high": high, "pairs": 50, "users": 5}
+
+    above, across = gain(0.1, 0.05, 0.15), gain(0.01, -0.02, 0.04)
     assert verdict(across, above)[0] == "helps" and "+0.1000 [+0.0500, +0.1500]" in verdict(across, above)[1]
     assert verdict(above, across)[0] == "differ"
-    assert verdict(across, across)[0] == "agree"
-    missing = {"gain": None, "low": None, "high": None}
+    assert verdict(across, across)[0] == "unknown"  # could add up to 4 points: too wide to say "agree"
+    below = gain(-0.01, -0.03, 0.015)
+    assert verdict(below, across)[0] == "agree"
+    missing = gain(None, None, None)
     assert verdict(missing, across)[0] == "unknown" and verdict(missing, None)[0] == "unknown"
     assert verdict(missing, above)[0] == "helps"
 
@@ -227,3 +232,40 @@ def test_without_lengths_or_response_ids_the_rule_baselines_are_not_available():
     diagnosis = format_diagnosis(results["diagnosis"])
     assert "(a) agreement between users on the same pair: n/a" in diagnosis
     assert results["diagnosis"]["case"] == "helps"  # the planted model's gain over K=1 still shows
+
+
+# ---------------------------------------------------------------------------- lore-pl-diagnose
+def write_planted_file(path, distinct: bool):
+    import json
+
+    users, responses, _, _ = planted_pairs(distinct, users=20, pairs=30, responses=20)
+    rows = [{"user_id": f"rater-{int(u)}", "prompt": "Which opinion?", "chosen": f"opinion {int(c)}",
+             "rejected": f"opinion {int(r)}"} for u, (c, r) in zip(users, responses.tolist())]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("distinct, case", [(True, "differ"), (False, "agree")])
+def test_the_diagnose_command_reads_a_preference_file_without_embedding_it(tmp_path, capsys, distinct, case):
+    import json
+
+    from lore_pl.experiments.diagnose import main
+
+    write_planted_file(tmp_path / "prefs.jsonl", distinct)
+    main([str(tmp_path / "prefs.jsonl"), "--json", str(tmp_path / "diagnosis.json")])
+    result = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert result["case"] == case and result["users"] == 20 and result["pairs"] == 600
+    assert result["test_pairs"] == 300  # half of each user's pairs
+    out = capsys.readouterr().out
+    assert "20 users, 600 pairs, 300 held out" in out and "verdict: " + result["verdict"] in out
+
+
+def test_the_diagnose_command_refuses_a_bad_file_in_one_line(tmp_path, capsys):
+    from lore_pl.experiments.diagnose import main
+
+    (tmp_path / "bad.jsonl").write_text('{"user_id": "a", "prompt": "p", "chosen": "x"}\n')
+    for path in (tmp_path / "bad.jsonl", tmp_path / "missing.jsonl"):
+        with pytest.raises(SystemExit) as stopped:
+            main([str(path)])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and str(path) in error and error.count("\n") == 1

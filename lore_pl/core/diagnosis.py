@@ -21,6 +21,10 @@ from torch import Tensor
 from lore_pl.core.baselines import crowd_logits, pair_agreement, personal_crowd_logits
 from lore_pl.core.stats import paired_bootstrap, per_user_accuracy
 
+#: "people agree" needs (b)'s interval to end below this: knowing the user adds at most 2 points of
+#: accuracy even on responses they judged; a wider interval is too few pairs to tell
+AGREE_MARGIN = 0.02
+
 CASES = {
     "helps": "personalization helps",
     "differ": "people differ but the features cannot see it (better features or more pairs per user)",
@@ -81,21 +85,28 @@ def verdict(personal: dict | None, personalization: dict | None) -> tuple[str, s
     1. ``helps``: the model's gain over one shared model (c) has its 95% interval above 0.
     2. ``differ``: otherwise, the per-user crowd's gain over the crowd (b) has its interval above 0:
        users' own past judgments predict them better than everyone's, so there is personal signal,
-       but the model does not carry it to unseen responses.
-    3. ``agree``: otherwise, where (b) was measured: knowing the user adds nothing the crowd does not
-       know, on the responses where it could; one reward model is right for these data.
-    4. ``unknown``: (b) could not be measured (no test pair has a response its user judged in
-       training) and (c) shows no gain: these data cannot separate "agree" from "differ".
+       but the model does not carry it to unseen responses (without (c), no fit: "people differ").
+    3. ``agree``: otherwise, where (b)'s interval ends below ``AGREE_MARGIN`` (+0.02): knowing the user
+       adds at most that to the crowd, on the responses where it could; one reward model is right.
+    4. ``unknown``: otherwise: (b) could not be measured (no test pair has a response its user judged
+       in training) or its interval is too wide to tell, and (c) shows no gain.
     """
     if above_zero(personalization):
         return "helps", f"{CASES['helps']} (by {interval(personalization)} over one shared model)"
     if above_zero(personal):
-        return "differ", f"{CASES['differ']}: a user's own record beats the crowd by {interval(personal)}"
-    if measured(personal):
+        evidence = f"a user's own record beats the crowd by {interval(personal)}"
+        if personalization is None:  # no fit: whether the features see it is not measured
+            return "differ", f"people differ: {evidence}; whether the features can see it, a fit's protocol tells"
+        return "differ", f"{CASES['differ']}: {evidence}"
+    if measured(personal) and personal["high"] < AGREE_MARGIN:
         return "agree", f"{CASES['agree']}: a user's own record adds {interval(personal)} to the crowd"
+    if measured(personal):
+        return "unknown", (f"{CASES['unknown']}: a user's own record adds {interval(personal)} to the crowd, "
+                           f"on {personal['pairs']} test pairs of {personal['users']} users: too few to tell; "
+                           "gather more pairs per user on shared responses")
     return "unknown", (f"{CASES['unknown']}: no test pair has a response its user judged in training, and "
-                       "personalization shows no gain; split so that users' responses recur, or gather more "
-                       "pairs per user")
+                       "personalization shows no gain; hold out pairs so that users' responses recur "
+                       "(lore-pl-diagnose FILE), or gather more pairs per user")
 
 
 def diagnose(judged_responses: Tensor, judged_users: Tensor, train_responses: Tensor, train_users: Tensor,
