@@ -171,7 +171,7 @@ def protocol_on(data: PlantedData, personal: bool) -> dict:
     return evaluate_protocol(model, data, FewShotSettings(shots=10, steps=100), shared=shared_baseline(model, data)[0])
 
 
-def test_the_protocol_reports_the_rule_baselines_on_the_same_users_and_pairs():
+def test_the_protocol_reports_the_rule_baselines_on_the_same_users_and_pairs_crowd_from_train_and_shots():
     from callbacks.protocol import format_table
 
     lengths = torch.arange(30, dtype=torch.float32) % 7  # ties among responses of equal length
@@ -191,6 +191,17 @@ def test_the_protocol_reports_the_rule_baselines_on_the_same_users_and_pairs():
             results[f"baselines/{name}/{key}"] for name in ("shared", "population", "longer", "crowd"))
         assert results[f"gain/best/{key}"] == results[f"gain/{best}/{key}"]
         assert results[f"baselines/crowd/{key}_coverage"] > 0.9
+    # by hand: win-rates of the seen users' train pairs and the unseen users' 10 shots, nothing else
+    from lore_pl import FewShotSettings
+    from lore_pl.core import functional as LF
+
+    pool, test = data.split("unseen_pool"), data.split("unseen_test")
+    shots = pool.subset(LF.sample_shots(pool.users, 10, FewShotSettings(shots=10).shot_generator()))
+    assert len(shots) < len(pool)
+    for trained_on, matches in ((shots, True), (pool, False)):
+        train = torch.cat([data.split("seen_train").responses, trained_on.responses])
+        by_hand = per_user_accuracy(crowd_logits(train, test.responses), test.users, test.num_users, tie_credit=0.5)
+        assert (results["baselines/crowd/unseen/test_acc"] == pytest.approx(float(by_hand.mean()))) == matches
     # half the users by -direction: the crowd is near chance, the planted model near perfect
     assert results["baselines/crowd/unseen/test_acc"] < 0.7 < results["unseen/test_acc"]
     assert results["diagnosis"]["case"] == "helps"
@@ -199,7 +210,7 @@ def test_the_protocol_reports_the_rule_baselines_on_the_same_users_and_pairs():
     assert f"{results['baselines/crowd/unseen/test_acc']:.4f}" in table
 
 
-def test_the_crowd_counts_the_few_shot_pairs_and_never_a_test_label():
+def test_the_crowd_never_reads_a_test_label():
     data = PlantedData(distinct=False)
     results = protocol_on(data, personal=False)
     flipped = PlantedData(distinct=False)
