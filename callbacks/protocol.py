@@ -307,6 +307,9 @@ def notes_on_rules(results: dict) -> list[str]:
     coverage = {key: results.get(f"baselines/crowd/{key}_coverage") for key in keys}
     if keys and all(value is None for value in coverage.values()):
         notes.append("crowd: n/a (the data do not give response ids)")
+    elif keys and not any(coverage.values()):
+        notes.append("crowd: n/a (no test pair has a response judged in training: responses do not recur across "
+                     "this split)")
     elif keys:
         labels = {"seen/test_acc": "seen users'", "unseen/test_acc": "unseen users'"}
         shares = ", ".join(f"{value:.1%} of {labels[key]} test pairs" for key, value in coverage.items()

@@ -227,6 +227,21 @@ def test_the_crowd_never_reads_a_test_label():
     assert results["diagnosis"]["agreement"]["agreement"] == 1.0
 
 
+def test_a_crowd_that_covers_no_test_pair_is_not_available():
+    from callbacks.protocol import crowd, format_table
+
+    data = PlantedData(distinct=True)
+    data.setup("fit")
+    train = {"seen_train": data.split("seen_train")}
+    test = data.split("seen_test")
+    unseen = PreferenceSplit(test.features, test.users, test.user_ids, responses=test.responses + 100)
+    assert crowd(train, unseen) == (None, 0.0)
+    results = {"rank": 1, "kept_rank": 1, "seen/test_acc": 0.6, "seen/test_acc_std": 0.1,
+               "baselines/crowd/seen/test_acc": None, "baselines/crowd/seen/test_acc_std": None,
+               "baselines/crowd/seen/test_acc_coverage": 0.0}
+    assert "crowd: n/a (no test pair has a response judged in training" in format_table(results)
+
+
 def test_without_lengths_or_response_ids_the_rule_baselines_are_not_available():
     import json
 
