@@ -172,7 +172,7 @@ def protocol_on(data: PlantedData, personal: bool) -> dict:
 
 
 def test_the_protocol_reports_the_rule_baselines_on_the_same_users_and_pairs_crowd_from_train_and_shots():
-    from callbacks.protocol import format_table
+    from callbacks.protocol import format_table, loggable
 
     lengths = torch.arange(30, dtype=torch.float32) % 7  # ties among responses of equal length
     data = PlantedData(distinct=True, lengths=lengths)
@@ -205,6 +205,10 @@ def test_the_protocol_reports_the_rule_baselines_on_the_same_users_and_pairs_cro
     # half the users by -direction: the crowd is near chance, the planted model near perfect
     assert results["baselines/crowd/unseen/test_acc"] < 0.7 < results["unseen/test_acc"]
     assert results["diagnosis"]["case"] == "helps"
+    logged = loggable(results)  # what TensorBoard gets: numbers only, the diagnosis's included
+    assert logged["baselines/crowd/unseen/test_acc"] == results["baselines/crowd/unseen/test_acc"]
+    assert logged["diagnosis/personal/gain"] == results["diagnosis"]["personal"]["gain"] > 0
+    assert all(isinstance(value, (int, float)) for value in logged.values())
     table = format_table(results)
     assert "longer wins" in table and "crowd" in table and "over the best baseline there" in table
     assert f"{results['baselines/crowd/unseen/test_acc']:.4f}" in table
