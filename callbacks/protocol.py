@@ -41,8 +41,6 @@ BASELINES = {
 }
 #: column headings of the printed table
 COLUMNS = {"shared": "shared K=1", "population": "population w", "longer": "longer wins", "crowd": "crowd"}
-#: the baselines that read which response won, not the features (ties count half: a coin flip)
-RULES = ("longer", "crowd")
 
 
 def user_accuracies(logits: Tensor, split: PreferenceSplit, tie_credit: float = 0.0) -> Tensor:
