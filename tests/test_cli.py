@@ -293,7 +293,7 @@ def preference_args(root: Path, model: str, *extra: str) -> list[str]:
 USER_ERRORS = {
     # predict (score.yaml)
     "predict: the output is a directory": (lambda root, model: predict_args(root, f"--model.init_args.output={root}"),
-                                           "Is a directory"),
+                                           "is a directory"),
     "predict: an unknown user": (lambda root, model: predict_args(root, "--model.init_args.users=[nobody]"),
                                  "unknown user(s) ['nobody']"),
     "predict: no such basis file": (lambda root, model: predict_args(root, f"--model.init_args.basis_path={root}/no"),
