@@ -425,12 +425,17 @@ def impossible_error(source: str, asked: str, rows: PairRows, plans: dict[str, S
     failed = plans.get(asked)
     fits = [mode for mode, plan in plans.items() if plan.usable(val_fraction) and mode != asked]
     cause = one_prompt_words(shape) if shape["one_prompt_users"] else (
-        f"{shape['users']:,} users, {shape['prompts']:,} prompts")
+        f"{shape['users']:,} user(s), {shape['prompts']:,} prompt(s)")
     if failed is not None and failed.dropped_users:
         cause += "; dropped: " + ", ".join(f"{n:,} {why}" for why, n in failed.dropped_users.items())
-    what = f"split_by: {asked}" if asked != "auto" else "no split_by"
-    advice = f"use split_by: {' or '.join(fits)}" if fits else "give users more pairs, on more prompts or responses"
-    return LoreDataError(f"{source}: {what} leaves no user with training and test pairs ({cause}); {advice}")
+    what = f"split_by: {asked} leaves no user" if asked != "auto" else "no split_by leaves a user"
+    if fits:
+        advice = f"use split_by: {' or '.join(fits)}"
+    elif shape["users"] < 2:
+        advice = "seen users train the basis and unseen users test it: give the file more users"
+    else:
+        advice = "give users more pairs, on more prompts or responses"
+    return LoreDataError(f"{source}: {what} with training and test pairs ({cause}); {advice}")
 
 
 def empty_validation_error(source: str, plan: SplitPlan, val_fraction: float,

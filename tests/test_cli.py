@@ -316,7 +316,7 @@ USER_ERRORS = {
                                          "ranks: Expected a <class 'int'>"),
     # fit, validate, test
     "fit: a preference file with one user": (lambda root, model: preference_args(root, model),
-                                             "has no seen users for BasisModule"),
+                                             "(1 user(s), 6 prompt(s)); seen users train the basis"),
     "fit: min_pairs_per_user 2.5": (lambda root, model: preference_args(
         root, model, "--data.init_args.min_pairs_per_user=2.5"), "min_pairs_per_user: Expected a <class 'int'>"),
     "fit: batch_size 0": (lambda root, model: fit_args(root, "fit", "--data.init_args.batch_size=0"),
