@@ -378,6 +378,7 @@ class PersonalRewardModel:
             projected = LF.project(torch.stack(answers[0]) - torch.stack(answers[1]), self.basis)
         users = torch.zeros(projected.shape[0], dtype=torch.long)
         covariance = weight_covariance(projected, users, logits[None].float(), self.tau, precision)[0]
+        self._finite(covariance, f"next_pair({user!r})", "entries of the weights' covariance")
         return torch.softmax(logits.float(), dim=-1), covariance
 
     def next_pair(self, user: str, pool: Tensor, *, selection: str = "information",

@@ -232,7 +232,7 @@ def check_basis(exported: BasisFile, source: str, weight_rounding: float = 0.0) 
     ``user_weights`` ``[C, K]`` (C users; needed for K >= 2 with users), finite, >= 0, each row
     summing to 1 within float32 rounding (``weight_rounding``: the file's own, where it was coarser);
     ``reference_head`` a finite ``[d]``; ``prior_mean`` ``[K]`` of finite logits within +-``MAX_LOGIT``;
-    ``prior_precision`` ``[K]`` finite and >= 0; ``weight_covariance`` ``[C, K, K]``, finite,
+    ``prior_precision`` ``[K]`` finite, each 0 or a normal float32 number; ``weight_covariance`` ``[C, K, K]``, finite,
     symmetric, with a non-negative diagonal; ``embedder`` a string, and where it names a text
     embedder, one ``EmbedderSpec`` accepts (so a model package outside the allow-list is refused).
     """
@@ -280,8 +280,10 @@ def check_basis(exported: BasisFile, source: str, weight_rounding: float = 0.0) 
     largest = float(tensors["prior_mean"].abs().max()) if "prior_mean" in tensors else 0.0
     if largest > MAX_LOGIT:
         raise fail("prior_mean", f"holds a logit beyond +-{MAX_LOGIT:g} (largest {largest:g})")
-    if "prior_precision" in tensors and bool((tensors["prior_precision"] < 0).any()):
-        raise fail("prior_precision", "holds a negative precision")
+    precision = tensors.get("prior_precision")
+    if precision is not None and bool(((precision < 0) | ((precision > 0) & (precision < FLOAT32.tiny))).any()):
+        raise fail("prior_precision", f"each precision must be 0 (no prior) or at least {FLOAT32.tiny:.3g} (its "
+                                      f"inverse, a variance, a float32 number), got {precision.min().item():.3g}")
     if "weight_covariance" in tensors:
         _check_covariance(tensors["weight_covariance"], user_ids, fail)
     _check_embedder_identity(exported.embedder, fail)
