@@ -69,8 +69,8 @@ def tensor_mutations(name: str, tensor: torch.Tensor, rng: random.Random) -> lis
     out: list[tuple[str, object]] = [(f"{name} missing", None)]
     for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool):
         out.append((f"{name} as {dtype}", tensor.to(dtype)))
-    shapes = [tensor.reshape(-1), tensor[None], tensor.flatten()[:1].reshape(()), tensor[:0], torch.cat([tensor, tensor]),
-              tensor[:-1] if tensor.shape[0] > 1 else tensor[:0]]
+    shapes = [tensor.reshape(-1), tensor[None], tensor.flatten()[:1].reshape(()), tensor[:0],
+              torch.cat([tensor, tensor]), tensor[:-1] if tensor.shape[0] > 1 else tensor[:0]]
     if tensor.ndim >= 2:
         shapes += [tensor.transpose(0, 1), tensor[:, :-1], tensor[..., :1]]
     out += [(f"{name} shape {tuple(value.shape)}", value) for value in shapes]
@@ -183,13 +183,13 @@ def test_every_mutation_of_a_basis_file_loads_correctly_or_names_the_file(tmp_pa
                 assert str(path) in str(error), f"{label}: the error does not name the file: {error}"
                 refused += 1
                 continue
-            except Exception as error:  # noqa: BLE001 - the point: nothing but LoreDataError
+            except Exception as error:  # the point: nothing but LoreDataError
                 pytest.fail(f"{label}: {type(error).__name__}: {error}")
             try:
                 exercise(model, path, tmp_path / f"saved-{number}.safetensors")
             except AssertionError as error:
                 raise AssertionError(f"{label}: {error}") from None
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 pytest.fail(f"{label}: after loading, {type(error).__name__}: {error}")
         loaded += 1
     # both outcomes happen: the mutations are not all harmless, nor all refused
