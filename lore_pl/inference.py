@@ -46,7 +46,10 @@ class PersonalRewardModel:
     """
 
     def __init__(self, exported: BasisFile, source: str = "") -> None:
-        exported = check_basis(exported, source or "the basis (in memory)")
+        self._build(check_basis(exported, source or "the basis (in memory)"), source)
+
+    def _build(self, exported: BasisFile, source: str) -> None:
+        """The model of a checked basis (``check_basis``, or ``load_basis``, which knows the file's dtypes)."""
         self.model = exported.to_model()
         self._row = {user: i for i, user in enumerate(self.model.user_ids)}
         self.source = source  # the file it was read from, for error messages
@@ -58,7 +61,9 @@ class PersonalRewardModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PersonalRewardModel:
-        return cls(load_basis(path), source=str(path))
+        model = cls.__new__(cls)
+        model._build(load_basis(path), str(path))  # checked as a whole by load_basis
+        return model
 
     def save(self, path: str | os.PathLike) -> None:
         save_basis(path, BasisFile.from_model(self.model))

@@ -255,7 +255,7 @@ def check_basis(exported: BasisFile, source: str, weight_rounding: float = 0.0) 
     tau = _check_tau(exported.tau, fail)
     basis = tensors.get("basis")
     if basis is None:
-        raise fail("basis", "is missing")
+        raise LoreDataError(f"{source}: field 'basis' is missing")
     if basis.ndim != 2 or basis.shape[0] < 1 or basis.shape[1] < 1:
         raise fail("basis", f"must be a [d, K] matrix with d, K >= 1, got shape {tuple(basis.shape)}")
     if float(basis.double().norm(dim=0).max()) > FLOAT32.max:
@@ -271,8 +271,8 @@ def check_basis(exported: BasisFile, source: str, weight_rounding: float = 0.0) 
                              f"d={dim} and K={rank}")
     weights = tensors.get("user_weights")
     if weights is None and rank >= 2 and count:
-        raise fail("user_weights", f"is missing: the basis has K={rank} columns and {count} user id(s), each needs "
-                                   "its weights")
+        raise LoreDataError(f"{source}: field 'user_weights' is missing: the basis has K={rank} columns and {count} "
+                            "user id(s), each needs its weights")
     if weights is not None:
         _check_weights(weights, user_ids, weight_rounding, fail)
     if "reference_head" in tensors and float(tensors["reference_head"].double().norm()) > FLOAT32.max:
