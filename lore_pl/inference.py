@@ -17,6 +17,7 @@ which that embedder embeds exactly as training did (loaded on first use):
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,8 @@ from lore_pl.data.basis_file import BasisFile, check_basis, check_user_id, load_
 from lore_pl.data.embedder import EmbedderSpec, Item, TextEmbedder, as_messages
 from lore_pl.errors import LoreDataError
 
+#: the largest pair logit a fit takes: its gradient's square must be a float32 number (Adam squares it)
+MAX_FIT_LOGIT = math.sqrt(torch.finfo(torch.float32).max)
 #: a prompt: a string (one user turn) or a chat list of ``{"role", "content"}`` turns
 Prompt = str | Sequence[dict[str, str]]
 
@@ -313,6 +316,12 @@ class PersonalRewardModel:
         users = torch.zeros(differences.shape[0], dtype=torch.long)
         caller = f"personalize({user!r})"
         projected = self._finite(LF.project(differences, self.basis), caller, "pairs' projections on the basis")
+        largest = float(projected.abs().max()) / self.tau if projected.numel() else 0.0
+        if largest > MAX_FIT_LOGIT:  # Adam squares the gradients, up to |logit|: beyond, they overflow to inf
+            raise LoreDataError(f"{caller}: a pair's logit |(e_c - e_r) . V| / tau reaches {largest:.3g}, beyond "
+                                f"{MAX_FIT_LOGIT:.3g} (whose square float32 holds) with the basis "
+                                f"{self.source or '(in memory)'} (tau={self.tau:g}); the fit cannot move; nothing was "
+                                "stored")
         precision = settings.precision(self.model.prior_precision)
         logits = adapt_users(projected, users, 1, settings, self.tau, prior, prior_precision=self.model.prior_precision)
         self._finite(logits, caller, "fitted logits")
