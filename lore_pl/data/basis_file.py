@@ -182,8 +182,8 @@ def basis_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], pat
         prior_precision=read.get("prior_precision"),
         weight_covariance=read.get("weight_covariance"),
     )
-    # float16/bfloat16 weights sum to 1 only to their own rounding
-    rounding = max((torch.finfo(tensors[name].dtype).eps for name in ("user_weights",) if name in read), default=0.0)
+    stored = tensors.get("user_weights")  # float16/bfloat16 weights sum to 1 only to their own rounding
+    rounding = torch.finfo(stored.dtype).eps if stored is not None else 0.0
     return check_basis(exported, str(path), weight_rounding=rounding)
 
 
