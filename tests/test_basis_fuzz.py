@@ -53,6 +53,8 @@ USER_IDS = ['"abcde"', json.dumps(["u0", "u0", "u2", "u3"]), "[1, 2, 3, 4]", jso
             json.dumps([*USERS, "u4"]), json.dumps([None, "u1", "u2", "u3"]), json.dumps([["u0"], "u1", "u2", "u3"]),
             json.dumps(["ü ser/1", "3", "rater three", "u3"]), "5", '{"a": 1}']
 FORMATS = ["lore-pl-basis/99", "", "lore-pl-basis/0", "lore-pl-hf/1", "LORE-PL-BASIS/1"]
+DIGESTS = ["sha256-state-dict-v1:" + "0" * 64, "md5:1234", "", "sha256-state-dict-v1:" + "g" * 64,
+           "sha256-state-dict-v1:" + "0" * 63]
 EMBEDDERS = [identity_with(model="package:this"), identity_with(model="package:os"), identity_with(kind="other"),
              identity_with(dtype="int8"), identity_with(unknown_field=1), identity_with(model=""),
              identity_with(max_length="many"), "text-embedder:{not json", "text-embedder:[]", "anything at all", "",
@@ -93,7 +95,8 @@ def mutations() -> list[Change]:
     found: list[Change] = []
     for name, tensor in tensors.items():
         found += [(label, {name: value}, {}) for label, value in tensor_mutations(name, tensor, rng)]
-    for name, values in (("tau", TAUS), ("user_ids", USER_IDS), ("format", FORMATS), ("embedder", EMBEDDERS)):
+    for name, values in (("tau", TAUS), ("user_ids", USER_IDS), ("format", FORMATS), ("embedder", EMBEDDERS),
+                         ("embedder_weights", DIGESTS)):
         found.append((f"{name} missing", {}, {name: None}))
         found += [(f"{name} = {value!r:.50}", {}, {name: value}) for value in values]
     found += [("extra tensor", {"extra": torch.ones(2)}, {}), ("extra metadata", {}, {"extra": "1"}),

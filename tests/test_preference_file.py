@@ -236,6 +236,9 @@ def test_lightning_predict_fills_the_cache(tmp_path, tiny_reward_model, monkeypa
     expected, expected_head = in_process.feature_cache.load()
     torch.testing.assert_close(features, expected)
     assert torch.equal(head, expected_head)
+    # both ways record the embedding model's weights digest (a basis fitted on the cache keeps it)
+    assert predicted.embedder_weights == in_process.embedder_weights
+    assert predicted.embedder_weights.startswith("sha256-state-dict-v1:")
 
     def no_model(self, spec):
         raise AssertionError("the model was loaded although the cache is complete")

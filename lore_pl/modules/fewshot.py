@@ -122,6 +122,7 @@ class FewShotModule(PreferenceModule):
             num_users=num_users,
             user_ids=user_ids or (),
             embedder=embedder or basis.embedder,
+            embedder_weights=basis.embedder_weights,
             train_basis=False,
         )
 
