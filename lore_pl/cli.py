@@ -179,6 +179,8 @@ class LoreCLI(LightningCLI):
         for entry in loggers:
             if name and getattr(entry, "init_args", None) is not None and "name" in entry.init_args:
                 entry.init_args.name = name
+        if self.subcommand == "predict" and config.get("overwrite") and "overwrite" in _init_args(config.get("model")):
+            _init_args(config.model).overwrite = True  # the score CSV's (lore_pl.modules.scoring)
         if self.subcommand != "fit":
             return
         if config.get("ckpt_path") == "last":
