@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -186,10 +185,10 @@ def shots(
 
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown few-shot methods {sorted(unknown)}; choose from {sorted(METHODS)}")
+        raise LoreDataError(f"unknown few-shot methods {sorted(unknown)}; choose from {sorted(METHODS)}")
     unknown = set(selection) - set(SELECTIONS)
     if unknown:
-        raise ValueError(f"unknown selections {sorted(unknown)}; choose from {list(SELECTIONS)}")
+        raise LoreDataError(f"unknown selections {sorted(unknown)}; choose from {list(SELECTIONS)}")
     inputs = [basis_path, getattr(data, "path", None)]
     with claim_results(Path(out_dir), "shots", inputs, overwrite):
         active = [name for name in dict.fromkeys(selection) if name != "random"]
@@ -205,7 +204,7 @@ def shots(
         for method in methods:
             init, strength = METHODS[method]
             if init in ("population", "average") and prior is None and basis.shape[1] >= 2:
-                raise ValueError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
+                raise LoreDataError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
             if init == "average":
                 start = time.perf_counter()
                 seen = loaded.user_weights if loaded.user_weights is not None else torch.ones(1, basis.shape[1])
@@ -363,7 +362,7 @@ def rank(
             )
             found = [c.results for c in cli.trainer.callbacks if isinstance(c, ProtocolEvaluation)]
             if not found or found[0] is None:
-                raise ValueError(f"{experiment} has no ProtocolEvaluation callback, or it produced no results")
+                raise LoreDataError(f"{experiment} has no ProtocolEvaluation callback, or it produced no results")
             results[k] = found[0]
         labels = ["ref" if k == 0 else str(k) for k in ranks]
         payload = {
@@ -412,13 +411,11 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point ``lore-pl-sweep``."""
     from jsonargparse import CLI
 
-    try:
-        CLI([shots, rank], args=_experiment_as_config(sys.argv[1:] if args is None else args), as_positional=False)
-    except LoreDataError as error:  # bad input or settings (an output it may not replace): one line
-        if os.environ.get("LORE_PL_TRACEBACK"):
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    from lore_pl.cli import user_errors_in_one_line
+
+    with user_errors_in_one_line():  # exit_on_error=False: the parser's errors too, without the usage
+        CLI([shots, rank], args=_experiment_as_config(sys.argv[1:] if args is None else args), as_positional=False,
+            exit_on_error=False)
 
 
 if __name__ == "__main__":

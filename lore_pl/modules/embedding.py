@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lore_pl.data.embedder import TextEmbedder
 from lore_pl.data.preferences import DataRequest
+from lore_pl.errors import LoreDataError
 from lore_pl.modules.distributed import release_process_group_at_exit
 
 
@@ -59,7 +60,7 @@ class EmbeddingModule(LightningModule):
         datamodule = self.trainer.datamodule
         spec = getattr(datamodule, "embedder_spec", None)
         if spec is None:
-            raise ValueError(
+            raise LoreDataError(
                 "EmbeddingModule needs a data module with an `embedder_spec` (an EmbeddedPreferenceDataModule)"
             )
         datamodule.connect(self.data_request)

@@ -135,7 +135,7 @@ class ScoringModule(LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         embeddings = batch["embeddings"]
         if embeddings.shape[1] != self.heads.shape[0]:
-            raise ValueError(
+            raise LoreDataError(
                 f"candidate embeddings have d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}"
             )
         return {"index": batch["index"], "scores": embeddings.float() @ self.heads}
@@ -192,6 +192,8 @@ class TextScoringModule(LightningModule):
     def __init__(self, basis_path: str, users: list[str] | None = None, output: str = "text_scores.csv",
                  batch_size: int | None = None, overwrite: bool = False) -> None:
         super().__init__()
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise LoreDataError(f"batch_size must be a number of texts >= 1 (null: the embedder's), got {batch_size}")
         self.save_hyperparameters()
         self.embedder = None
         self.user_ids: list[str] = []
@@ -238,6 +240,6 @@ class TextScoringModule(LightningModule):
         rows, columns = torch.cat(rows), torch.cat(columns)
         embeddings = self.embedder(batch["items"]).to(self.heads.device)
         if embeddings.shape[1] != self.heads.shape[0]:
-            raise ValueError(f"the embedder gives d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}")
+            raise LoreDataError(f"the embedder gives d={embeddings.shape[1]}, the basis has d={self.heads.shape[0]}")
         rewards = (embeddings @ self.heads)[rows, columns]  # [rows, users] first: no [pairs, d] copy
         return {"line": batch["line"][rows.to(batch["line"].device)], "user": columns, "reward": rewards}
