@@ -17,6 +17,8 @@ which that embedder embeds exactly as training did (loaded on first use):
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -28,11 +30,13 @@ from torch import Tensor
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import FewShotSettings, adapt_users, weight_covariance
 from lore_pl.core.selection import best_per_user, check_selection, posterior_precision, selection_scores
-from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path, save_basis
+from lore_pl.data.basis_file import BasisFile, check_basis, check_user_id, load_basis, resolve_basis_path, save_basis
 from lore_pl.data.embedder import EmbedderSpec, Item, TextEmbedder, as_messages
 from lore_pl.data.outputs import OutputKind, claim_outputs
 from lore_pl.errors import LoreDataError
 
+#: the largest pair logit a fit takes: its gradient's square must be a float32 number (Adam squares it)
+MAX_FIT_LOGIT = math.sqrt(torch.finfo(torch.float32).max)
 #: a prompt: a string (one user turn) or a chat list of ``{"role", "content"}`` turns
 Prompt = str | Sequence[dict[str, str]]
 #: ``PersonalRewardModel.save``'s file: it replaces no existing file unless told to
@@ -41,15 +45,21 @@ SAVED_BASIS = OutputKind("PersonalRewardModel.save", lambda path: False, "no exi
 
 
 class PersonalRewardModel:
-    """A frozen ``LoreModel``: a basis V, tau, and named users; every user's reward is ``e . V w_u``."""
+    """A frozen ``LoreModel``: a basis V, tau, and named users; every user's reward is ``e . V w_u``.
 
-    def __init__(self, exported: BasisFile) -> None:
-        weights = exported.user_weights
-        if weights is not None and len(exported.user_ids) != weights.shape[0]:
-            raise ValueError(f"{len(exported.user_ids)} user ids but {weights.shape[0]} rows of user weights")
+    Every public method refuses a user that is not a non-empty string (``LoreDataError`` naming the
+    argument), and a result that overflows float32 (``LoreDataError`` naming the basis); nothing is
+    stored then.
+    """
+
+    def __init__(self, exported: BasisFile, source: str = "") -> None:
+        self._build(check_basis(exported, source or "the basis (in memory)"), source)
+
+    def _build(self, exported: BasisFile, source: str) -> None:
+        """The model of a checked basis (``check_basis``, or ``load_basis``, which knows the file's dtypes)."""
         self.model = exported.to_model()
         self._row = {user: i for i, user in enumerate(self.model.user_ids)}
-        self.source = ""  # the file it was read from, for error messages
+        self.source = source  # the file it was read from, for error messages
         self._embedder_spec: EmbedderSpec | None = None  # the text embedder's settings, once resolved
         self._text_embedder: TextEmbedder | None = None  # loaded when text is first embedded
         self._device: str | torch.device | None = None
@@ -58,8 +68,8 @@ class PersonalRewardModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PersonalRewardModel:
-        model = cls(load_basis(path))
-        model.source = str(path)
+        model = cls.__new__(cls)
+        model._build(load_basis(path), str(path))  # checked as a whole by load_basis
         return model
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -170,7 +180,21 @@ class PersonalRewardModel:
         """K, the number of basis columns."""
         return self.model.rank
 
+    def _user(self, user: object, caller: str) -> str:
+        """``user`` if it is a user id; a ``LoreDataError`` naming ``caller``'s argument otherwise."""
+        return check_user_id(user, f"{caller}: argument 'user'")
+
+    def _finite(self, values: Tensor, caller: str, what: str) -> Tensor:
+        """``values`` if finite; an overflow (float32) raises a ``LoreDataError`` naming the basis."""
+        if not bool(torch.isfinite(values).all()):
+            count = int((~torch.isfinite(values)).sum())
+            raise LoreDataError(f"{caller}: {count} of the {what} overflow float32 (beyond +-3.4e38): the inputs' "
+                                f"scale times that of the basis {self.source or '(in memory)'} (tau={self.tau:g}) is "
+                                "too large; nothing was scored or stored")
+        return values
+
     def weights(self, user: str) -> Tensor:
+        self._user(user, "weights")
         if user not in self._row:
             raise KeyError(f"unknown user {user!r}: not among the {len(self.user_ids)} users of this model")
         return self.user_weights[self._row[user]]
@@ -192,30 +216,37 @@ class PersonalRewardModel:
         return embeddings
 
     def score(self, embeddings: Tensor, user: str) -> Tensor:
-        """Rewards ``e . V w_u`` of responses ``[n, d]`` (or one ``[d]``) for ``user``: ``[n]``."""
-        return self._embeddings(embeddings) @ self.head(user)
+        """Rewards ``e . V w_u`` of responses ``[n, d]`` (or one ``[d]``) for ``user``: ``[n]``; rewards
+        that overflow float32 are refused."""
+        self._user(user, "score")
+        return self._finite(self._embeddings(embeddings) @ self.head(user), f"score({user!r})", "rewards")
 
     def rank(self, candidates: Tensor, user: str) -> Tensor:
         """Indices of ``candidates`` ``[n, d]`` from the user's best to worst (personalized best-of-n)."""
+        self._user(user, "rank")
         return torch.argsort(self.score(candidates, user), descending=True, stable=True)
 
     def preference_probability(self, chosen: Tensor, rejected: Tensor, user: str) -> Tensor:
         """``P(user prefers chosen)`` = ``sigmoid((e_c - e_r) . V w_u / tau)``, per pair."""
+        self._user(user, "preference_probability")
         return torch.sigmoid((self.score(chosen, user) - self.score(rejected, user)) / self.tau)
 
     # The same four on text: the responses are embedded by the basis's embedder (``from_run``).
     def score_text(self, prompt: Prompt, responses: str | Sequence[str], user: str) -> Tensor:
         """Rewards ``[n]`` of the responses to ``prompt`` (a string or a chat list) for ``user``."""
+        self._user(user, "score_text")
         self.weights(user)  # an unknown user raises before any text is embedded
         return self.score(self._embed(text_items(prompt, responses, "score_text")), user)
 
     def rank_text(self, prompt: Prompt, responses: str | Sequence[str], user: str) -> Tensor:
         """Indices of ``responses`` from the user's best to worst (personalized best-of-n on text)."""
+        self._user(user, "rank_text")
         return torch.argsort(self.score_text(prompt, responses, user), descending=True, stable=True)
 
     def preference_probability_text(self, prompt: Prompt, chosen: str | Sequence[str], rejected: str | Sequence[str],
                                     user: str) -> Tensor:
         """``P(user prefers chosen[i] to rejected[i])`` on ``prompt``, per pair ``[n]``."""
+        self._user(user, "preference_probability_text")
         self.weights(user)
         chosen_items = text_items(prompt, chosen, "preference_probability_text: chosen")
         rejected_items = text_items(prompt, rejected, "preference_probability_text: rejected")
@@ -229,6 +260,7 @@ class PersonalRewardModel:
     def personalize_text(self, user: str, pairs: Iterable[tuple[Prompt, str, str]], **options: Any) -> Tensor:
         """``personalize`` on text pairs ``(prompt, chosen, rejected)`` (``options``: its keyword
         arguments); a pair with an empty or identical response is refused, and nothing is stored."""
+        self._user(user, "personalize_text")
         chosen, rejected = [], []
         for number, pair in enumerate(pairs):
             where = f"personalize_text({user!r}): pair {number}"
@@ -246,6 +278,7 @@ class PersonalRewardModel:
 
     def weight_covariance(self, user: str) -> Tensor | None:
         """The posterior covariance ``[K, K]`` of the user's weights (Laplace), where the model has it."""
+        self._user(user, "weight_covariance")
         covariance = self.model.weight_covariance
         if covariance is None:
             self.weights(user)  # unknown users still raise
@@ -255,12 +288,14 @@ class PersonalRewardModel:
     def score_std(self, embeddings: Tensor, user: str) -> Tensor | None:
         """The posterior standard deviation of the rewards ``e . V w_u`` ``[n]`` that comes from not
         knowing ``w_u`` exactly (a user with few pairs has a wide one); None without a covariance."""
+        self._user(user, "score_std")
         embeddings = self._embeddings(embeddings)
         covariance = self.weight_covariance(user)
         if covariance is None:
             return None
         directions = embeddings @ self.basis  # [n, K]: e . V
-        return ((directions @ covariance.float()) * directions).sum(-1).clamp(min=0).sqrt()
+        spread = ((directions @ covariance.float()) * directions).sum(-1).clamp(min=0).sqrt()
+        return self._finite(spread, f"score_std({user!r})", "standard deviations")
 
     def personalize(self, user: str, chosen: Tensor, rejected: Tensor, *, steps: int = 500, lr: float = 0.1,
                     init: str = "population", prior_strength: float | None = None, seed: int = 0,
@@ -274,6 +309,7 @@ class PersonalRewardModel:
         pair moves a user little and many pairs move them to their own fit; ``prior_strength`` 0 and
         ``init='randn'`` are the reference's plain fit. The user's weight covariance is kept too.
         """
+        self._user(user, "personalize")
         differences = (self._embeddings(chosen, f"personalize({user!r}): chosen")
                        - self._embeddings(rejected, f"personalize({user!r}): rejected"))
         if not bool(torch.isfinite(differences).all()):  # each finite, the difference overflowed
@@ -286,12 +322,21 @@ class PersonalRewardModel:
                                        prior_strength=prior_strength)
         settings = replace(settings, shots=None)
         users = torch.zeros(differences.shape[0], dtype=torch.long)
-        projected = LF.project(differences, self.basis)
+        caller = f"personalize({user!r})"
+        projected = self._finite(LF.project(differences, self.basis), caller, "pairs' projections on the basis")
+        largest = float(projected.abs().max()) / self.tau if projected.numel() else 0.0
+        if largest > MAX_FIT_LOGIT:  # Adam squares the gradients, up to |logit|: beyond, they overflow to inf
+            raise LoreDataError(f"{caller}: a pair's logit |(e_c - e_r) . V| / tau reaches {largest:.3g}, beyond "
+                                f"{MAX_FIT_LOGIT:.3g} (whose square float32 holds) with the basis "
+                                f"{self.source or '(in memory)'} (tau={self.tau:g}); the fit cannot move; nothing was "
+                                "stored")
         precision = settings.precision(self.model.prior_precision)
         logits = adapt_users(projected, users, 1, settings, self.tau, prior, prior_precision=self.model.prior_precision)
+        self._finite(logits, caller, "fitted logits")
         covariance = None
         if self.model.personalized:
-            covariance = weight_covariance(projected, users, logits, self.tau, precision)[0]
+            covariance = self._finite(weight_covariance(projected, users, logits, self.tau, precision)[0], caller,
+                                      "entries of the weights' covariance")
         self._set_user(user, logits[0], covariance)
         self._answers.pop(user, None)  # this fit replaces whatever ``observe`` had recorded (it re-adds them)
         return self.weights(user)
@@ -355,6 +400,7 @@ class PersonalRewardModel:
             projected = LF.project(torch.stack(answers[0]) - torch.stack(answers[1]), self.basis)
         users = torch.zeros(projected.shape[0], dtype=torch.long)
         covariance = weight_covariance(projected, users, logits[None].float(), self.tau, precision)[0]
+        self._finite(covariance, f"next_pair({user!r})", "entries of the weights' covariance")
         return torch.softmax(logits.float(), dim=-1), covariance
 
     def next_pair(self, user: str, pool: Tensor, *, selection: str = "information",
@@ -367,19 +413,18 @@ class PersonalRewardModel:
         probability is closest to 0.5) or ``random`` (drawn with ``generator``); see
         ``lore_pl.core.selection``. A user the model does not know starts at the population prior;
         each ``observe`` narrows their posterior. ``exclude``: indices not to pick (e.g. pairs already
-        asked). Stores nothing; a pool with NaN or Inf is refused.
+        asked: integer positions, negative ones from the end). Stores nothing; a pool with NaN or Inf is refused.
         """
+        self._user(user, "next_pair")
         check_selection(selection)
         pool = self._pool(pool, "next_pair", user)
         available = torch.ones(pool.shape[0], dtype=torch.bool)
-        for index in exclude or []:
-            if not -pool.shape[0] <= index < pool.shape[0]:
-                raise IndexError(f"next_pair({user!r}): exclude holds {index}, the pool has {pool.shape[0]} pairs")
-            available[index] = False
+        available[excluded_positions(exclude, pool.shape[0], f"next_pair({user!r})")] = False
         if not bool(available.any()):
             raise ValueError(f"next_pair({user!r}): every pair of the pool is excluded")
         weights, covariance = self._posterior(user)
-        projected = LF.project(pool[:, 0] - pool[:, 1], self.basis)
+        projected = self._finite(LF.project(pool[:, 0] - pool[:, 1], self.basis), f"next_pair({user!r})",
+                                 "pairs' projections on the basis")
         users = torch.zeros(pool.shape[0], dtype=torch.long)
         scores = selection_scores(selection, projected, users, weights[None], covariance[None], self.tau,
                                   generator)
@@ -394,6 +439,7 @@ class PersonalRewardModel:
         Returns the user's weights ``[K]``. A pair with NaN or Inf, or a choice other than 0 or 1, is
         refused and nothing is stored.
         """
+        self._user(user, "observe")
         if choice not in (0, 1) or isinstance(choice, float):
             raise ValueError(f"observe({user!r}): choice must be 0 (the first response preferred) or 1 "
                              f"(the second), got {choice!r}")
@@ -409,10 +455,33 @@ class PersonalRewardModel:
 
     def answers(self, user: str) -> tuple[Tensor, Tensor] | None:
         """The (chosen ``[m, d]``, rejected ``[m, d]``) answers ``observe`` recorded for ``user``, or None."""
+        self._user(user, "answers")
         if user not in self._answers:
             return None
         chosen, rejected, _ = self._answers[user]
         return torch.stack(chosen), torch.stack(rejected)
+
+
+def excluded_positions(exclude: Iterable[int] | None, count: int, where: str) -> list[int]:
+    """``exclude`` as a list of positions into ``count`` pairs (integers, negative from the end); a
+    non-integer (``1.5``, ``True``, ``"2"``) or one out of range raises a ``LoreDataError`` naming it."""
+    if exclude is None:
+        return []
+    if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
+        raise LoreDataError(f"{where}: exclude must be a list of integer positions, got {exclude!r:.60}")
+    positions = []
+    for number, index in enumerate(exclude):
+        try:
+            if isinstance(index, bool):
+                raise TypeError
+            position = operator.index(index)  # ints, NumPy integers, 0-d integer tensors; not 1.5
+        except TypeError:
+            raise LoreDataError(f"{where}: exclude[{number}] must be an integer position, got {index!r:.40}") from None
+        if not -count <= position < count:
+            raise LoreDataError(f"{where}: exclude[{number}] is {position}, outside the pool of {count} pairs "
+                                f"(positions {-count} to {count - 1})")
+        positions.append(position)
+    return positions
 
 
 def text_items(prompt: Prompt, responses: str | Sequence[str], where: str) -> list[Item]:

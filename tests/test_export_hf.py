@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import tiny_spec
 from lore_pl.cli import main as cli_main
@@ -156,8 +156,11 @@ def test_refusals_name_the_problem_and_write_nothing(tmp_path, tiny_reward_model
     nan = tmp_path / "nan.safetensors"
     values = torch.randn(16, 3)
     values[2, 1] = float("nan")
-    write_basis(nan, tiny_reward_model, basis=values)
-    with pytest.raises(LoreDataError, match="nan.safetensors: the tensor 'basis' holds NaN"):
+    write_basis(nan, tiny_reward_model)
+    with safe_open(str(nan), framework="pt") as handle:  # save_basis refuses NaN: poison the file after
+        tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118
+    save_file({**tensors, "basis": values}, str(nan), metadata=metadata)
+    with pytest.raises(LoreDataError, match="nan.safetensors: field 'basis': holds NaN"):
         export_hf(nan, tmp_path / "a")
     other_head = tmp_path / "other.safetensors"
     write_basis(other_head, tiny_reward_model, reference_head=torch.randn(16))

@@ -105,8 +105,15 @@ def test_non_finite_embeddings_are_refused_at_every_entry_point_and_nothing_chan
 
 
 def test_a_basis_file_with_nan_is_refused_on_load(tmp_path):
+    from safetensors.torch import save_file
+
     weights = torch.full((2, 3), 1 / 3)
     weights[1, 0] = float("nan")
-    save_basis(tmp_path / "poisoned.safetensors", BasisFile(torch.randn(8, 3), 1.0, None, ["a", "b"], weights))
-    with pytest.raises(ValueError, match="poisoned.safetensors: the tensor 'user_weights' holds NaN or Inf"):
+    poisoned = BasisFile(torch.randn(8, 3), 1.0, None, ["a", "b"], weights)
+    with pytest.raises(ValueError, match="refusing to write .*poisoned.safetensors: field 'user_weights': holds NaN"):
+        save_basis(tmp_path / "poisoned.safetensors", poisoned)  # save_basis writes no such file
+    assert not (tmp_path / "poisoned.safetensors").exists()
+    save_file({"basis": poisoned.basis, "user_weights": weights}, str(tmp_path / "poisoned.safetensors"),
+              metadata={"format": "lore-pl-basis/1", "tau": "1.0", "user_ids": '["a", "b"]'})
+    with pytest.raises(ValueError, match="poisoned.safetensors: field 'user_weights': holds NaN or Inf"):
         PersonalRewardModel.load(tmp_path / "poisoned.safetensors")

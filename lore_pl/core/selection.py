@@ -117,10 +117,18 @@ def selection_scores(
     if selection == "random":
         return torch.rand(projected.shape[0], generator=generator, dtype=torch.float64).to(projected.device)
     if selection == "uncertainty":
-        return uncertainty_scores(projected, users, weights, tau)
+        return _not_nan(uncertainty_scores(projected, users, weights, tau), selection)
     if covariance is None:
         raise ValueError("selection 'information' needs the users' weight covariance")
-    return information_scores(projected, users, weights, covariance, tau)
+    return _not_nan(information_scores(projected, users, weights, covariance, tau), selection)
+
+
+def _not_nan(scores: Tensor, selection: str) -> Tensor:
+    """A NaN score loses every comparison, so its user would silently get no pair (-1): refuse it."""
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(f"selection {selection!r}: {int(torch.isnan(scores).sum())} pair score(s) are NaN (an "
+                         "overflow of the pairs, weights, covariance or tau)")
+    return scores
 
 
 def best_per_user(scores: Tensor, users: Tensor, num_users: int, available: Tensor | None = None) -> Tensor:

@@ -2,14 +2,18 @@
 
 Reading never runs code from the file: safetensors holds tensors and strings only, and checkpoints
 are read with ``torch.load(weights_only=True)``, which refuses anything but tensors and plain values.
+A basis is checked as a whole when it is read, built (``PersonalRewardModel``) or written
+(``check_basis``): one ``LoreDataError`` names the file and the field of the first problem.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +23,24 @@ from torch import Tensor
 
 from lore_pl.core.model import LoreModel
 from lore_pl.data.atomic import write_atomic_path
-from lore_pl.data.embedder import WEIGHTS_DIGEST_SCHEME
+from lore_pl.data.embedder import IDENTITY_PREFIX, WEIGHTS_DIGEST_SCHEME, EmbedderSpec
 from lore_pl.data.files import read_checkpoint, read_tensor, read_tensors
-from lore_pl.errors import LoreDataError
+from lore_pl.errors import LoreDataError, LoreDataWarning
 
 FORMAT = "lore-pl-basis/1"
+#: the basis formats this version reads (``format`` in the file's metadata)
+KNOWN_FORMATS = (FORMAT,)
+#: a basis file's tensors and metadata; anything else in a file is ignored with a warning
+TENSOR_FIELDS = ("basis", "reference_head", "user_weights", "prior_mean", "prior_precision", "weight_covariance")
+METADATA_FIELDS = ("format", "tau", "user_ids", "embedder", "embedder_weights")
+#: tensor dtypes a file may hold: float32, or these, read once as float32 (with a warning)
+CONVERTED_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+FLOAT32 = torch.finfo(torch.float32)
+#: the smallest tau: 1 / tau must be a float32 number (a denormal tau such as 1e-45 made every logit inf)
+MIN_TAU = FLOAT32.tiny
+#: the largest |logit| of a prior mean: softmax differences beyond ~104 already underflow float32, and
+#: far larger logits overflow the prior's squared distances
+MAX_LOGIT = 1e4
 #: ``checkpoint["lore_pl"]["kind"]`` of the two LightningModules' checkpoints
 CHECKPOINT_KINDS = ("basis", "fewshot")
 
@@ -99,8 +116,10 @@ def resolve_basis_path(path: str | os.PathLike) -> Path:
 
 
 def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:
-    """Write ``exported`` to ``path`` atomically (temporary file, then rename)."""
+    """Write ``exported`` to ``path`` atomically (temporary file, then rename); a basis that
+    ``check_basis`` refuses is not written (nothing at ``path`` changes)."""
     path = Path(path)
+    exported = check_basis(exported, f"refusing to write {path}")
     tensors = {"basis": exported.basis.detach().float().cpu().contiguous()}
     if exported.reference_head is not None:
         tensors["reference_head"] = exported.reference_head.detach().float().cpu().contiguous()
@@ -121,30 +140,226 @@ def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:
 
 def load_basis(path: str | os.PathLike) -> BasisFile:
     """Read a basis from a ``.safetensors`` export or a ``BasisModule``/``FewShotModule`` checkpoint
-    (pruned columns dropped)."""
+    (pruned columns dropped), checked as a whole (``check_basis``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"basis file not found: {path}")
     if path.suffix == ".ckpt":
         return basis_from_checkpoint(path)
     tensors, metadata = read_tensors(path, "safetensors basis file")
-    if "basis" not in tensors or "tau" not in metadata:
-        raise LoreDataError(f"{path}: a basis file needs the tensor 'basis' and the metadata 'tau'")
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LoreDataError(f"{path}: the tensor {name!r} holds NaN or Inf; this basis cannot score anything")
-    return BasisFile(
-        basis=tensors["basis"],
-        tau=float(metadata["tau"]),
-        reference_head=tensors.get("reference_head"),
-        user_ids=list(json.loads(metadata.get("user_ids", "[]"))),
-        user_weights=tensors.get("user_weights"),
+    return basis_from_tensors(tensors, metadata, path)
+
+
+def basis_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: object) -> BasisFile:
+    """The basis a safetensors file's ``tensors`` and ``metadata`` hold; ``LoreDataError`` naming
+    ``path`` and the field otherwise. Unknown fields are ignored with a ``LoreDataWarning``."""
+    form = metadata.get("format")
+    if form is None:
+        raise LoreDataError(f"{path}: field 'format' is missing: not a lore-pl basis file (save_basis writes "
+                            f"format {FORMAT!r})")
+    if form not in KNOWN_FORMATS:
+        raise LoreDataError(f"{path}: field 'format': {form!r:.80} is not a basis format this lore-pl reads "
+                            f"({', '.join(KNOWN_FORMATS)})")
+    for name, present in (("basis", "basis" in tensors), ("tau", "tau" in metadata)):
+        if not present:
+            raise LoreDataError(f"{path}: field {name!r} is missing: a basis file needs the tensor 'basis' and "
+                                "the metadata 'tau'")
+    unknown = sorted(set(tensors) - set(TENSOR_FIELDS)) + sorted(set(metadata) - set(METADATA_FIELDS))
+    if unknown:
+        warnings.warn(f"{path}: ignored field(s) a basis file does not have: {unknown[:10]}", LoreDataWarning,
+                      stacklevel=3)
+    read = {}
+    for name in TENSOR_FIELDS:
+        if name in tensors:
+            read[name] = file_tensor(tensors[name], name, path)
+    converted = [f"{name!r} ({str(tensors[name].dtype).removeprefix('torch.')})" for name in read
+                 if tensors[name].dtype != torch.float32]
+    if converted:
+        warnings.warn(f"{path}: read {', '.join(converted)} as float32, the dtype of a basis file", LoreDataWarning,
+                      stacklevel=3)
+    exported = BasisFile(
+        basis=read["basis"],
+        tau=parse_tau(metadata["tau"], path),
+        reference_head=read.get("reference_head"),
+        user_ids=parse_user_ids(metadata.get("user_ids", "[]"), path),
+        user_weights=read.get("user_weights"),
         embedder=metadata.get("embedder", ""),
-        prior_mean=tensors.get("prior_mean"),
-        prior_precision=tensors.get("prior_precision"),
-        weight_covariance=tensors.get("weight_covariance"),
+        prior_mean=read.get("prior_mean"),
+        prior_precision=read.get("prior_precision"),
+        weight_covariance=read.get("weight_covariance"),
         embedder_weights=read_weights_digest(metadata, path),
     )
+    stored = tensors.get("user_weights")  # float16/bfloat16 weights sum to 1 only to their own rounding
+    rounding = torch.finfo(stored.dtype).eps if stored is not None else 0.0
+    return check_basis(exported, str(path), weight_rounding=rounding)
+
+
+def file_tensor(tensor: Tensor, name: str, path: object) -> Tensor:
+    """A file's tensor as float32: float16, bfloat16 and float64 are converted, other dtypes refused."""
+    if tensor.dtype == torch.float32:
+        return tensor
+    if tensor.dtype not in CONVERTED_DTYPES:
+        raise LoreDataError(f"{path}: field {name!r}: dtype {str(tensor.dtype).removeprefix('torch.')}; a basis "
+                            "file holds float32 tensors (float16, bfloat16 and float64 are read as float32)")
+    return tensor.float()  # float64 beyond float32's range becomes inf, which check_basis refuses
+
+
+def parse_tau(text: str, path: object) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise LoreDataError(f"{path}: field 'tau': {text!r:.80} is not a number") from None
+
+
+def parse_user_ids(text: str, path: object) -> list[str]:
+    """The metadata ``user_ids``: a JSON list (its items are checked by ``check_basis``)."""
+    try:
+        user_ids = json.loads(text)
+    except ValueError as error:
+        raise LoreDataError(f"{path}: field 'user_ids': not valid JSON ({error})") from None
+    if not isinstance(user_ids, list):
+        raise LoreDataError(f"{path}: field 'user_ids' must be a JSON list of user id strings, got a "
+                            f"{type(user_ids).__name__}: {text!r:.80}")
+    return user_ids
+
+
+def check_user_id(user: object, where: str) -> str:
+    """``user`` if it is a user id (a string that is not empty or blank); a ``LoreDataError`` naming ``where``."""
+    if not isinstance(user, str) or not user.strip():
+        raise LoreDataError(f"{where} must be a non-empty string (a user id), got {user!r:.60}")
+    return user
+
+
+def check_basis(exported: BasisFile, source: str, weight_rounding: float = 0.0) -> BasisFile:
+    """``exported`` with its tensors as float32, if every field is valid; else one ``LoreDataError``
+    ``"{source}: field NAME: ..."`` for the first bad field.
+
+    A basis is: ``tau`` a finite float32 number >= ``MIN_TAU``; ``basis`` a finite ``[d, K]`` matrix
+    (d, K >= 1) whose columns' norms are float32 numbers; ``user_ids`` unique non-empty strings;
+    ``user_weights`` ``[C, K]`` (C users; needed for K >= 2 with users), finite, >= 0, each row
+    summing to 1 within float32 rounding (``weight_rounding``: the file's own, where it was coarser);
+    ``reference_head`` a finite ``[d]``; ``prior_mean`` ``[K]`` of finite logits within +-``MAX_LOGIT``;
+    ``prior_precision`` ``[K]`` finite, each 0 or a normal float32 number; ``weight_covariance`` ``[C, K, K]``, finite,
+    symmetric, with a non-negative diagonal; ``embedder`` a string, and where it names a text
+    embedder, one ``EmbedderSpec`` accepts (so a model package outside the allow-list is refused).
+    """
+
+    def fail(name: str, problem: str) -> LoreDataError:
+        return LoreDataError(f"{source}: field {name!r}: {problem}")
+
+    tensors = {}
+    for name in TENSOR_FIELDS:
+        value = getattr(exported, name)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise fail(name, f"must be a floating-point tensor, got {_kind(value)}")
+        value = value.detach().float()
+        if not bool(torch.isfinite(value).all()):
+            raise fail(name, "holds NaN or Inf (the file's values, or float64 values beyond float32's range); "
+                             "this basis cannot score anything")
+        tensors[name] = value
+    tau = _check_tau(exported.tau, fail)
+    basis = tensors.get("basis")
+    if basis is None:
+        raise LoreDataError(f"{source}: field 'basis' is missing")
+    if basis.ndim != 2 or basis.shape[0] < 1 or basis.shape[1] < 1:
+        raise fail("basis", f"must be a [d, K] matrix with d, K >= 1, got shape {tuple(basis.shape)}")
+    if float(basis.double().norm(dim=0).max()) > FLOAT32.max:
+        raise fail("basis", "a column's norm exceeds float32's range: every reward would overflow")
+    dim, rank = basis.shape
+    user_ids = _check_user_ids(exported.user_ids, fail)
+    count = len(user_ids)
+    shapes = {"reference_head": (dim,), "user_weights": (count, rank), "prior_mean": (rank,),
+              "prior_precision": (rank,), "weight_covariance": (count, rank, rank)}
+    for name, shape in shapes.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise fail(name, f"has shape {tuple(tensors[name].shape)}, expected {shape} for {count} user id(s), "
+                             f"d={dim} and K={rank}")
+    weights = tensors.get("user_weights")
+    if weights is None and rank >= 2 and count:
+        raise LoreDataError(f"{source}: field 'user_weights' is missing: the basis has K={rank} columns and {count} "
+                            "user id(s), each needs its weights")
+    if weights is not None:
+        _check_weights(weights, user_ids, weight_rounding, fail)
+    if "reference_head" in tensors and float(tensors["reference_head"].double().norm()) > FLOAT32.max:
+        raise fail("reference_head", "its norm exceeds float32's range")
+    largest = float(tensors["prior_mean"].abs().max()) if "prior_mean" in tensors else 0.0
+    if largest > MAX_LOGIT:
+        raise fail("prior_mean", f"holds a logit beyond +-{MAX_LOGIT:g} (largest {largest:g})")
+    precision = tensors.get("prior_precision")
+    if precision is not None and bool(((precision < 0) | ((precision > 0) & (precision < FLOAT32.tiny))).any()):
+        raise fail("prior_precision", f"each precision must be 0 (no prior) or at least {FLOAT32.tiny:.3g} (its "
+                                      f"inverse, a variance, a float32 number), got {precision.min().item():.3g}")
+    if "weight_covariance" in tensors:
+        _check_covariance(tensors["weight_covariance"], user_ids, fail)
+    _check_embedder_identity(exported.embedder, fail)
+    return replace(exported, tau=tau, user_ids=user_ids, **tensors)
+
+
+def _kind(value: object) -> str:
+    return f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+
+
+def _check_tau(tau: object, fail) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise fail("tau", f"must be a number, got {type(tau).__name__}")
+    tau = float(tau)
+    if not math.isfinite(tau) or not MIN_TAU <= tau <= FLOAT32.max:
+        raise fail("tau", f"must be a finite number in [{MIN_TAU:.3g}, {FLOAT32.max:.3g}] (1 / tau a float32 "
+                          f"number), got {tau!r}")
+    return tau
+
+
+def _check_user_ids(user_ids: object, fail) -> list[str]:
+    if not isinstance(user_ids, (list, tuple)):  # a string is not a list of one-letter users
+        raise fail("user_ids", f"must be a list of user id strings, got {type(user_ids).__name__}: {user_ids!r:.60}")
+    for position, user in enumerate(user_ids):
+        if not isinstance(user, str) or not user.strip():
+            raise fail("user_ids", f"item {position} must be a non-empty string, got {user!r:.60}")
+    if len(set(user_ids)) != len(user_ids):
+        seen: set[str] = set()
+        twice = next(user for user in user_ids if user in seen or seen.add(user))
+        raise fail("user_ids", f"names {twice!r} more than once; each user has one row of weights")
+    return list(user_ids)
+
+
+def _check_weights(weights: Tensor, user_ids: list[str], rounding: float, fail) -> None:
+    if bool((weights < 0).any()):
+        row = int((weights < 0).any(dim=1).nonzero()[0])
+        raise fail("user_weights", f"row {row} (user {user_ids[row]!r}) holds a negative weight; weights are on "
+                                   "the simplex")
+    tolerance = max(1e-4, weights.shape[1] * max(rounding, FLOAT32.eps))
+    error = (weights.double().sum(dim=1) - 1).abs()
+    if weights.shape[0] and float(error.max()) > tolerance:
+        row = int(error.argmax())
+        total = float(weights[row].double().sum())
+        raise fail("user_weights", f"row {row} (user {user_ids[row]!r}) sums to {total:.6g}, not 1 (within "
+                                   f"{tolerance:.2g}); weights are not renormalised")
+
+
+def _check_covariance(covariance: Tensor, user_ids: list[str], fail) -> None:
+    if not covariance.shape[0]:
+        return
+    diagonal = torch.diagonal(covariance, dim1=1, dim2=2)
+    if bool((diagonal < 0).any()):
+        row = int((diagonal < 0).any(dim=1).nonzero()[0])
+        raise fail("weight_covariance", f"user {user_ids[row]!r} has a negative variance")
+    scale = covariance.abs().amax(dim=(1, 2), keepdim=True).clamp(min=FLOAT32.tiny)
+    asymmetry = ((covariance - covariance.transpose(1, 2)).abs() / scale).amax(dim=(1, 2))
+    if float(asymmetry.max()) > 1e-4:
+        raise fail("weight_covariance", f"user {user_ids[int(asymmetry.argmax())]!r} has a covariance that is not "
+                                        "symmetric")
+
+
+def _check_embedder_identity(embedder: object, fail) -> None:
+    if not isinstance(embedder, str):
+        raise fail("embedder", f"must be a string, got {type(embedder).__name__}")
+    if embedder.startswith(IDENTITY_PREFIX):
+        try:
+            EmbedderSpec.from_identity(embedder)
+        except LoreDataError as error:
+            raise fail("embedder", str(error)) from None
 
 
 def read_weights_digest(metadata: dict[str, str], path: Path) -> str:
@@ -169,7 +384,17 @@ def checkpoint_model(checkpoint: dict[str, Any], path: object) -> tuple[str, Lor
     }
     if "basis" not in state:
         raise LoreDataError(f"{path}: the checkpoint's state_dict holds no basis ('model.basis')")
-    return meta["kind"], LoreModel.from_state_dict(state), meta
+    extra = state.get("_extra_state", {})
+    if not isinstance(extra, dict) or not isinstance(extra.get("user_ids", []), (list, tuple)):
+        raise LoreDataError(f"{path}: field 'user_ids' (model._extra_state) must be a list of user id strings")
+    try:
+        model = LoreModel.from_state_dict(state)
+    except LoreDataError as error:
+        raise LoreDataError(f"{path}: {error}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a state_dict of other shapes or types
+        raise LoreDataError(f"{path}: the checkpoint's model does not load ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    return meta["kind"], model, meta
 
 
 def basis_from_checkpoint(path: str | os.PathLike) -> BasisFile:
@@ -179,7 +404,7 @@ def basis_from_checkpoint(path: str | os.PathLike) -> BasisFile:
         model.prune_(float(meta.get("prune_threshold", 0.0)))  # a mid-fit checkpoint was not pruned yet
     elif model.num_users == 0:
         raise LoreDataError(f"{path}: this FewShotModule checkpoint holds no fitted users")
-    return BasisFile.from_model(model)
+    return check_basis(BasisFile.from_model(model), str(path))
 
 
 def read_reference_head(path: str | os.PathLike) -> Tensor:

