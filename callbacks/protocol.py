@@ -112,6 +112,7 @@ def evaluate_protocol(
             split = datamodule.split(role)
             evaluated[role] = (split, logits_of(split, basis, seen_weights, tau, device))
     results: dict[str, float | int | str] = {
+        "held_out": datamodule.held_out,  # what the test pairs hold out: prompts, responses or own prompts
         "rank": model.rank,
         "kept_rank": int(basis.shape[1]),
         "shots": fewshot.shots or 0,
@@ -270,6 +271,7 @@ def format_table(results: dict) -> str:
     for key, _, label in PROTOCOL_ROWS:
         if key not in results:
             continue
+        label = row_label(label, results)
         row = f"{label:<34}{cell(key)}" + "".join(cell(f"baselines/{name}/{key}") for name in names)
         row += cell(f"oracle/{key}") if has_oracle else ""
         lines.append(row)
@@ -279,6 +281,7 @@ def format_table(results: dict) -> str:
         ("unseen/test_acc", "unseen users, unseen prompts"),
         ("seen/test_acc", "seen users, unseen prompts"),
     ):
+        label = row_label(label, results)
         gains = [f"{gain_text(results, name, key)} over {BASELINES[name]}" for name in names
                  if results.get(f"gain/{name}/{key}") is not None]
         if gains:
@@ -289,6 +292,11 @@ def format_table(results: dict) -> str:
     if names:
         lines.append("(mean over users of the per-user difference, [95% paired bootstrap interval over users])")
     return "\n".join(lines)
+
+
+def row_label(label: str, results: dict) -> str:
+    """A row's label with what its test pairs hold out (``unseen responses`` under a response split)."""
+    return label.replace("unseen prompts", f"unseen {results.get('held_out', 'prompts')}")
 
 
 def gain_text(results: dict, name: str, key: str) -> str:

@@ -179,7 +179,7 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
     def held_out(self) -> str:
         """What the test pairs hold out under the split plan (``prompts`` before there is one)."""
         mode = self.split_plan.mode if self.split_plan is not None else "prompt"
-        return {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}[mode]
+        return {"prompt": "prompts", "user_prompts": "own prompts", "response": "responses"}[mode]
 
     def plan_splits(self, table: dict[str, Any]) -> None:
         if self.split_plan is not None:

@@ -97,7 +97,7 @@ def test_each_mode_keeps_what_it_holds_out_out_of_training(many_prompts, tiny_re
     data = make(many_prompts / "prefs.jsonl", tiny_reward_model, many_prompts, split_by=mode, val_fraction=0.2)
     data.setup("fit")
     assert data.split_plan.mode == mode
-    words = {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}
+    words = {"prompt": "prompts", "user_prompts": "own prompts", "response": "responses"}
     assert data.held_out == words[mode]
     assert f"split plan for {many_prompts / 'prefs.jsonl'} (split_by: {mode})" in capsys.readouterr().out
     assert_every_kept_user_has_both_sides(data)
