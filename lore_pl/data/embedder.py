@@ -15,7 +15,7 @@ import hashlib
 import importlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -31,6 +31,11 @@ PLAIN_TEMPLATE = "plain-v1"
 IDENTITY_PREFIX = "text-embedder:"
 #: spec fields that change how texts are batched, not the embeddings: in no cache key or identity
 BATCHING_FIELDS = ("batch_size", "max_tokens_per_batch")
+#: feature options added after the first caches and bases were written, with their defaults: left out of
+#: the identity and the cache key at these values, so the features and bases of before keep theirs
+FEATURE_OPTION_DEFAULTS = {"pooling": "mean", "length_features": "none", "concat": ()}
+POOLINGS = ("mean", "max", "cls")
+LENGTH_FEATURES = ("none", "log_tokens")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class EmbedderSpec:
             the batch's longest text); a text longer than that goes alone. ``None``: ``batch_size``
             times ``max_length``, so no batch is larger than the fixed-size batches of before. Each call
             sorts its texts by length, so texts of similar length share a batch and little is padding.
+        pooling: how an encoder pools its tokens: ``mean`` (masked mean), ``max`` (masked max) or ``cls`` (first token).
+        length_features: ``log_tokens`` appends log(1 + the response's token count, untruncated) as one more dimension.
+        concat: more encoders (model ids, directories or ``package:NAME``) whose pooled embeddings are appended.
     """
 
     model: str = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
@@ -62,8 +70,12 @@ class EmbedderSpec:
     revision: str = "main"
     batch_size: int = 8
     max_tokens_per_batch: int | None = None
+    pooling: Literal["mean", "max", "cls"] = "mean"
+    length_features: Literal["none", "log_tokens"] = "none"
+    concat: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_feature_options()
         if self.kind not in ("reward_model", "encoder"):
             raise ValueError(f"kind must be 'reward_model' or 'encoder', got {self.kind!r}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -74,13 +86,40 @@ class EmbedderSpec:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise ValueError(f"max_tokens_per_batch must be None or an integer >= 1, got {budget!r}")
 
-    def identity(self) -> str:
-        """What a basis records about the features it was trained on (``from_identity`` reads it back):
-        every field but the batching ones, which do not change the embeddings."""
+    def _check_feature_options(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.length_features not in LENGTH_FEATURES:
+            raise ValueError(f"length_features must be one of {LENGTH_FEATURES}, got {self.length_features!r}")
+        if isinstance(self.concat, str) or not all(isinstance(m, str) and m.strip() for m in self.concat):
+            raise ValueError(f"concat must be a list of model names or paths, got {self.concat!r}")
+        object.__setattr__(self, "concat", tuple(self.concat))  # a list from a config or an identity
+        if self.kind == "reward_model" and (self.pooling != "mean" or self.concat):
+            raise ValueError("pooling and concat apply to kind 'encoder'; a reward model's embedding is its last "
+                             "token's hidden state (its score head is V_ref)")
+
+    def _feature_fields(self) -> dict[str, Any]:
+        """Every field that changes the embeddings: not the batching ones, nor the feature options
+        at their defaults (so identities and cache keys from before those options stay valid)."""
         fields = asdict(self)
         for name in BATCHING_FIELDS:
             fields.pop(name)
-        return IDENTITY_PREFIX + json.dumps(fields, sort_keys=True)
+        for name, default in FEATURE_OPTION_DEFAULTS.items():
+            if fields[name] == default:
+                fields.pop(name)
+            elif isinstance(fields[name], tuple):
+                fields[name] = list(fields[name])
+        return fields
+
+    @property
+    def extra_dims(self) -> int:
+        """Dimensions appended after the pooled embeddings (the length features)."""
+        return 1 if self.length_features == "log_tokens" else 0
+
+    def identity(self) -> str:
+        """What a basis records about the features it was trained on (``from_identity`` reads it back):
+        every field but the batching ones, which do not change the embeddings."""
+        return IDENTITY_PREFIX + json.dumps(self._feature_fields(), sort_keys=True)
 
     @classmethod
     def from_identity(cls, identity: str) -> EmbedderSpec:
@@ -98,9 +137,7 @@ class EmbedderSpec:
             raise LoreDataError(f"the basis's recorded embedder {identity!r} is not readable ({error})") from None
 
     def cache_key(self, template: str) -> dict[str, Any]:
-        key = asdict(self)
-        for name in BATCHING_FIELDS:
-            key.pop(name)
+        key = self._feature_fields()
         if self.kind == "reward_model":
             key.pop("normalize")
         key["template"] = template
@@ -199,6 +236,10 @@ class TextEmbedder(nn.Module):
             if not isinstance(score, nn.Linear) or score.weight.shape[0] != 1:
                 raise ValueError(f"{spec.model}: a reward model needs a one-output score layer `score`")
         self.model.eval()
+        # the concatenated encoders: the same settings, each its own model and tokenizer
+        self.parts = nn.ModuleList(
+            TextEmbedder(replace(spec, model=model, concat=(), length_features="none")) for model in spec.concat
+        )
 
     @property
     def attention_implementation(self) -> str:
@@ -210,7 +251,9 @@ class TextEmbedder(nn.Module):
         """``V_ref``: the reward model's score head ``score.weight[0]``; None for an encoder."""
         if self.spec.kind != "reward_model":
             return None
-        return self.model.score.weight[0].detach().float().cpu().clone()
+        head = self.model.score.weight[0].detach().float().cpu()
+        # the length features are not the reward model's: its head gives them weight 0
+        return torch.cat([head, torch.zeros(self.spec.extra_dims)])
 
     def texts(self, items: list[Item]) -> list[str]:
         if self.spec.kind == "reward_model":
@@ -236,18 +279,33 @@ class TextEmbedder(nn.Module):
 
     @torch.no_grad()
     def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Embeddings (float32) of one padded batch of token ids: last real token, or masked mean."""
+        """Embeddings (float32) of one padded batch of token ids: last real token, or pooled (``spec.pooling``)."""
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.spec.kind == "reward_model":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             return hidden[rows, last_token_index(attention_mask)].float()
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        embedding = ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float()
+        embedding = pool(hidden, attention_mask, self.spec.pooling).float()
         return nn.functional.normalize(embedding, dim=-1) if self.spec.normalize else embedding
 
     @torch.no_grad()
     def forward(self, items: list[Item]) -> Tensor:
-        """Embeddings ``[len(items), d]`` (float32, on the CPU), row i for ``items[i]``.
+        """Embeddings ``[len(items), d]`` (float32, on the CPU), row i for ``items[i]``: this model's
+        pooled embedding, then each ``concat`` encoder's, then the length features (``spec.length_features``)."""
+        if not items:
+            return torch.zeros(0, 0)
+        blocks = [self.pooled(items)] + [part.pooled(items) for part in self.parts]
+        if self.spec.length_features == "log_tokens":
+            blocks.append(torch.log1p(self.response_token_counts(items)).unsqueeze(1))
+        return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+    def response_token_counts(self, items: list[Item]) -> Tensor:
+        """Tokens of each item's response alone ``[len(items)]`` (float32): untruncated, no special tokens."""
+        encoded = self.tokenizer([response for _, response in items], add_special_tokens=False, verbose=False)
+        return torch.tensor([len(ids) for ids in encoded["input_ids"]], dtype=torch.float32)
+
+    @torch.no_grad()
+    def pooled(self, items: list[Item]) -> Tensor:
+        """This model's embeddings ``[len(items), d]`` (float32, on the CPU), row i for ``items[i]``.
 
         The texts run sorted by token length in batches of at most ``spec.batch_size`` texts and
         ``spec.max_tokens_per_batch`` tokens (``token_batches``), right-padded; each text's
@@ -267,6 +325,18 @@ class TextEmbedder(nn.Module):
                 embeddings = torch.empty(len(items), embedding.shape[1])
             embeddings[torch.tensor(batch)] = embedding
         return embeddings
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """One vector per row of ``hidden`` ``[rows, tokens, d]`` over its real tokens: their mean, their
+    max, or the first token's (``cls``)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).bool()
+    if pooling == "max":
+        return hidden.masked_fill(~mask, torch.finfo(hidden.dtype).min).amax(dim=1)
+    weights = mask.to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
 def pad_right(token_ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
