@@ -108,6 +108,10 @@ class ResponseSplitPreferences(PreferenceFileDataModule):
         return build_preference_data(table, embeddings, reference_head, rows)
 
 
+# the embeddings do not depend on the split: the feature cache (keyed by the class's name) is the plain file's
+ResponseSplitPreferences.__name__ = PreferenceFileDataModule.__name__
+
+
 def polis_subset(conversations: tuple[str, ...], directory: Path) -> Path:
     """The Polis pairs of ``conversations`` as a file of their own (its own feature cache)."""
     path = directory / f"polis_{len(conversations)}_conversations.jsonl"
