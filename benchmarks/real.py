@@ -17,7 +17,8 @@ Data sets (shared/data, see their READMEs; Polis is CC BY 4.0, The Computational
   are the validation prompts.
 - ``polis``: 3,250 voters, one conversation (one prompt) each. Split by response: the comments are drawn
   into train (60%), validation (15%) and test (25%); a pair is in the part holding both its comments (pairs
-  across parts are left out); half the voters seen, half unseen. ``--quick``: three conversations.
+  across parts are left out); half the voters seen, half unseen. ``--quick``: three conversations'
+  voters (the whole file is embedded once either way).
 
 Features (``--features``; each is an ``EmbedderSpec`` and gets its own feature cache under ``--cache``):
 ``minilm`` (the bundled all-MiniLM-L6-v2, mean-pooled, normalized: the project's default), ``minilm_len``
@@ -88,14 +89,21 @@ class ResponseSplitPreferences(PreferenceFileDataModule):
     """A preference file split by response (``RESPONSE_PARTS``) and by user (``seen_fraction``): the test pairs'
     responses are in no training or validation pair, and every kept user has training and test pairs."""
 
+    def __init__(self, path: str, conversations: tuple[str, ...] | None = None, **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self.conversations = conversations  # Polis: only these conversations' voters (the cache holds all)
+
     def build(self, table, embeddings, reference_head) -> PreferenceData:
         users = np.asarray(table["user"], dtype=object)
         chosen, rejected = np.asarray(table["chosen"]), np.asarray(table["rejected"])
+        kept = np.ones(len(users), dtype=bool)
+        if self.conversations is not None:
+            kept = np.asarray([user.split(":")[0] in self.conversations for user in users])
         order = np.random.default_rng(self.seed).permutation(int(max(chosen.max(), rejected.max())) + 1)
         part = np.empty_like(order)
         cuts = np.cumsum([int(round(share * order.size)) for share in RESPONSE_PARTS[:2]])
         part[order] = np.searchsorted(cuts, np.arange(order.size), side="right")  # 0 train, 1 val, 2 test
-        same = part[chosen] == part[rejected]
+        same = (part[chosen] == part[rejected]) & kept
         seen = np.isin(users, split_fraction(users, self.seen_fraction, self.seed)[0])
         rows = {}
         for population, is_population in (("seen", seen), ("unseen", ~seen)):
@@ -112,25 +120,14 @@ class ResponseSplitPreferences(PreferenceFileDataModule):
 ResponseSplitPreferences.__name__ = PreferenceFileDataModule.__name__
 
 
-def polis_subset(conversations: tuple[str, ...], directory: Path) -> Path:
-    """The Polis pairs of ``conversations`` as a file of their own (its own feature cache)."""
-    path = directory / f"polis_{len(conversations)}_conversations.jsonl"
-    if not path.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        lines = [line for line in DATASETS["polis"].open()
-                 if json.loads(line)["user_id"].split(":")[0] in conversations]
-        path.write_text("".join(lines))
-    return path
-
-
 def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: int) -> PreferenceFileDataModule:
     settings = dict(seen_fraction=0.5, seed=seed, cache_dir=str(cache / "features"), shard_size=256, embedder=spec,
                     progress=False)
     if name == "tulu1":
         data = PreferenceFileDataModule(str(DATASETS["tulu1"]), test_fraction=0.5, **settings)
     else:
-        path = polis_subset(QUICK_POLIS, cache) if quick else DATASETS["polis"]
-        data = ResponseSplitPreferences(str(path), **settings)
+        data = ResponseSplitPreferences(str(DATASETS["polis"]), conversations=QUICK_POLIS if quick else None,
+                                        **settings)
     data.setup("fit")
     return data
 
@@ -235,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=["tulu1", "polis"])
     parser.add_argument("--features", nargs="+", choices=list(FEATURES), help="default: every one the run can embed")
     parser.add_argument("--mpnet", help="all-mpnet-base-v2 as a local directory (enables the mpnet features)")
-    parser.add_argument("--cache", default=str(ROOT / "cache"), help="feature caches and the Polis subset")
+    parser.add_argument("--cache", default=str(ROOT / "cache"), help="where the feature caches are")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
