@@ -70,7 +70,7 @@ FEATURES = {
     "mpnet_len": {"model": "MPNET", "length_features": "log_tokens"},
     "concat_len": {"concat": ["MPNET"], "length_features": "log_tokens"},
 }
-QUICK_FEATURES = ("minilm", "minilm_len", "minilm_raw_len")
+QUICK_FEATURES = ("minilm", "minilm_len")
 #: Polis's response split: shares of the comments in train, validation and test
 RESPONSE_PARTS = (0.6, 0.15, 0.25)
 
