@@ -69,6 +69,9 @@ class PreferenceDataModule(LightningDataModule):
             or ``float64`` (for exact comparisons; a float64 model then computes in float64).
     """
 
+    #: what the test (and validation) pairs hold out, in words for reports ("unseen prompts")
+    held_out: str = "prompts"
+
     def __init__(
         self,
         batch_size: int | None = None,
@@ -138,9 +141,18 @@ class PreferenceDataModule(LightningDataModule):
             raise LoreDataError(f"{type(self).__name__}: val_fraction holds out prompts, but split {missing[0]!r} does "
                                 "not say which prompt each pair is on (PreferenceSplit.prompts)")
         prompts = torch.unique(torch.cat([data.splits[role].prompts for role in training]))
-        count = int(round(fraction * prompts.numel()))
+        count = min(max(1, int(round(fraction * prompts.numel()))), prompts.numel() - 1)  # never silently none
         order = prompts[torch.randperm(prompts.numel(), generator=torch.Generator().manual_seed(self.val_seed))]
-        held = self._keep_every_user_trainable(data, training, order[:count], order)
+        held = self._keep_every_user_trainable(data, training, order[:max(count, 0)], order)
+        if held.numel() == 0:
+            raise LoreDataError(
+                f"{type(self).__name__}: val_fraction={fraction} holds out no validation prompt: of the "
+                f"{prompts.numel()} training prompts, none can be held out without taking some user's last training "
+                "prompt; set val_fraction: 0 for no validation (or give users more prompts)")
+        if held.numel() < count:
+            rank_zero_warn(f"{type(self).__name__}: {count - held.numel()} of the {count} validation prompts drawn "
+                           "stay training prompts (each was some user's last training prompt); "
+                           f"{held.numel()} are held out", category=LoreDataWarning)
         splits = dict(data.splits)
         for role, val_role in VALIDATION_ROLES:
             if role in splits:
@@ -148,7 +160,7 @@ class PreferenceDataModule(LightningDataModule):
                 splits[val_role] = splits[role].subset(torch.nonzero(on_held)[:, 0], val_role)
                 splits[role] = splits[role].subset(torch.nonzero(~on_held)[:, 0], role)
         narrowed = PreferenceData(splits, data.reference_head)
-        self._check_users_keep_pairs(narrowed, f"after holding out {count} of {prompts.numel()} prompts "
+        self._check_users_keep_pairs(narrowed, f"after holding out {held.numel()} of {prompts.numel()} prompts "
                                                f"(val_fraction={fraction}); lower val_fraction")
         return narrowed
 

@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -57,6 +58,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         self.shard_size = shard_size
         self.progress = progress
         self._cache: FeatureCache | None = None
+        self._response_lengths: np.ndarray | None = None
 
     # ----------------------------------------------------------------------- for subclasses
     def source_revision(self) -> str:
@@ -74,6 +76,26 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
         """The protocol's splits from the table and the items' embeddings ``[num_items, d]``."""
         raise NotImplementedError
+
+    def plan_splits(self, table: dict[str, Any]) -> None:
+        """Work out (and print) how the table's rows will be split, from the table alone. Called
+        before anything is embedded, so that a split that cannot work fails in seconds, not after
+        the embedding; data modules that plan their splits override it (it raises ``LoreDataError``)."""
+
+    def report_fixed_split(self, table: dict[str, Any], role_rows: dict[str, np.ndarray], mode: str) -> None:
+        """Check and print the split a data set fixes (its paper's), before anything is embedded."""
+        from datamodules.splits import PairRows, fixed_plan, say
+
+        rows = PairRows.from_table(table)
+        plan = fixed_plan(rows, role_rows, mode, type(self).__name__)
+        say(plan.describe(rows, type(self).__name__, mode))
+
+    def response_lengths(self) -> np.ndarray:
+        """Each cached item's response length in characters (``[num_items]``), read once from the cache."""
+        if self._response_lengths is None:
+            self._response_lengths = np.asarray([len(response) for _, response in self.feature_cache.items()],
+                                                dtype=np.float32)
+        return self._response_lengths
 
     @property
     def embedder(self) -> str:
@@ -111,6 +133,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
             )
             cache.invalidate(list(damaged))
         items, table = self.read_source()
+        self.plan_splits(table)  # before any embedding: an impossible split stops here
         cache.initialize(items, self.shard_size)
         write_json_atomic(cache.directory / TABLE, table)
         if self._embedding_job():

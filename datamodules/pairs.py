@@ -78,17 +78,20 @@ def cap_per_user(rows: np.ndarray, users: np.ndarray, cap: int | None, seed: int
 
 
 def build_preference_data(table: dict[str, list[Any]], embeddings: Tensor, reference_head: Tensor | None,
-                          role_rows: dict[str, np.ndarray]) -> PreferenceData:
+                          role_rows: dict[str, np.ndarray], item_lengths: np.ndarray | None = None) -> PreferenceData:
     """Splits whose features are ``e(chosen) - e(rejected)``, gathered by tensor indexing.
 
     ``role_rows[role]`` are the table rows of that role. The seen roles share one user table, the
     unseen roles another (sorted user ids). Each pair's prompt (its ``group``) becomes an id shared
-    by every split; each response's item row is its id (``PreferenceSplit.responses``).
+    by every split; each response's item row is its id (``PreferenceSplit.responses``), and
+    ``item_lengths[item]`` (the response's length in characters, where given) its length
+    (``PreferenceSplit.lengths``).
     """
     users = np.asarray(table["user"], dtype=object)
     _, prompt_ids = np.unique(np.asarray(table["group"], dtype=object).astype(str), return_inverse=True)
     chosen = torch.as_tensor(table["chosen"], dtype=torch.long)
     rejected = torch.as_tensor(table["rejected"], dtype=torch.long)
+    lengths = None if item_lengths is None else torch.as_tensor(np.asarray(item_lengths), dtype=torch.float32)
     splits = {}
     for population in ("seen", "unseen"):
         roles = [r for r in role_rows if r.startswith(population) and len(role_rows[r])]
@@ -100,7 +103,9 @@ def build_preference_data(table: dict[str, list[Any]], embeddings: Tensor, refer
             user_rows = torch.as_tensor([position[users[row]] for row in role_rows[role]], dtype=torch.long)
             splits[role] = PreferenceSplit(features.float(), user_rows, user_ids, name=role,
                                            prompts=torch.as_tensor(prompt_ids[role_rows[role]], dtype=torch.long),
-                                           responses=torch.stack([chosen[rows], rejected[rows]], dim=1))
+                                           responses=torch.stack([chosen[rows], rejected[rows]], dim=1),
+                                           lengths=None if lengths is None else torch.stack(
+                                               [lengths[chosen[rows]], lengths[rejected[rows]]], dim=1))
     if not splits:
         raise ValueError("no pairs are left after the split rules")
     return PreferenceData(splits, reference_head=reference_head)

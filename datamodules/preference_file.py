@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from datamodules.base import PreferenceData
+from datamodules.base import DEFAULT_VAL_FRACTION, PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
-from datamodules.pairs import ItemIndex, PairTable, build_preference_data, drop_users_without, split_fraction
+from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split_fraction
 from datamodules.sources import bad_rows_error, file_digest, read_records, user_id
+from datamodules.splits import SPLIT_CHOICES, PairRows, SplitPlan, SplitSettings, make_plan, say
 from lore_pl.data.embedder import as_messages
 from lore_pl.errors import LoreDataError
+
+#: the table's list of the group column's values (only where ``group_column`` is set)
+GROUP_KEY = "split_group"
 
 
 def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str],
@@ -25,7 +29,7 @@ def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str
     out and listed in the table's ``skipped`` (where, reason, the row)."""
     items, table = ItemIndex(), PairTable()
     where_of = getattr(records, "where", None) or [f"row {i}" for i in range(1, len(records) + 1)]
-    bad = []
+    bad, split_groups = [], []
     for where, record in zip(where_of, records):
         try:
             user, messages, chosen, rejected = parse_row(f"{path}: {where}", record, columns)
@@ -35,12 +39,16 @@ def parse_rows(path: Path, records: list[dict[str, Any]], columns: dict[str, str
             continue
         group = repr(messages)  # the prompt itself: pairs on one prompt stay on one side of train/test
         table.append(user, items.add(messages, chosen), items.add(messages, rejected), group)
+        if "group" in columns:
+            split_groups.append(user_id(record[columns["group"]], f"{path}: {where}: field {columns['group']!r}"))
     if bad and not skip_bad_rows:
         raise bad_rows_error(path, bad, " (skip them with skip_bad_rows: true)")
     if not table.columns["user"]:
         raise LoreDataError(f"{path}: no rows" + (f" left after skipping {len(bad)} bad rows" if bad else ""))
     payload = dict(table.to_json())
     payload["skipped"] = bad
+    if "group" in columns:
+        payload[GROUP_KEY] = split_groups
     return items.items, payload
 
 
@@ -82,11 +90,16 @@ def parse_row(where: str, record: Any, columns: dict[str, str]) -> tuple[str, li
 class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
     """Preference pairs from one local file, one row per judgment.
 
-    Users are split into seen and unseen (``seen_fraction``, ``seed``); prompts into train and test
-    (``test_fraction``, ``seed``), for all users at once, so that no prompt is in both train and
-    test. Seen users train the basis on their train-prompt pairs; unseen users' train-prompt pairs
-    are their few-shot pool; everyone is tested on their test-prompt pairs. A user without pairs on
-    both sides is dropped (with a warning).
+    Users are split into seen and unseen (``seen_fraction``, ``seed``). Each user's pairs are then
+    cut into train, validation and test by ``split_by`` (``datamodules/splits.py``): ``prompt``
+    holds out whole prompts for everyone (no test prompt is anyone's training prompt);
+    ``user_prompts`` divides each user's own prompts; ``response`` holds out responses (no test
+    response is in any training pair; pairs mixing the two are dropped); ``auto`` picks one from the
+    file's shape and says why. Validation is cut the same way. Seen users train the basis on their
+    training pairs; unseen users' training pairs are their few-shot pool; everyone is tested on
+    their test pairs. A user without training and test pairs is dropped. The plan (users, pairs,
+    prompts and responses per role; who was dropped and why) is printed before anything is
+    embedded, and a plan that leaves no user trainable stops there with a ``LoreDataError``.
 
     Args:
         path: the file (``.jsonl``, ``.json``, ``.parquet`` or ``.csv``).
@@ -95,8 +108,12 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         chosen_column: column of the preferred response.
         rejected_column: column of the other response.
         seen_fraction: fraction of users who train the basis (the rest are adapted few-shot).
-        test_fraction: fraction of prompts held out for testing.
+        test_fraction: the share held out for testing: of the prompts (``prompt``), of each user's
+            prompts (``user_prompts``), or of the kept pairs (``response``).
         seed: seed of both splits.
+        split_by: ``prompt``, ``user_prompts``, ``response`` or ``auto`` (the default).
+        group_column: an optional column (string or number) whose rows stay on one side of the split:
+            pairs of one group are never split between train, validation and test.
         skip_bad_rows: leave out rows that fail validation (listed, with the reason, in
             ``skipped_rows.jsonl`` in the run directory) instead of stopping with the list of them.
         min_pairs_per_user: users with fewer valid pairs than this are dropped (a warning counts them).
@@ -116,9 +133,15 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         seed: int = 0,
         skip_bad_rows: bool = False,
         min_pairs_per_user: int = 1,
+        split_by: Literal["auto", "prompt", "user_prompts", "response"] = "auto",
+        group_column: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if split_by not in SPLIT_CHOICES:
+            raise ValueError(f"split_by must be one of {', '.join(SPLIT_CHOICES)}, got {split_by!r}")
+        self.split_by = split_by
+        self.split_plan: SplitPlan | None = None
         if isinstance(min_pairs_per_user, bool) or not isinstance(min_pairs_per_user, int) or min_pairs_per_user < 1:
             raise ValueError(f"min_pairs_per_user must be an integer >= 1, got {min_pairs_per_user!r}")
         self.skip_bad_rows, self.min_pairs_per_user = bool(skip_bad_rows), min_pairs_per_user
@@ -133,6 +156,8 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
             "chosen": chosen_column,
             "rejected": rejected_column,
         }
+        if group_column is not None:
+            self.columns["group"] = group_column
         self.seen_fraction, self.test_fraction, self.seed = seen_fraction, test_fraction, seed
 
     def source_revision(self) -> str:
@@ -146,40 +171,39 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:
         return parse_rows(self.path, read_records(self.path), self.columns, skip_bad_rows=self.skip_bad_rows)
 
+    @property
+    def held_out(self) -> str:
+        """What the test pairs hold out under the split plan (``prompts`` before there is one)."""
+        mode = self.split_plan.mode if self.split_plan is not None else "prompt"
+        return {"prompt": "prompts", "user_prompts": "each user's own prompts", "response": "responses"}[mode]
+
+    def plan_splits(self, table: dict[str, Any]) -> None:
+        if self.split_plan is not None:
+            return  # planned once (before the embedding); the table does not change
+        users = np.asarray(table["user"], dtype=object).astype(str)
+        names, counts = np.unique(users, return_counts=True)
+        few = set(names[counts < self.min_pairs_per_user].tolist())
+        if few:
+            rank_zero_warn(f"{self.path}: {len(few)} user(s) have fewer than min_pairs_per_user="
+                           f"{self.min_pairs_per_user} pairs and are dropped")
+            if len(few) == len(names):
+                raise LoreDataError(f"{self.path}: no user has min_pairs_per_user={self.min_pairs_per_user} pairs")
+        seen, _ = split_fraction(users, self.seen_fraction, self.seed)
+        val_fraction = DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction
+        settings = SplitSettings(self.test_fraction, val_fraction, self.seed, self.val_seed)
+        rows = PairRows.from_table(table, GROUP_KEY if "group" in self.columns else None)
+        self.split_plan = make_plan(rows, self.split_by, set(seen), settings, str(self.path), few)
+        say(self.split_plan.describe(rows, str(self.path), self.split_by))
+
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
-        users = np.asarray(table["user"], dtype=object)
-        groups = np.asarray(table["group"], dtype=object)
         self.skipped_rows = list(table.get("skipped", []))
         if self.skipped_rows:
             rank_zero_warn(f"{self.path}: {len(self.skipped_rows)} bad row(s) skipped (first: "
                            f"{self.skipped_rows[0]['where']}: {self.skipped_rows[0]['reason']}); the list is "
                            "skipped_rows.jsonl in the run directory")
-        names, counts = np.unique(users.astype(str), return_counts=True)
-        few = set(names[counts < self.min_pairs_per_user])
-        if few:
-            rank_zero_warn(f"{self.path}: {len(few)} user(s) have fewer than min_pairs_per_user="
-                           f"{self.min_pairs_per_user} pairs and are dropped")
-        kept = ~np.isin(users.astype(str), list(few))
-        seen, _ = split_fraction(users, self.seen_fraction, self.seed)
-        test_groups, _ = split_fraction(groups, self.test_fraction, self.seed + 1)
-        is_seen, is_test = np.isin(users, seen), np.isin(groups, test_groups)
-        role_rows = {
-            "seen_train": np.flatnonzero(kept & is_seen & ~is_test),
-            "seen_test": np.flatnonzero(kept & is_seen & is_test),
-            "unseen_pool": np.flatnonzero(kept & ~is_seen & ~is_test),
-            "unseen_test": np.flatnonzero(kept & ~is_seen & is_test),
-        }
-        if not any(len(rows) for rows in role_rows.values()):
-            raise LoreDataError(f"{self.path}: no user has min_pairs_per_user={self.min_pairs_per_user} pairs")
-        before = set(users[kept])
-        drop_users_without(role_rows, users, "seen_train", "seen_test")
-        drop_users_without(role_rows, users, "unseen_pool", "unseen_test")
-        dropped = before - set(users[np.concatenate(list(role_rows.values()))])
-        if dropped:
-            rank_zero_warn(
-                f"{self.path}: {len(dropped)} user(s) have no pairs on train or on test prompts and are dropped"
-            )
-        return build_preference_data(table, embeddings, reference_head, role_rows)
+        self.plan_splits(table)
+        return build_preference_data(table, embeddings, reference_head, self.split_plan.role_rows,
+                                     self.response_lengths())
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

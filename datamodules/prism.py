@@ -95,7 +95,15 @@ class PRISMDataModule(HubPreferenceDataModule):
                 )
         return items.items, table.to_json()
 
+    def plan_splits(self, table: dict[str, Any]) -> None:
+        self.report_fixed_split(table, self.split_rows(table), "user_prompts: each user's dialogs")
+
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
+        return build_preference_data(table, embeddings, reference_head, self.split_rows(table),
+                                     self.response_lengths())
+
+    def split_rows(self, table: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The table rows of each role (the paper's split, from the table alone)."""
         users = np.asarray(table["user"], dtype=object)
         dialogs = np.asarray(table["group"], dtype=object)
         dialogs_of: dict[str, set[str]] = {}
@@ -118,4 +126,4 @@ class PRISMDataModule(HubPreferenceDataModule):
             "unseen_pool": np.flatnonzero(is_unseen & is_train),
             "unseen_test": np.flatnonzero(is_unseen & ~is_train),
         }
-        return build_preference_data(table, embeddings, reference_head, role_rows)
+        return role_rows

@@ -70,7 +70,15 @@ class RedditTLDRDataModule(HubPreferenceDataModule):
                 )
         return items.items, table.to_json()
 
+    def plan_splits(self, table: dict[str, Any]) -> None:
+        self.report_fixed_split(table, self.split_rows(table), "prompt: the paper's posts")
+
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
+        return build_preference_data(table, embeddings, reference_head, self.split_rows(table),
+                                     self.response_lengths())
+
+    def split_rows(self, table: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The table rows of each role (the paper's split, from the table alone)."""
         users = np.asarray(table["user"], dtype=object)
         groups = np.asarray(table["group"], dtype=object)
         source = np.asarray(table["source"], dtype=object)
@@ -88,4 +96,4 @@ class RedditTLDRDataModule(HubPreferenceDataModule):
             "unseen_test": np.flatnonzero(is_unseen & validation),
         }
         leak_free(role_rows, groups)
-        return build_preference_data(table, embeddings, reference_head, role_rows)
+        return role_rows

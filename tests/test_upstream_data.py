@@ -65,7 +65,7 @@ def tldr_record(rng, worker, post_id, split):
     }
 
 
-def test_reddit_tldr_split_rules(tmp_path, tiny_reward_model):
+def test_reddit_tldr_split_rules(tmp_path, tiny_reward_model, capsys):
     rng = np.random.default_rng(0)
     train, validation = [], []
     train_pairs = {"w0": 9, "w1": 8, "w2": 7, "w3": 6, "w4": 5, "w5": 2, "w6": 1, "only-train": 5}
@@ -81,6 +81,11 @@ def test_reddit_tldr_split_rules(tmp_path, tiny_reward_model):
         str(tmp_path / "tldr"), seen_train_cap=4, unseen_train_cap=2, **settings(tmp_path, tiny_reward_model)
     )
     data.setup("fit")
+    # the split plan is printed (before the embedding): users outside the paper's split are counted
+    out = capsys.readouterr().out
+    assert "split plan for RedditTLDRDataModule (split_by: prompt: the paper's posts)" in out
+    assert "dropped users: 4 of 9 (4 outside the data set's split)" in out
+    assert data.split("seen_test").lengths is not None
     seen, unseen = set(data.seen_user_ids), set(data.unseen_user_ids)
     # in both splits, minus the two with the fewest pairs (w6, w5), halved
     assert seen | unseen == {"w0", "w1", "w2", "w3", "w4"} and not seen & unseen

@@ -63,8 +63,9 @@ class PreferenceSplit(Dataset):
     prompt-disjoint validation split is cut by. Where the data know their texts, ``responses[i]``
     holds the ids of pair i's chosen and rejected responses (``[N, 2]``, long; one id per distinct
     response text in every split) and ``lengths[i]`` their lengths (``[N, 2]``, float), which the
-    skeptic's baselines (the longer response wins, the crowd's win-rate) are computed from. Indexing takes an index tensor (or slice) and
-    returns the batch ``{"features", "users"}`` by plain tensor indexing: no per-sample Python work.
+    skeptic's baselines (the longer response wins, the crowd's win-rate) are computed from.
+    Indexing takes an index tensor (or slice) and returns the batch ``{"features", "users"}`` by
+    plain tensor indexing: no per-sample Python work.
     """
 
     features: Tensor
@@ -98,7 +99,9 @@ class PreferenceSplit(Dataset):
                 continue
             value = torch.as_tensor(value).to(dtype)
             if value.shape != (len(self), 2):
-                raise LoreDataError(f"{self.name}: {field} must be [N, 2] with N = {len(self)}, got {tuple(value.shape)}")
+                raise LoreDataError(
+                    f"{self.name}: {field} must be [N, 2] with N = {len(self)}, got {tuple(value.shape)}"
+                )
             setattr(self, field, value)
         self._check_finite()
 
