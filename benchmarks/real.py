@@ -93,6 +93,9 @@ class ResponseSplitPreferences(PreferenceFileDataModule):
         super().__init__(path, **kwargs)
         self.conversations = conversations  # Polis: only these conversations' voters (the cache holds all)
 
+    def plan_splits(self, table) -> None:
+        """No plan of ``split_by``'s: this class splits by its own rule (``build``)."""
+
     def build(self, table, embeddings, reference_head) -> PreferenceData:
         users = np.asarray(table["user"], dtype=object)
         chosen, rejected = np.asarray(table["chosen"]), np.asarray(table["rejected"])
@@ -124,7 +127,7 @@ def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: i
     settings = dict(seen_fraction=0.5, seed=seed, cache_dir=str(cache / "features"), shard_size=256, embedder=spec,
                     progress=False)
     if name == "tulu1":
-        data = PreferenceFileDataModule(str(DATASETS["tulu1"]), test_fraction=0.5, **settings)
+        data = PreferenceFileDataModule(str(DATASETS["tulu1"]), test_fraction=0.5, split_by="prompt", **settings)
     else:
         data = ResponseSplitPreferences(str(DATASETS["polis"]), conversations=QUICK_POLIS if quick else None,
                                         **settings)
