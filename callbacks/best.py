@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from lightning import Callback, LightningModule, Trainer
 
+from lore_pl.errors import LoreDataError
+
 
 def restore_best_checkpoint(trainer: Trainer, pl_module: LightningModule) -> str:
     """Load the trainer's best checkpoint (its ``ModelCheckpoint`` monitors a metric) through
@@ -14,7 +16,7 @@ def restore_best_checkpoint(trainer: Trainer, pl_module: LightningModule) -> str
     """
     checkpoint = trainer.checkpoint_callback
     if checkpoint is None or checkpoint.monitor is None or not checkpoint.best_model_path:
-        raise ValueError("use_best_checkpoint needs a ModelCheckpoint that monitors a metric and saved a best model")
+        raise LoreDataError("use_best_checkpoint needs a ModelCheckpoint that monitors a metric and saved a best model")
     path = checkpoint.best_model_path
     if getattr(pl_module, "best_checkpoint_path", None) == path:
         return path
@@ -35,7 +37,7 @@ class RestoreBestCheckpoint(Callback):
         mine = trainer.callbacks.index(self)
         readers = [c for c in trainer.callbacks[:mine] if hasattr(c, "reads_final_model")]
         if readers:
-            raise ValueError(f"RestoreBestCheckpoint must come before {type(readers[0]).__name__} in the callbacks "
+            raise LoreDataError(f"RestoreBestCheckpoint must come before {type(readers[0]).__name__} in the callbacks "
                              "(they read the final model at the end of fit, in list order)")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -188,6 +188,12 @@ class PreferenceDataModule(LightningDataModule):
         """Identity of what made the features (a model and its settings); saved with a learned basis."""
         return type(self).__name__
 
+    @property
+    def embedder_weights(self) -> str:
+        """``weights_digest`` of the model that made the features ("" unknown, or not a model's); saved with
+        a learned basis, so that an export can tell the very model apart from one with another body."""
+        return ""
+
     def setup(self, stage: str | None = None) -> None:
         self.data  # noqa: B018 - loads once
 

@@ -101,6 +101,10 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
     def embedder(self) -> str:
         return self.embedder_spec.identity()
 
+    @property
+    def embedder_weights(self) -> str:
+        return self.feature_cache.weights_digest()
+
     # ------------------------------------------------------------------------------- cache
     @property
     def feature_cache(self) -> FeatureCache:

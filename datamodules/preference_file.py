@@ -13,7 +13,7 @@ from torch import Tensor
 from datamodules.base import DEFAULT_VAL_FRACTION, PreferenceData
 from datamodules.embedded import EmbeddedPreferenceDataModule
 from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split_fraction
-from datamodules.sources import bad_rows_error, file_digest, read_records, user_id
+from datamodules.sources import UnreadableLine, bad_rows_error, file_digest, read_records, user_id
 from datamodules.splits import SPLIT_CHOICES, PairRows, SplitPlan, SplitSettings, make_plan, say
 from lore_pl.data.embedder import as_messages
 from lore_pl.errors import LoreDataError
@@ -62,6 +62,8 @@ def _jsonable(value: Any) -> bool:
 
 def parse_row(where: str, record: Any, columns: dict[str, str]) -> tuple[str, list[dict[str, str]], str, str]:
     """(user, chat messages, chosen, rejected) of one row, or a ``LoreDataError`` prefixed by ``where``."""
+    if isinstance(record, UnreadableLine):
+        raise LoreDataError(f"{where}: {record.reason}")
     if not isinstance(record, dict):
         raise LoreDataError(f"{where}: a row must be an object with fields {sorted(columns.values())}, "
                             f"got {type(record).__name__}")
@@ -146,6 +148,7 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
             raise ValueError(f"min_pairs_per_user must be an integer >= 1, got {min_pairs_per_user!r}")
         self.skip_bad_rows, self.min_pairs_per_user = bool(skip_bad_rows), min_pairs_per_user
         self.skipped_rows: list[dict[str, Any]] = []
+        self._skipped_reported = False
         for name, value in (("seen_fraction", seen_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
@@ -169,7 +172,8 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         return {"columns": self.columns, "skip_bad_rows": self.skip_bad_rows}
 
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:
-        return parse_rows(self.path, read_records(self.path), self.columns, skip_bad_rows=self.skip_bad_rows)
+        records = read_records(self.path, keep_bad_lines=True)  # a line cut short is a bad row like the others
+        return parse_rows(self.path, records, self.columns, skip_bad_rows=self.skip_bad_rows)
 
     @property
     def held_out(self) -> str:
@@ -197,21 +201,30 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
 
     def build(self, table: dict[str, Any], embeddings: Tensor, reference_head: Tensor | None) -> PreferenceData:
         self.skipped_rows = list(table.get("skipped", []))
-        if self.skipped_rows:
-            rank_zero_warn(f"{self.path}: {len(self.skipped_rows)} bad row(s) skipped (first: "
-                           f"{self.skipped_rows[0]['where']}: {self.skipped_rows[0]['reason']}); the list is "
-                           "skipped_rows.jsonl in the run directory")
         self.plan_splits(table)
         return build_preference_data(table, embeddings, reference_head, self.split_plan.role_rows,
                                      self.response_lengths())
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        trainer = self.trainer
-        if self.skipped_rows and trainer is not None and trainer.logger is not None:
-            directory = trainer.log_dir  # every process asks (it is broadcast); the first one writes
-            if trainer.is_global_zero and directory:
-                from lore_pl.data.atomic import write_atomic
+        if self.skipped_rows and not self._skipped_reported:
+            self._skipped_reported = True
+            written = self._write_skipped_rows()
+            where = (f"the list is {written}" if written else
+                     "no list is written without a Trainer: they are in the data module's skipped_rows")
+            rank_zero_warn(f"{self.path}: {len(self.skipped_rows)} bad row(s) skipped (first: "
+                           f"{self.skipped_rows[0]['where']}: {self.skipped_rows[0]['reason']}); {where}")
 
-                write_atomic(Path(directory) / "skipped_rows.jsonl", lambda stream: stream.writelines(
-                    json.dumps(row, ensure_ascii=False) + "\n" for row in self.skipped_rows))
+    def _write_skipped_rows(self) -> Path | None:
+        """``skipped_rows.jsonl`` in the run directory (the logger's, or ``default_root_dir`` without a
+        logger, where the run's config and protocol go too); None without a Trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "skipped_rows.jsonl"  # every process asks
+        if trainer.is_global_zero:  # (a broadcast); the first one writes
+            from lore_pl.data.atomic import write_atomic
+
+            write_atomic(path, lambda stream: stream.writelines(
+                json.dumps(row, ensure_ascii=False) + "\n" for row in self.skipped_rows))
+        return path

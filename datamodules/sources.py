@@ -84,6 +84,19 @@ def user_id(value: Any, where: str, empty_hint: str = "") -> str:
     return user
 
 
+class UnreadableLine(str):
+    """A JSONL line that is not a row (not JSON, or not UTF-8: a line cut short by a crash, say): its
+    text, and why it is unreadable. ``read_records(..., keep_bad_lines=True)`` returns it in the line's
+    place, for the caller to report or skip with the other bad rows."""
+
+    reason: str
+
+    def __new__(cls, text: str, reason: str) -> UnreadableLine:
+        line = super().__new__(cls, text)
+        line.reason = reason
+        return line
+
+
 class Records(list):
     """A file's rows, with where each one is in the file (``where[i]``: "line 7", "row 3")."""
 
@@ -92,18 +105,20 @@ class Records(list):
         self.where = where
 
 
-def read_records(path: Path) -> Records:
+def read_records(path: Path, keep_bad_lines: bool = False) -> Records:
     """The rows of a ``.jsonl``, ``.json`` (a list, or ``{"data": [...]}``), ``.parquet`` or ``.csv`` file.
 
     A file that cannot be parsed raises ``LoreDataError`` naming it (and the line, for JSONL and CSV,
     where the bytes are not UTF-8 too). Each row knows its place in the file: its line (JSONL, CSV:
-    blank lines and quoted line breaks counted) or its position (JSON, Parquet).
+    blank lines and quoted line breaks counted) or its position (JSON, Parquet). With
+    ``keep_bad_lines``, a JSONL line that is not JSON (or not UTF-8) is an ``UnreadableLine`` row
+    instead of an error, for the caller to report or skip like any other bad row.
     """
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise LoreDataError(f"{path}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
     try:
-        return _read_records(path, suffix)
+        return _read_records(path, suffix, keep_bad_lines)
     except LoreDataError:
         raise
     except (OSError, MemoryError):
@@ -123,17 +138,29 @@ def decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
                             f"({error.reason}: {data[error.start:error.end]!r})") from None
 
 
-def _read_records(path: Path, suffix: str) -> Records:
+def _read_records(path: Path, suffix: str, keep_bad_lines: bool = False) -> Records:
     if suffix == ".jsonl":
         rows, where = [], []
         with open(path, "rb") as stream:
             for number, raw in enumerate(stream, 1):
-                line = decode_utf8(path, raw, first_line=number)
+                try:
+                    line = decode_utf8(path, raw, first_line=number)
+                except LoreDataError as error:
+                    if not keep_bad_lines:
+                        raise
+                    text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    line = UnreadableLine(text, str(error).split(f"line {number}, ", 1)[-1])
                 if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise LoreDataError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+                    if not isinstance(line, UnreadableLine):
+                        text = line.rstrip("\r\n")
+                        try:
+                            line = json.loads(text)
+                        except json.JSONDecodeError as error:
+                            if not keep_bad_lines:
+                                raise LoreDataError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+                            line = UnreadableLine(text, f"not valid JSON ({error.msg} at character {error.pos + 1} "
+                                                        f"of {len(text)})")
+                    rows.append(line)
                     where.append(f"line {number}")
         return Records(rows, where)
     if suffix == ".json":

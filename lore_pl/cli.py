@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
 import re
 import sys
+import unicodedata
 import warnings
+from argparse import ArgumentError
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
@@ -34,6 +38,45 @@ QUIET_WARNINGS = (
 
 #: set by the first process of a ``--ckpt_path last`` fit: [checkpoint, logger version]
 RESUME_ENV = "LORE_PL_RESUME"
+
+#: the longest run name: it becomes a directory's name (file systems allow 255 bytes)
+MAX_RUN_NAME = 100
+
+#: what a fit writes into its run directory (the logger's ``version_N``), beside ``checkpoints/``; the
+#: filenames a config gives ``ProtocolEvaluation`` or ``BasisExport`` count too. ``--overwrite`` removes
+#: these and refuses a directory holding anything else.
+RUN_FILES = ("config.yaml", "hparams.yaml", "protocol.json", "basis.safetensors", "skipped_rows.jsonl", "metrics.csv",
+             "events.out.tfevents.*", ".*.tmp")  # TensorBoard's events; an atomic write cut short (.NAME.XXXX.tmp)
+#: what a run writes into its checkpoint directory
+CHECKPOINT_FILES = ("*.ckpt", ".*.tmp")
+#: what a run that failed before its first epoch leaves behind (and what is removed then)
+BOOKKEEPING_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*", ".*.tmp")
+
+
+class RunFinished(Exception):
+    """``--ckpt_path last`` names a run that already ran to its end: there is nothing to resume."""
+
+
+def check_run_name(name) -> None:
+    """A run name becomes one directory under the logger's ``save_dir``: one path component, no more."""
+    if name is None:
+        return
+    problem = None
+    if not isinstance(name, str) or not name.strip():
+        problem = "is empty"
+    elif len(name) > MAX_RUN_NAME or len(name.encode("utf-8", "surrogatepass")) > 255:
+        problem = f"is {len(name)} characters long; at most {MAX_RUN_NAME}"
+    elif name in (".", ".."):
+        problem = "is a directory reference, not a name"
+    elif "/" in name or "\\" in name:
+        problem = "holds a path separator ('/' or '\\')"
+    elif any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
+        problem = "holds a control character (NUL, a line break, ...)"
+    if problem:
+        shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
+        raise LoreDataError(f"--run_name {shown} {problem}: a run name is one directory name under the logger's "
+                            f"save_dir (no '/' or '\\', not '.' or '..', no control characters, at most "
+                            f"{MAX_RUN_NAME} characters)")
 
 
 class _NoBanners(logging.Filter):
@@ -137,16 +180,152 @@ def resolve_last_checkpoint(config) -> tuple[Path, object]:
     )
 
 
-def refuse_overwrite(config) -> None:
-    """A fixed logger version whose directory already holds a run is not written over silently."""
-    logger = _versioned_logger(config.get("trainer", {}))
-    directory = None if logger is None else _run_directory(logger)
-    if directory is not None and directory.is_dir() and any(directory.iterdir()):
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _callback_filenames(config) -> tuple[str, ...]:
+    """The run-directory files a config's ``ProtocolEvaluation`` / ``BasisExport`` write under names of its own."""
+    return tuple(
+        _init_args(callback)["filename"] for callback in config.get("trainer", {}).get("callbacks") or []
+        if str(getattr(callback, "class_path", "")).endswith(("ProtocolEvaluation", "BasisExport"))
+        and _init_args(callback).get("filename")
+    )
+
+
+def fixed_run_places(config) -> tuple[Path | None, Path | None]:
+    """(run directory, checkpoint directory) a new fit writes to, where the config fixes them: the
+    logger's fixed version (None when the logger starts a new ``version_N``); a ModelCheckpoint's
+    ``dirpath``, else the fixed version's ``checkpoints/``, else without a logger ``default_root_dir``'s."""
+    trainer_config = config.get("trainer", {})
+    logger = _versioned_logger(trainer_config)
+    run = None if logger is None else _run_directory(logger)
+    for callback in trainer_config.get("callbacks") or []:
+        dirpath = _init_args(callback).get("dirpath")
+        if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and dirpath:
+            return run, Path(dirpath)
+    if run is not None:
+        return run, run / "checkpoints"
+    if logger is None and not trainer_config.get("logger"):
+        return None, Path(trainer_config.get("default_root_dir") or os.getcwd()) / "checkpoints"
+    return None, None
+
+
+def earlier_run(config) -> tuple[list[Path], list[Path]]:
+    """(files an earlier run wrote, other files) where a new fit of ``config`` would write: the
+    logger's fixed version directory (``RUN_FILES``, its ``checkpoints/``) and the checkpoint
+    directory (``CHECKPOINT_FILES``; other files in a ``dirpath`` of the user's own are left alone)."""
+    run, checkpoints = fixed_run_places(config)
+    owned, foreign = [], []
+    if run is not None and run.is_dir():
+        names = RUN_FILES + _callback_filenames(config)
+        for entry in sorted(run.iterdir()):
+            if entry != checkpoints:
+                (owned if entry.is_file() and _matches(entry.name, names) else foreign).append(entry)
+    if checkpoints is not None and checkpoints.is_dir():
+        for entry in sorted(checkpoints.iterdir()):
+            if entry.is_file() and _matches(entry.name, CHECKPOINT_FILES):
+                owned.append(entry)
+            elif checkpoints.parent == run:  # the run's own checkpoints/ holds nothing else
+                foreign.append(entry)
+    return owned, foreign
+
+
+def refuse_overwrite(config, overwrite: bool) -> list[Path]:
+    """A fit whose fixed version directory or checkpoint directory already holds a run is refused
+    (Lightning would write ``last-v1.ckpt`` beside the old ``last.ckpt``, and ``--ckpt_path last``
+    would resume the old run); with ``overwrite``, the old run's files are returned for removal,
+    unless the directory holds files no run writes: those are named, and nothing is removed."""
+    owned, foreign = earlier_run(config)
+    if not owned and not foreign:
+        return []
+    run, checkpoints = fixed_run_places(config)
+    directory = run if run is not None and run.is_dir() else checkpoints
+    if not overwrite:
         raise LoreDataError(
             f"{directory} already holds a run (its config, checkpoints, protocol or basis); a new fit would "
             "overwrite them. Resume it with --ckpt_path last, choose another version or run_name, "
             "or pass --overwrite to replace it"
         )
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise LoreDataError(
+            f"--overwrite: {directory} holds {foreign[0]}{more}, which no run writes; nothing was removed. Move it "
+            "away, or choose another version or run_name"
+        )
+    return owned
+
+
+def remove_earlier_run(files: list[Path]) -> None:
+    """Remove an earlier run's files (``refuse_overwrite``) and its then empty ``checkpoints/``."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for directory in {path.parent for path in files}:
+        if directory.name == "checkpoints" and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+    where = sorted({str(path.parent.parent if path.parent.name == "checkpoints" else path.parent) for path in files})
+    print(f"--overwrite: removed the earlier run's {len(files)} file(s) from {', '.join(where)}", file=sys.stderr,
+          flush=True)
+
+
+def finished_run(checkpoint: Path, config) -> str | None:
+    """Why the run whose last checkpoint is ``checkpoint`` needs no resuming (it ran to its end), or None:
+    its end-of-fit files (protocol, basis) were written after that checkpoint, or the checkpoint ends
+    the last epoch (or step) the trainer is set to run."""
+    from lore_pl.data.files import read_checkpoint
+
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    for name in ("protocol.json", "basis.safetensors") + _callback_filenames(config):
+        path = run / name
+        if path.is_file() and path.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
+            return f"{name} was written after its last checkpoint"
+    state = read_checkpoint(checkpoint)
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs = progress.get("processed", int(state.get("epoch", -1)) + 1)
+    trainer_config = config.get("trainer", {})
+    max_epochs, max_steps = trainer_config.get("max_epochs"), trainer_config.get("max_steps")
+    if max_epochs is not None and 0 <= max_epochs <= epochs:
+        return f"its last checkpoint ends epoch {epochs} of max_epochs={max_epochs}"
+    if max_steps is not None and 0 <= max_steps <= int(state.get("global_step", 0)):
+        return f"its last checkpoint ends step {state.get('global_step')} of max_steps={max_steps}"
+    return None
+
+
+def new_run_directory(trainer) -> list[Path]:
+    """The directories this run's logger is about to create (its ``version_N``, and the run name's
+    folder and ``save_dir`` if they are new too), deepest first: empty when the version exists already
+    or there is no versioned logger."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not trainer.loggers or not isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        return []
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return []  # the first process creates it, and cleans up
+    created, directory = [], Path(trainer.loggers[0].log_dir).absolute()
+    while not directory.exists():
+        created.append(directory)
+        directory = directory.parent
+    return created
+
+
+def remove_unused_run_directory(created: list[Path]) -> None:
+    """After a run that failed before its first epoch: remove the version directory it created, if it
+    holds only what the run wrote on its way in (its config, hparams, an events file, an empty
+    ``checkpoints/``); anything else (a list of skipped rows, a checkpoint) keeps it."""
+    if not created or not created[0].is_dir():
+        return
+    directory = created[0]
+    entries = list(directory.iterdir())
+    for entry in entries:
+        empty_checkpoints = entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir())
+        if not empty_checkpoints and not (entry.is_file() and _matches(entry.name, BOOKKEEPING_FILES)):
+            return
+    for entry in entries:
+        entry.rmdir() if entry.is_dir() else entry.unlink()
+    directory.rmdir()
+    for parent in created[1:]:
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def config_error(error: ValueError) -> LoreDataError:
@@ -170,15 +349,25 @@ class LoreCLI(LightningCLI):
                             help="the run's name: its files go to <logger save_dir>/<run_name>/version_N "
                                  "(sets the logger's name; default: the logger's own)")
         parser.add_argument("--overwrite", type=bool, default=False,
-                            help="let a fit write into a fixed logger version that already holds a run")
+                            help="replace the run in a fixed logger version (or checkpoint dirpath): its files are "
+                                 "removed just before the new run writes; other files there make it refuse")
+
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False  # main prints the error in one line; jsonargparse would print the usage first
+        return parser
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._earlier_run: list[Path] = []
         name, logger = config.get("run_name"), config.get("trainer", {}).get("logger")
+        check_run_name(name)
         loggers = logger if isinstance(logger, list) else [logger]
         for entry in loggers:
             if name and getattr(entry, "init_args", None) is not None and "name" in entry.init_args:
                 entry.init_args.name = name
+        if self.subcommand == "predict" and config.get("overwrite") and "overwrite" in _init_args(config.get("model")):
+            _init_args(config.model).overwrite = True  # the score CSV's (lore_pl.modules.scoring)
         if self.subcommand != "fit":
             return
         if config.get("ckpt_path") == "last":
@@ -188,6 +377,10 @@ class LoreCLI(LightningCLI):
                 checkpoint, version = json.loads(resumed)
             else:
                 checkpoint, version = resolve_last_checkpoint(config)
+                finished = finished_run(checkpoint, config)
+                if finished:
+                    raise RunFinished(f"nothing to resume: the run of {checkpoint} is finished ({finished}); to "
+                                      f"train it further, pass --ckpt_path {checkpoint} with a larger max_epochs")
                 os.environ[RESUME_ENV] = json.dumps([str(checkpoint), version])
                 print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
             config.ckpt_path = str(checkpoint)
@@ -195,8 +388,21 @@ class LoreCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
             if version is not None:
                 _init_args(_versioned_logger(config["trainer"])).version = version
-        elif not config.get("ckpt_path") and not config.get("overwrite") and os.environ.get("LOCAL_RANK", "0") == "0":
-            refuse_overwrite(config)  # (the other DDP processes start after the first has written there)
+        elif not config.get("ckpt_path") and os.environ.get("LOCAL_RANK", "0") == "0":
+            # (the other DDP processes start after the first has written there); the old run's files
+            # go only once the new run is about to write, so that a bad setting found before loses nothing
+            self._earlier_run = refuse_overwrite(config, bool(config.get("overwrite")))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if getattr(self, "_earlier_run", None):
+            remove_earlier_run(self._earlier_run)
+        created = new_run_directory(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.current_epoch == 0 and self.trainer.global_step == 0:
+                remove_unused_run_directory(created)  # a run that failed on its way in leaves no empty version_N
+            raise
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -204,7 +410,9 @@ class LoreCLI(LightningCLI):
         # that a truncated, empty or hostile file is refused by name; torch's refusal is a page of advice.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and path not in ("last", "best", "hpc", "registry") and Path(path).is_file():
+        if path and path not in ("last", "best", "hpc", "registry") and "://" not in path:
+            if not Path(path).is_file():  # before the data are loaded and the model set up, not after
+                raise LoreDataError(f"--ckpt_path {path}: no such checkpoint file")
             from lore_pl.data.files import read_checkpoint
 
             read_checkpoint(path)
@@ -248,6 +456,55 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
+#: what the user can mend: bad input or settings (``LoreDataError``), the command line (jsonargparse's
+#: ``ArgumentError``), a file that is missing, a directory, unreadable or unwritable (``OSError``)
+USER_ERRORS = (LoreDataError, ArgumentError, OSError)
+
+
+#: lines of jsonargparse's union report that say nothing about what went wrong
+UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+               "Given value:", "Expected a <class 'NoneType'>", "tip:")
+
+
+def argument_error_message(message: str) -> str:
+    """jsonargparse's error in one line: the keys down to the value that failed and why, without the
+    union's other alternatives and the given value's repr."""
+    keys, reasons = [], []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        key = re.fullmatch(r'Parser key "([^"]+)":?\s*(.*)', text)
+        if key:
+            keys.append(key.group(1))
+            text = key.group(2)  # what is wrong, when it is said on the same line
+        if text and not text.startswith(UNION_NOISE):
+            reasons.append(text.rstrip(":") if text.startswith("Problem with given class_path") else text)
+    reasons = [reason for reason in reasons if not reason.startswith("Problem with given class_path")] or reasons
+    return ".".join(keys) + ": " + "; ".join(reasons) if keys else "; ".join(reasons)
+
+
+def user_error_message(error: BaseException) -> str:
+    """The message of a user error, naming the file an ``OSError`` is about."""
+    if isinstance(error, ArgumentError):
+        return argument_error_message(str(error))
+    if isinstance(error, OSError) and error.strerror and (error.filename2 or error.filename):
+        return f"{error.filename2 or error.filename}: {error.strerror}"
+    return str(error)
+
+
+@contextmanager
+def user_errors_in_one_line():
+    """A user error (``USER_ERRORS``) in the block: ``error: <message>`` on stderr and exit 2, for every
+    command (``LORE_PL_TRACEBACK=1``: the traceback instead)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        # bad input or settings: the message names the culprit; a traceback would only bury it
+        if os.environ.get("LORE_PL_TRACEBACK"):
+            raise
+        print(f"error: {user_error_message(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``lightning``, ``lore-pl``, ``python -m lore_pl``); ``lore-pl export ...``
     goes to the export command (``lore_pl.experiments.export_hf``), everything else to the LightningCLI."""
@@ -257,17 +514,15 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         from lore_pl.experiments.export_hf import main as export_main
 
-        export_main(argv[1:])
+        with user_errors_in_one_line():
+            export_main(argv[1:])
         return
 
     try:
-        build_cli(args)
-    except LoreDataError as error:
-        # bad input or settings: the message names the culprit; a traceback would only bury it
-        if os.environ.get("LORE_PL_TRACEBACK"):
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        with user_errors_in_one_line():
+            build_cli(args)
+    except RunFinished as finished:
+        print(finished, file=sys.stderr, flush=True)
     except SIGTERMException:
         # Lightning stops a fit on SIGTERM with a SystemExit of status 0, which tells a scheduler the
         # job finished; exit as a process killed by SIGTERM would (128 + 15).

@@ -30,10 +30,14 @@ from lore_pl.core.fewshot import FewShotSettings, adapt_users, weight_covariance
 from lore_pl.core.selection import best_per_user, check_selection, posterior_precision, selection_scores
 from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path, save_basis
 from lore_pl.data.embedder import EmbedderSpec, Item, TextEmbedder, as_messages
+from lore_pl.data.outputs import OutputKind, claim_outputs
 from lore_pl.errors import LoreDataError
 
 #: a prompt: a string (one user turn) or a chat list of ``{"role", "content"}`` turns
 Prompt = str | Sequence[dict[str, str]]
+#: ``PersonalRewardModel.save``'s file: it replaces no existing file unless told to
+SAVED_BASIS = OutputKind("PersonalRewardModel.save", lambda path: False, "no existing file",
+                         "pass overwrite=True to replace it")
 
 
 class PersonalRewardModel:
@@ -58,8 +62,12 @@ class PersonalRewardModel:
         model.source = str(path)
         return model
 
-    def save(self, path: str | os.PathLike) -> None:
-        save_basis(path, BasisFile.from_model(self.model))
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the basis and every user (the ones added here too) to ``path``, atomically. An existing
+        file is replaced only with ``overwrite=True``: save cannot tell a basis it wrote from a run's
+        trained one, and a checkpoint or any other file is not its to replace. A directory never."""
+        with claim_outputs([path], SAVED_BASIS, overwrite=overwrite):
+            save_basis(path, BasisFile.from_model(self.model))
 
     # ------------------------------------------------------------------- text: the basis's embedder
     @classmethod

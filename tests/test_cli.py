@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import ROOT, TINY_DATA, run_dir
-from lore_pl import BasisModule, load_basis
+from lore_pl import BasisModule, LoreDataError, load_basis
 from lore_pl.cli import build_cli
 
 QUIET: list[str] = []  # the configs print one line per EpochSummary interval, no progress bar
@@ -209,3 +209,136 @@ def test_ckpt_path_last_takes_the_newest_version_that_has_a_checkpoint(tmp_path)
     assert resolve_last_checkpoint(config) == (root / "version_10" / "checkpoints" / "last.ckpt", 10)
     logger.init_args.version = 2  # a fixed version resumes that one only
     assert resolve_last_checkpoint(config) == (root / "version_2" / "checkpoints" / "last.ckpt", 2)
+
+
+# ------------------------------------------------------------------ user errors: one line, exit 2
+def run_command(capsys, argv: list[str]) -> tuple[int, str]:
+    """``lightning ARGV`` in-process, or ``lore-pl-sweep ...`` when ARGV starts with that."""
+    from lore_pl.cli import main
+    from lore_pl.experiments.sweeps import main as sweep
+
+    with pytest.raises(SystemExit) as stopped:
+        sweep(argv[1:]) if argv[0] == "lore-pl-sweep" else main(argv)
+    return stopped.value.code, capsys.readouterr().err
+
+
+def assert_one_error_line(code: int, err: str, *expected: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err and "usage:" not in err, err[-3000:]
+    assert all(part in lines[0] for part in expected), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, why", [
+    ("../../escape", "path separator"), ("/tmp/abs", "path separator"), ("a\\b", "path separator"),
+    (".", "directory reference"), ("..", "directory reference"), ("x" * 10_000, "10000 characters"),
+    ("a\x00b", "control character"), ("a\nb", "control character"), (" ", "empty"), ("", "empty"),
+])
+def test_a_run_name_is_one_path_component(name, why):
+    from lore_pl.cli import check_run_name
+
+    with pytest.raises(LoreDataError, match=f"--run_name .*{why}") as error:
+        check_run_name(name)
+    assert len(str(error.value)) < 400  # a 10k-character name is shown cut
+    check_run_name("my-run_2.b é")  # a name, whatever its letters
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a\x00b"])
+def test_a_run_name_that_is_a_path_writes_nothing(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, f"--trainer.logger.init_args.save_dir={tmp_path / 'a' / 'b' / 'logs'}",
+                         f"--run_name={name}")
+    assert_one_error_line(code, err, "--run_name")
+    assert list(tmp_path.iterdir()) == []  # nothing was written, inside save_dir or out of it
+
+
+@pytest.fixture(scope="module")
+def scoring_files(tmp_path_factory):
+    """A basis of 3 users at d=16 and 5 candidate embeddings: what `lightning predict` scores."""
+    from safetensors.torch import save_file
+
+    from lore_pl.data.basis_file import BasisFile, save_basis
+
+    root = tmp_path_factory.mktemp("scoring")
+    generator = torch.Generator().manual_seed(0)
+    save_basis(root / "basis.safetensors", BasisFile(torch.randn(16, 2, generator=generator), 1.0,
+                                                     user_ids=["a", "b", "c"], user_weights=torch.full((3, 2), 0.5)))
+    save_file({"embeddings": torch.randn(5, 16, generator=generator)}, str(root / "candidates.safetensors"))
+    one_user = root / "one_user.jsonl"
+    one_user.write_text("".join(json.dumps({"user_id": "only", "prompt": f"question {i}", "chosen": "yes please",
+                                            "rejected": "no thanks"}) + "\n" for i in range(6)))
+    return root
+
+
+def predict_args(root: Path, *extra: str) -> list[str]:
+    return ["predict", "--config", str(ROOT / "configs/experiment/score.yaml"), "--trainer.accelerator=cpu",
+            "--trainer.devices=1", f"--trainer.default_root_dir={root / 'predict'}",
+            f"--model.init_args.basis_path={root / 'basis.safetensors'}",
+            f"--data.init_args.path={root / 'candidates.safetensors'}", f"--model.init_args.output={root / 's.csv'}",
+            *extra]
+
+
+def fit_args(root: Path, command: str = "fit", *extra: str) -> list[str]:
+    return [command, "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA,
+            f"--trainer.logger.init_args.save_dir={root / 'logs'}", *extra]
+
+
+def preference_args(root: Path, model: str, *extra: str) -> list[str]:
+    return ["fit", "--config", str(ROOT / "configs/experiment/tulu1.yaml"),
+            f"--data.init_args.path={root / 'one_user.jsonl'}", f"--data.init_args.cache_dir={root / 'cache'}",
+            f"--data.init_args.embedder.model={model}", "--data.init_args.embedder.kind=reward_model",
+            f"--trainer.logger.init_args.save_dir={root / 'logs'}", *extra]
+
+
+USER_ERRORS = {
+    # predict (score.yaml)
+    "predict: the output is a directory": (lambda root, model: predict_args(root, f"--model.init_args.output={root}"),
+                                           "is a directory"),
+    "predict: an unknown user": (lambda root, model: predict_args(root, "--model.init_args.users=[nobody]"),
+                                 "unknown user(s) ['nobody']"),
+    "predict: no such basis file": (lambda root, model: predict_args(root, f"--model.init_args.basis_path={root}/no"),
+                                    "no such run directory or basis file"),
+    "predict: batch_size 0": (lambda root, model: predict_args(root, "--data.init_args.batch_size=0"),
+                              "batch_size must be >= 1"),
+    "predict text: batch_size 0": (lambda root, model: [
+        "predict", "--config", str(ROOT / "configs/experiment/score_text.yaml"), f"--model.init_args.basis_path={root}",
+        "--model.init_args.batch_size=0", f"--data.init_args.path={root / 'r.jsonl'}"], "batch_size must be a number"),
+    # the sweeps
+    "sweep: no such basis file": (lambda root, model: [
+        "lore-pl-sweep", "shots", "--config", str(ROOT / "configs/sweep/shots.yaml"), f"--basis_path={root}/no",
+        f"--out_dir={root}/sweep"], "basis file not found"),
+    "sweep: an unknown method": (lambda root, model: [
+        "lore-pl-sweep", "shots", "--config", str(ROOT / "configs/sweep/shots.yaml"),
+        f"--basis_path={root}/basis.safetensors", "--methods=[bogus]", f"--out_dir={root}/sweep"],
+                                 "unknown few-shot methods ['bogus']"),
+    "sweep: a rank that is not an int": (lambda root, model: [
+        "lore-pl-sweep", "rank", "--config", str(ROOT / "configs/sweep/rank.yaml"), "--ranks=[0.5]"],
+                                         "ranks: Expected a <class 'int'>"),
+    # fit, validate, test
+    "fit: a preference file with one user": (lambda root, model: preference_args(root, model),
+                                             "has no seen users for BasisModule"),
+    "fit: min_pairs_per_user 2.5": (lambda root, model: preference_args(
+        root, model, "--data.init_args.min_pairs_per_user=2.5"), "min_pairs_per_user: Expected a <class 'int'>"),
+    "fit: batch_size 0": (lambda root, model: fit_args(root, "fit", "--data.init_args.batch_size=0"),
+                          "batch_size must be a number of pairs >= 1"),
+    "fit: an option that does not exist": (lambda root, model: fit_args(root, "fit", "--trainer.max_epochz=3"),
+                                           "max_epochz"),
+    "fit: a config file that does not exist": (lambda root, model: ["fit", "--config", f"{root}/no.yaml"],
+                                               "config: File does not exist"),
+    "fit: K > d, found in setup": (lambda root, model: fit_args(root, "fit", "--model.init_args.estimator=adam",
+                                                                "--model.init_args.rank=17"), "rank K=17 exceeds"),
+    "validate: no such checkpoint": (lambda root, model: fit_args(root, "validate", f"--ckpt_path={root}/no.ckpt"),
+                                     "no.ckpt: no such checkpoint file"),
+    "test: a setting out of range": (lambda root, model: fit_args(root, "test", "--model.init_args.prune_threshold=2"),
+                                     "prune_threshold must be in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_every_user_error_of_every_command_is_one_line_and_exit_2(case, scoring_files, tiny_reward_model, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(scoring_files)  # lightning_logs/ of the runs without a save_dir stays in here
+    build, expected = USER_ERRORS[case]
+    code, err = run_command(capsys, build(scoring_files, tiny_reward_model))
+    assert_one_error_line(code, err, expected)
+    assert not (scoring_files / "s.csv").exists()

@@ -465,3 +465,25 @@ def test_embedder_options_are_checked():
         EmbedderSpec(dtype="int8")
     with pytest.raises(ValueError, match="max_length must be >= 2"):
         EmbedderSpec(max_length=1)
+
+
+def test_a_line_cut_short_is_a_bad_row_reported_with_the_others_or_skipped(tmp_path):
+    cut = json.dumps(GOOD)[:25]  # a line a crash cut short
+    path = write_lines(tmp_path / "prefs.jsonl", GOOD, cut, {**GOOD, "chosen": ""}, {**GOOD, "user_id": "b"})
+    with pytest.raises(LoreDataError) as error:
+        parse_rows(path, read_records(path, keep_bad_lines=True), COLUMNS)
+    assert str(error.value).splitlines() == [
+        f"{path}: 2 bad rows (skip them with skip_bad_rows: true):",
+        "  line 2: not valid JSON (Expecting ':' delimiter at character 26 of 25)",
+        "  line 3: field 'chosen' must be a non-empty string, got ''",
+    ]
+    _, table = parse_rows(path, read_records(path, keep_bad_lines=True), COLUMNS, skip_bad_rows=True)
+    assert table["user"] == ["a", "b"]
+    assert table["skipped"][0] == {"where": "line 2", "reason": "not valid JSON (Expecting ':' delimiter at "
+                                                                "character 26 of 25)", "row": cut}
+    with pytest.raises(LoreDataError, match="line 2 is not valid JSON"):  # readers of other files: an error
+        read_records(path)
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b'\n{"user_id": "caf\xe9"}\n')
+    _, table = parse_rows(tmp_path / "latin1.jsonl", read_records(tmp_path / "latin1.jsonl", keep_bad_lines=True),
+                          COLUMNS, skip_bad_rows=True)
+    assert table["user"] == ["a"] and table["skipped"][0]["reason"].startswith("byte 17: not UTF-8 text")

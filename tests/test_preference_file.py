@@ -236,6 +236,9 @@ def test_lightning_predict_fills_the_cache(tmp_path, tiny_reward_model, monkeypa
     expected, expected_head = in_process.feature_cache.load()
     torch.testing.assert_close(features, expected)
     assert torch.equal(head, expected_head)
+    # both ways record the embedding model's weights digest (a basis fitted on the cache keeps it)
+    assert predicted.embedder_weights == in_process.embedder_weights
+    assert predicted.embedder_weights.startswith("sha256-state-dict-v1:")
 
     def no_model(self, spec):
         raise AssertionError("the model was loaded although the cache is complete")
@@ -307,3 +310,28 @@ def test_a_corrupt_cache_table_names_the_file(tmp_path, tiny_reward_model):
     table.write_text(table.read_text()[:50])
     with pytest.raises(LoreDataError, match=r"table.json: not a readable feature cache table \(JSONDecodeError"):
         data.load()
+
+
+def test_skipped_rows_without_a_logger_are_listed_where_the_warning_says(tmp_path, tiny_reward_model):
+    import re
+
+    from lightning import Trainer
+
+    rows = write_preferences(tmp_path / "prefs.jsonl")
+    cut = json.dumps(rows[0])[:30]  # a line a crash cut short
+    with open(tmp_path / "prefs.jsonl", "a") as stream:
+        stream.write(cut + "\n")
+    data = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, skip_bad_rows=True)
+    data.trainer = Trainer(logger=False, default_root_dir=tmp_path / "run", accelerator="cpu",
+                           enable_progress_bar=False, enable_model_summary=False)
+    listed = tmp_path / "run" / "skipped_rows.jsonl"
+    with pytest.warns(UserWarning, match=rf"1 bad row\(s\) skipped \(first: line {len(rows) + 1}: not valid JSON .*\); "
+                                         f"the list is {re.escape(str(listed))}$"):
+        data.setup("fit")
+    assert [json.loads(line)["row"] for line in listed.read_text().splitlines()] == [cut]
+
+    bare = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, skip_bad_rows=True)  # no Trainer: no file
+    with pytest.warns(UserWarning, match="no list is written without a Trainer: they are in the data module's "
+                                         "skipped_rows"):
+        bare.setup("fit")
+    assert bare.skipped_rows[0]["row"] == cut

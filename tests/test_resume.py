@@ -251,3 +251,95 @@ def test_a_random_seed_is_written_into_the_saved_config(tmp_path):
         tmp_path / "r2", f"--seed_everything={seed[0].split(':')[1].strip()}", "--trainer.max_epochs=2"
     )
     assert torch.equal(rerun.model.model.basis, cli.model.model.basis)  # the saved seed reproduces the run
+
+
+# ------------------------------------------------------------------ overwrite, finished runs, failed runs
+def fixed_version_args(directory: Path, epochs: int, *extra: str) -> list[str]:
+    """A fit into logs/run/version_0, fixed: the case where a second fit meets the first one's files
+    (the protocol without its baselines, which would double the time)."""
+    config = write_config(directory, epochs, versioned=True)
+    config.write_text(config.read_text().replace("- class_path: callbacks.ProtocolEvaluation\n",
+                                                 "- class_path: callbacks.ProtocolEvaluation\n"
+                                                 "      init_args: {baselines: false}\n"))
+    return ["fit", "--config", str(config), *TINY_DATA, "--trainer.logger.init_args.version=0", *extra]
+
+
+def file_states(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
+
+
+def test_overwrite_replaces_the_old_run_so_that_last_resumes_the_new_one(tmp_path, capsys):
+    from jsonargparse import Namespace
+
+    from lore_pl.cli import main, resolve_last_checkpoint
+
+    run = run_directory(tmp_path, versioned=True)
+    build_cli(fixed_version_args(tmp_path, 3))
+    assert (run / "protocol.json").is_file() and checkpoint_epoch(run / "checkpoints" / "last.ckpt") == 2
+    old_events = set(run.glob("events.out.tfevents.*"))
+    capsys.readouterr()
+
+    # resuming the finished run: one line, exit 0, nothing rerun or written
+    before = file_states(run)
+    main(fixed_version_args(tmp_path, 3, "--ckpt_path=last"))
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "protocol.json was written after its last checkpoint" in err
+    assert file_states(run) == before
+
+    # a file no run writes: --overwrite refuses, names it, removes nothing
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stopped:
+        main(fixed_version_args(tmp_path, 5, "--overwrite=true"))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"holds {run / 'notes.txt'}, which no run writes; nothing was removed" in err
+    (run / "notes.txt").unlink()
+    assert file_states(run) == before
+
+    # --overwrite: the old run's files go before the new run writes; last.ckpt is the new run's
+    build_cli(fixed_version_args(tmp_path, 5, "--overwrite=true", "--model.init_args.lr=0.05"))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not any("-v" in name for name in names), names  # no last-v1.ckpt
+    assert checkpoint_epoch(run / "checkpoints" / "last.ckpt") == 4
+    assert "max_epochs: 5" in (run / "config.yaml").read_text() and "lr: 0.05" in (run / "hparams.yaml").read_text()
+    assert not old_events & set(run.glob("events.out.tfevents.*"))
+    logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                       init_args=Namespace(save_dir=str(tmp_path / "logs"), name="run", version=0))
+    config = Namespace(trainer=Namespace(logger=logger, callbacks=[], max_epochs=10))
+    assert resolve_last_checkpoint(config) == (run / "checkpoints" / "last.ckpt", 0)
+
+
+def test_a_run_is_finished_when_its_checkpoint_ends_the_last_epoch_or_its_results_came_after_it(tmp_path):
+    from jsonargparse import Namespace
+
+    from lore_pl.cli import finished_run
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    progress = {"current": {"ready": 3, "completed": 2, "started": 3, "processed": 3}}
+    torch.save({"epoch": 2, "global_step": 3, "loops": {"fit_loop": {"epoch_progress": progress}}}, last)
+    config = Namespace(trainer=Namespace(callbacks=[], max_epochs=3, max_steps=-1))
+    assert finished_run(last, config) == "its last checkpoint ends epoch 3 of max_epochs=3"
+    config.trainer.max_epochs = 6  # asked to train on
+    assert finished_run(last, config) is None
+    (tmp_path / "protocol.json").write_text("{}")  # written after the checkpoint: the fit ran to its end
+    assert finished_run(last, config) == "protocol.json was written after its last checkpoint"
+    os.utime(tmp_path / "protocol.json", ns=(0, 0))  # an older run's results
+    assert finished_run(last, config) is None
+
+
+def test_a_run_that_fails_on_its_way_in_leaves_no_version_directory(tmp_path, capsys):
+    from lore_pl.cli import main
+
+    config = write_config(tmp_path, 3, versioned=True)
+    failing = ["fit", "--config", str(config), *TINY_DATA, "--model.init_args.rank=17"]  # K > d: found in setup
+    with pytest.raises(SystemExit) as stopped:
+        main(failing)
+    assert stopped.value.code == 2 and "rank K=17 exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()  # save_dir, the run's name and version_0 were all new
+    earlier = tmp_path / "logs" / "run" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "protocol.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(failing)
+    assert sorted(p.name for p in (tmp_path / "logs" / "run").iterdir()) == ["version_0"]  # no empty version_1
+    assert (earlier / "protocol.json").read_text() == "{}"

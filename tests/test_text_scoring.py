@@ -215,6 +215,25 @@ def test_lightning_predict_scores_a_jsonl_of_text(text_run, tmp_path, monkeypatc
     assert not (tmp_path / "never.csv").exists()
 
 
+def test_predict_never_writes_its_csv_over_the_run_or_the_responses(text_run, tmp_path, monkeypatch):
+    """The CSV of ``score_text.yaml`` aimed at the basis it reads or at its own input is refused before
+    the embedder loads, even with --overwrite, and both stay byte-identical (lore_pl.data.outputs)."""
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    run, data = text_run[:2]
+    write_rows(tmp_path / "responses.jsonl", [{"user_id": data.seen_user_ids[0], "prompt": "hi", "response": "yes"}])
+    loads = []
+    monkeypatch.setattr(TextEmbedder, "__init__", lambda *args, **kwargs: loads.append(1) or 1 / 0)
+    for output in (run / "basis.safetensors", tmp_path / "responses.jsonl"):
+        before = hashlib.sha256(output.read_bytes()).hexdigest()
+        for extra in ([], ["--overwrite=true"]):
+            with pytest.raises(LoreDataError, match=rf"{output}: refusing to write over .*an input of this command"):
+                predict(run, tmp_path / "responses.jsonl", output, *extra)
+        assert hashlib.sha256(output.read_bytes()).hexdigest() == before
+    assert not loads and not list(run.glob(".*.lock")) and not list(tmp_path.glob(".*.lock"))
+
+
 def test_embedding_scoring_takes_a_run_directory_too(text_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from safetensors.torch import save_file

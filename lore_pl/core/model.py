@@ -27,6 +27,7 @@ class LoreModel(nn.Module):
         num_users: C when there are no logits.
         user_ids: the users' names, row by row (kept with the weights for export and scoring).
         embedder: identity of the embedder whose features the model was trained on ("" unknown).
+        embedder_weights: digest of that embedder's model weights (``weights_digest``; "" unknown).
         prior_mean: ``mu`` ``[K]``, the population's mean logits: new users start there and are pulled
             towards it (learned with W when ``train_logits``).
         prior_precision: the diagonal precision ``[K]`` of that Gaussian prior on a user's logits.
@@ -45,6 +46,7 @@ class LoreModel(nn.Module):
         num_users: int | None = None,
         user_ids: Sequence[str] = (),
         embedder: str = "",
+        embedder_weights: str = "",
         prior_mean: Tensor | None = None,
         prior_precision: Tensor | None = None,
         weight_covariance: Tensor | None = None,
@@ -94,6 +96,7 @@ class LoreModel(nn.Module):
             raise LoreDataError(f"{len(user_ids)} user ids for {self.num_users} users")
         self.user_ids = list(user_ids)
         self.embedder = embedder
+        self.embedder_weights = embedder_weights
         self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float64))
         self.register_buffer(
             "reference_head", None if reference_head is None else reference_head.detach().clone().to(basis.dtype)
@@ -127,6 +130,7 @@ class LoreModel(nn.Module):
         generator: torch.Generator | None = None,
         user_ids: Sequence[str] = (),
         embedder: str = "",
+        embedder_weights: str = "",
     ) -> LoreModel:
         """A model to train: ``V ~ randn(d, K)`` and ``W`` by ``weight_init`` (the reference's starts).
 
@@ -148,6 +152,7 @@ class LoreModel(nn.Module):
                 num_users=num_users,
                 user_ids=user_ids,
                 embedder=embedder,
+                embedder_weights=embedder_weights,
                 train_basis=False,
             )
         basis = torch.randn(dim, rank, generator=generator)
@@ -160,6 +165,7 @@ class LoreModel(nn.Module):
             num_users=num_users,
             user_ids=user_ids,
             embedder=embedder,
+            embedder_weights=embedder_weights,
         )
 
     @classmethod
@@ -174,6 +180,7 @@ class LoreModel(nn.Module):
             num_users=extra.get("num_users"),
             user_ids=extra.get("user_ids", ()),
             embedder=extra.get("embedder", ""),
+            embedder_weights=extra.get("embedder_weights", ""),
             prior_mean=state.get("prior_mean"),
             prior_precision=state.get("prior_precision"),
             weight_covariance=state.get("weight_covariance"),
@@ -185,12 +192,14 @@ class LoreModel(nn.Module):
 
     def get_extra_state(self) -> dict:
         # plain values only: a checkpoint loads with torch.load(weights_only=True)
-        return {"num_users": self.num_users, "user_ids": list(self.user_ids), "embedder": self.embedder}
+        return {"num_users": self.num_users, "user_ids": list(self.user_ids), "embedder": self.embedder,
+                "embedder_weights": self.embedder_weights}
 
     def set_extra_state(self, state: dict) -> None:
         self.num_users = int(state.get("num_users", self.num_users))
         self.user_ids = list(state.get("user_ids", self.user_ids))
         self.embedder = str(state.get("embedder", self.embedder))
+        self.embedder_weights = str(state.get("embedder_weights", self.embedder_weights))
 
     # ------------------------------------------------------------------------------------ shape
     @property

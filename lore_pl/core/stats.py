@@ -6,9 +6,15 @@ import torch
 from torch import Tensor
 
 
-def per_user_accuracy(logits: Tensor, users: Tensor, num_users: int) -> Tensor:
-    """Each user's fraction of pairs with a positive logit ``[C]`` (NaN for a user with no pairs)."""
+def per_user_accuracy(logits: Tensor, users: Tensor, num_users: int, tie_credit: float = 0.0) -> Tensor:
+    """Each user's fraction of pairs with a positive logit ``[C]`` (NaN for a user with no pairs).
+
+    A zero logit (no preference) counts ``tie_credit``: 0 for a model, whose exact ties are degenerate
+    pairs; 0.5, a coin flip's expected score, for a rule that ties by construction (equal lengths).
+    """
     correct = torch.bincount(users[logits > 0], minlength=num_users).double()
+    if tie_credit:
+        correct += tie_credit * torch.bincount(users[logits == 0], minlength=num_users).double()
     total = torch.bincount(users, minlength=num_users).double()
     return correct / total
 

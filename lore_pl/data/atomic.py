@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,16 +24,71 @@ def file_mode(base: int = 0o666) -> int:
     return base & ~mask
 
 
+#: this machine, as temporary and lock files name it (a pid means something only on its own machine)
+HOST_TAG = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process of this machine with this id runs (one of another user's counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temporary_prefix(path: Path) -> str:
+    """``.NAME.PID-HOST.``: the start of the name of a temporary file that becomes ``path``; the writer's pid
+    and machine let a later run tell a dead writer's leftover from a live writer's file."""
+    return f".{path.name}.{os.getpid()}-{HOST_TAG}."
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files beside ``path`` that a writer of ``path`` on this machine left when it was
+    killed: named ``.NAME.PID-HOST.XXXXXXXX.tmp`` with a dead PID (never this process's, never any other name)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-([0-9a-f]{{8}})\.[a-z0-9_]{{8}}\.tmp")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    stale = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and match.group(2) == HOST_TAG and int(match.group(1)) != os.getpid() \
+                and not process_is_alive(int(match.group(1))) and entry.is_file(follow_symlinks=False):
+            stale.append(Path(entry.path))
+    return stale
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete ``stale_temporaries(path)``; returns what was deleted."""
+    removed = []
+    for stale in stale_temporaries(path):
+        try:
+            stale.unlink()
+            removed.append(stale)
+        except FileNotFoundError:  # another run cleaned it first
+            pass
+    return removed
+
+
 def write_atomic_path(path: str | os.PathLike, write_to: Callable[[str], None], fsync: bool = False) -> Path:
     """Have ``write_to(temporary_path)`` write the file, then rename it to ``path``.
 
     For writers that take a file name (safetensors, numpy); a failure leaves ``path`` as it was, and
     the error names ``path`` (a full disk raises deep inside the writer, e.g. torch's "enforce fail").
     The file gets the umask's mode; ``fsync`` puts the bytes on disk before the name points at them.
+    Temporary files that killed writers of ``path`` left beside it are deleted first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     os.close(handle)
     try:
         try:

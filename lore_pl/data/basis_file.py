@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from lore_pl.core.model import LoreModel
 from lore_pl.data.atomic import write_atomic_path
+from lore_pl.data.embedder import WEIGHTS_DIGEST_SCHEME
 from lore_pl.data.files import read_checkpoint, read_tensor, read_tensors
 from lore_pl.errors import LoreDataError
 
@@ -40,6 +42,7 @@ class BasisFile:
     prior_mean: Tensor | None = None  # [K] the population's mean logits
     prior_precision: Tensor | None = None  # [K] the precision of the prior on a user's logits
     weight_covariance: Tensor | None = None  # [C, K, K] each user's posterior covariance of w
+    embedder_weights: str = ""  # weights_digest of the embedder's model ("" unknown: a basis from before)
 
     @property
     def dim(self) -> int:
@@ -60,7 +63,8 @@ class BasisFile:
                    weights if model.num_users else None, model.embedder,
                    None if mean is None else mean[keep].detach(),
                    None if model.prior_precision is None else model.prior_precision[keep].detach(),
-                   None if covariance is None else covariance[:, keep][:, :, keep].detach())
+                   None if covariance is None else covariance[:, keep][:, :, keep].detach(),
+                   embedder_weights=model.embedder_weights)
 
     def to_model(self, train_basis: bool = False, train_logits: bool = False) -> LoreModel:
         """A ``LoreModel`` with this basis and these users (logits ``log w``; frozen by default)."""
@@ -71,6 +75,7 @@ class BasisFile:
             logits = weights.float().clamp(min=1e-30).log()
         return LoreModel(self.basis, logits, tau=self.tau, reference_head=self.reference_head,
                          num_users=len(self.user_ids), user_ids=self.user_ids, embedder=self.embedder,
+                         embedder_weights=self.embedder_weights,
                          prior_mean=self.prior_mean if self.rank >= 2 else None,
                          prior_precision=self.prior_precision if self.rank >= 2 else None,
                          weight_covariance=self.weight_covariance, train_basis=train_basis, train_logits=train_logits)
@@ -109,6 +114,8 @@ def save_basis(path: str | os.PathLike, exported: BasisFile) -> Path:
         "user_ids": json.dumps(list(exported.user_ids)),
         "embedder": exported.embedder,
     }
+    if exported.embedder_weights:  # a basis without one reads as before
+        metadata["embedder_weights"] = exported.embedder_weights
     return write_atomic_path(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -136,7 +143,18 @@ def load_basis(path: str | os.PathLike) -> BasisFile:
         prior_mean=tensors.get("prior_mean"),
         prior_precision=tensors.get("prior_precision"),
         weight_covariance=tensors.get("weight_covariance"),
+        embedder_weights=read_weights_digest(metadata, path),
     )
+
+
+def read_weights_digest(metadata: dict[str, str], path: Path) -> str:
+    """The basis's ``embedder_weights`` ("" where none was recorded); a malformed one is refused."""
+    digest = metadata.get("embedder_weights", "")
+    scheme, _, hexdigest = digest.partition(":")
+    if digest and not (scheme == WEIGHTS_DIGEST_SCHEME and re.fullmatch(r"[0-9a-f]{64}", hexdigest)):
+        raise LoreDataError(f"{path}: the metadata 'embedder_weights' must be '{WEIGHTS_DIGEST_SCHEME}:' and 64 hex "
+                            f"digits, got {digest!r:.100}")
+    return digest
 
 
 def checkpoint_model(checkpoint: dict[str, Any], path: object) -> tuple[str, LoreModel, dict[str, Any]]:

@@ -36,6 +36,8 @@ BATCHING_FIELDS = ("batch_size", "max_tokens_per_batch")
 FEATURE_OPTION_DEFAULTS = {"pooling": "mean", "length_features": "none", "concat": ()}
 POOLINGS = ("mean", "max", "cls")
 LENGTH_FEATURES = ("none", "log_tokens")
+#: the scheme of ``weights_digest``, the prefix of every digest it gives
+WEIGHTS_DIGEST_SCHEME = "sha256-state-dict-v1"
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,15 @@ class TextEmbedder(nn.Module):
             TextEmbedder(replace(spec, model=model, concat=(), length_features="none")) for model in spec.concat
         )
 
+    def weights_digest(self) -> str:
+        """``weights_digest`` of the loaded model (in ``spec.dtype``), computed once."""
+        if getattr(self, "_weights_digest", None) is None:
+            digests = [weights_digest(self.model)] + [part.weights_digest() for part in self.parts]
+            # concatenated encoders: one digest over all of theirs, in order
+            self._weights_digest = digests[0] if len(digests) == 1 else (
+                f"{WEIGHTS_DIGEST_SCHEME}:" + hashlib.sha256("\n".join(digests).encode()).hexdigest())
+        return self._weights_digest
+
     @property
     def attention_implementation(self) -> str:
         """The attention the model runs: ``sdpa`` where it supports it, else its default (``eager``)."""
@@ -337,6 +348,18 @@ def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
         return hidden.masked_fill(~mask, torch.finfo(hidden.dtype).min).amax(dim=1)
     weights = mask.to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """``sha256-state-dict-v1:<hex>`` of every tensor of ``model.state_dict()`` (name, dtype, shape and
+    bytes, by name): the same for two copies of one model wherever they lie and however their files are
+    sharded, different as soon as one weight differs (a score head alone does not tell two models apart)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return f"{WEIGHTS_DIGEST_SCHEME}:{digest.hexdigest()}"
 
 
 def pad_right(token_ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -111,6 +111,28 @@ class FeatureCache:
             raise ValueError(f"shard {shard} needs {stop - start} rows of embeddings, got shape {array.shape}")
         write_npy_atomic(self.shard_path(shard), array)
 
+    def record_weights_digest(self, digest: str) -> None:
+        """Record the ``weights_digest`` of the model about to embed the missing shards (a basis fitted on
+        the cache keeps it). Shards embedded by other weights under the same name and settings (a model
+        directory replaced mid-way) cannot share a cache with these: refused, naming both digests."""
+        manifest = self._require_manifest()
+        recorded = manifest.get("weights_digest")
+        if recorded == digest:
+            return
+        if recorded is not None and len(self.missing_shards()) < manifest["num_shards"]:
+            raise LoreDataError(
+                f"feature cache {self.directory}: its shards were embedded by model weights {recorded}, the model "
+                f"loaded now has {digest} (same name and settings, other weights); delete the directory to embed "
+                "everything with this model"
+            )
+        manifest["weights_digest"] = digest
+        write_json_atomic(self.manifest_path, manifest)
+
+    def weights_digest(self) -> str:
+        """The recorded ``weights_digest`` of the embedding model; "" for a cache filled before one was kept."""
+        manifest = self.manifest() or {}
+        return str(manifest.get("weights_digest") or "")
+
     def write_reference_head(self, head: Tensor) -> None:
         write_npy_atomic(self.directory / REFERENCE_HEAD, head.detach().float().cpu().numpy())
 
@@ -234,6 +256,8 @@ def embed_missing(cache: FeatureCache, embedder, progress: bool = True) -> int:
     shards = MissingShards(cache)
     manifest = cache.manifest()
     total = sum(cache.shard_range(s)[1] - cache.shard_range(s)[0] for s in shards.shards)
+    if shards.shards:
+        cache.record_weights_digest(embedder.weights_digest())
     with tqdm(total=total, desc=f"embedding {manifest['num_items']} texts", unit="text", disable=not progress) as bar:
         for element in shards:
             cache.write_shard(element["shard"], embedder(element["items"]))

@@ -11,6 +11,10 @@ The base weights are copied (``--weights copy``) or, for safetensors checkpoints
 (``--weights link``): every base weight file is a symlink except the one that holds ``score.weight``,
 which is rewritten with the new score. transformers 5 reads every tensor of every listed file (not
 only those the index maps to it), so a linked file must not hold a second ``score.weight``.
+
+The base model must be the very model the basis was embedded with: its ``weights_digest`` (of every
+weight, not only the score head) is compared with the one the basis recorded. Where the export goes
+and what ``--overwrite`` may replace: ``lore_pl.experiments.export_destination``.
 """
 
 from __future__ import annotations
@@ -18,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,11 +30,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lore_pl.data.atomic import file_mode
 from lore_pl.data.basis_file import FORMAT as BASIS_FORMAT
 from lore_pl.data.basis_file import BasisFile, load_basis, resolve_basis_path
-from lore_pl.data.embedder import EmbedderSpec, load_tokenizer, resolve_model_path
+from lore_pl.data.embedder import EmbedderSpec, load_model, load_tokenizer, resolve_model_path, weights_digest
 from lore_pl.errors import LoreDataError
+from lore_pl.experiments.export_destination import (
+    check_destination,
+    check_not_protected,
+    destination,
+    publish_directory,
+)
 from lore_pl.inference import PersonalRewardModel
 
 #: ``config.json["lore_pl"]["format"]`` of an exported checkpoint
@@ -86,6 +93,55 @@ def check_reference_head(reference: Tensor | None, base_score: Tensor, spec: Emb
     if seen.shape != reference.shape or not torch.allclose(seen, reference.float(), rtol=1e-5, atol=1e-6):
         raise LoreDataError(f"{where}: the base reward model's score head is not the V_ref the basis recorded; "
                             "this is not the model whose hidden states the basis was trained on")
+
+
+#: (the digest the base model's weights must have, where it came from); None: nothing to compare
+ExpectedWeights = tuple[str, str] | None
+
+
+def local_directory(model: str) -> Path | None:
+    """The directory of a local model (``package:NAME`` resolved); None for a Hub id or a missing path."""
+    try:
+        path = Path(resolve_model_path(model))
+    except ImportError:
+        return None
+    return path if path.is_dir() else None
+
+
+def load_reward_model(path: str | os.PathLike, spec: EmbedderSpec) -> nn.Module:
+    """The reward model at ``path`` as ``TextEmbedder`` loads it (``spec.dtype``), for its weights only."""
+    from transformers import AutoModelForSequenceClassification
+
+    return load_model(AutoModelForSequenceClassification, str(path), revision=spec.revision,
+                      dtype=getattr(torch, spec.dtype))
+
+
+def expected_weights(basis: BasisFile, recorded: EmbedderSpec, base_model: str | None, where: str) -> ExpectedWeights:
+    """What the base model's ``weights_digest`` must be: the one the basis recorded at embedding time;
+    for a basis from before lore-pl recorded one, with ``--base-model``, that of the model the basis names
+    (a local directory), else a refusal; without either, nothing (the recorded model itself is loaded)."""
+    if basis.embedder_weights:
+        return basis.embedder_weights, "the basis's record"
+    if base_model is None:
+        return None
+    original = local_directory(recorded.model)
+    if original is None:
+        raise LoreDataError(f"{where}: the basis records no digest of its model's weights (it was fitted before "
+                            f"lore-pl kept one) and its model {recorded.model!r} is not a local directory to compute "
+                            "one from, so --base-model cannot be checked to be that model; export without "
+                            "--base-model where the model is, or embed and fit again to record the digest")
+    return weights_digest(load_reward_model(original, recorded)), f"that of {original}"
+
+
+def check_weights(expected: ExpectedWeights, seen: str, base: str, recorded: EmbedderSpec, where: str) -> None:
+    """The base model is the model the basis was embedded with, every weight of it (a same score head on
+    another body would give other rewards than ``score_text``)."""
+    if expected is None or seen == expected[0]:
+        return
+    what = (f"the base model {base} is not the model the basis was embedded with ({recorded.model})"
+            if base != recorded.model else f"the model {base} changed since the basis was embedded")
+    raise LoreDataError(f"{where}: {what}: its weights digest is {seen[:40]}..., {expected[1]} is "
+                        f"{expected[0][:40]}...; give the very model the features came from")
 
 
 def check_pooling(tokenizer, pad_token_id: int | None, where: str) -> None:
@@ -159,7 +215,7 @@ def local_model_dir(spec: EmbedderSpec) -> Path:
 
 
 def build_linked(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, labels: list[str],
-                 metadata: dict, where: str) -> None:
+                 metadata: dict, where: str, check_model: Callable[[nn.Module], None] | None) -> None:
     """Symlinks to the base's weight files, but the one holding ``score.weight``: that one is rewritten
     (its other tensors as they are, the new score beside them), so no listed file holds a stale score."""
     from safetensors import safe_open
@@ -167,6 +223,8 @@ def build_linked(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, 
     from transformers import AutoConfig
 
     base = local_model_dir(spec)
+    if check_model is not None:  # the weights are linked, not loaded: load them only to compare
+        check_model(load_reward_model(base, spec))
     files = base_weight_files(base)
     holders = [name for name, keys in files.items() if SCORE_KEY in keys]
     if len(holders) != 1:
@@ -202,11 +260,13 @@ def build_linked(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, 
 
 
 def build_copied(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, labels: list[str],
-                 metadata: dict, where: str) -> None:
+                 metadata: dict, where: str, check_model: Callable[[nn.Module], None] | None) -> None:
     from lore_pl.data.embedder import TextEmbedder
 
     embedder = TextEmbedder(spec)  # the very model and tokenizer set-up the features came from
     model, tokenizer = embedder.model, embedder.tokenizer
+    if check_model is not None:
+        check_model(model)
     check_pooling(tokenizer, tokenizer.pad_token_id, where)
     check_reference_head(basis.reference_head, model.score.weight.detach(), spec, where)
     if model.score.in_features != basis.dim:
@@ -222,36 +282,6 @@ def build_copied(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, 
     save_tokenizer(tokenizer, out, spec)
 
 
-def publish_directory(out: Path, build: Callable[[Path], None], overwrite: bool) -> Path:
-    """Have ``build(temporary_dir)`` fill a directory beside ``out``, then rename it to ``out``; a
-    failure leaves ``out`` as it was. A non-empty ``out`` is replaced only with ``overwrite``."""
-    out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out}: the directory exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old = None
-    try:
-        build(tmp)
-        tmp.chmod(file_mode(0o777))  # mkdtemp makes it private; the export is an ordinary directory
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            old.rmdir()
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None and not out.exists():
-            os.rename(old, out)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
 def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "users", weights: str = "copy",
               overwrite: bool = False, base_model: str | None = None) -> Path:
     """Write the basis of ``run`` (a run directory or a basis file) as a Hugging Face checkpoint in ``out``.
@@ -260,9 +290,10 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "user
         heads: ``users`` (one output per user, ``V w_u``) or ``basis`` (one per basis column, ``V^T``,
             and the users' weights in ``lore_user_weights.safetensors``).
         weights: ``copy`` the base model's weights, or ``link`` to them (symlinks; safetensors only).
-        overwrite: replace a non-empty ``out``.
+        overwrite: replace an earlier export in ``out`` (one holding the export marker and nothing else;
+            never the run, the base model, the current or home directory or one above them).
         base_model: load the base reward model from here instead of the recorded ``spec.model`` (a moved
-            copy); its score head must still be the basis's ``V_ref``.
+            copy); its weights must be the model's the basis was embedded with (``expected_weights``).
     """
     if heads not in ("users", "basis"):
         raise ValueError(f"--heads must be 'users' or 'basis', got {heads!r}")
@@ -270,11 +301,17 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "user
         raise ValueError(f"--weights must be 'copy' or 'link', got {weights!r}")
     path = resolve_basis_path(run)
     basis = load_basis(path)
-    spec = text_spec(basis, path)
+    recorded = text_spec(basis, path)
     check_basis(basis, path)
-    where = f"{path} (base model {base_model or spec.model})"
-    if base_model is not None:
-        spec = replace(spec, model=base_model)
+    where = f"{path} (base model {base_model or recorded.model})"
+    spec = recorded if base_model is None else replace(recorded, model=base_model)
+    out = destination(out)
+    protected = [(path.parent, f"the directory of the basis {path}")]
+    protected += [(model_dir, f"the base model {model_dir}") for model_dir in
+                  {local_directory(spec.model), local_directory(recorded.model)} - {None}]
+    check_not_protected(out, protected)  # before a model is loaded: a refusal costs nothing
+    check_destination(out, overwrite)
+    expected = expected_weights(basis, recorded, base_model, where)
     model = PersonalRewardModel(basis)
     rows, labels = score_rows(model, heads)
     metadata = {
@@ -298,12 +335,15 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "user
     }
     build = build_linked if weights == "link" else build_copied
 
+    def check_model(base: nn.Module) -> None:
+        check_weights(expected, weights_digest(base), spec.model, recorded, where)
+
     def fill(directory: Path) -> None:
-        build(directory, spec, basis, rows, labels, metadata, where)
+        build(directory, spec, basis, rows, labels, metadata, where, None if expected is None else check_model)
         if heads == "basis":
             write_side_files(directory, model)
 
-    return publish_directory(Path(out), fill, overwrite)
+    return publish_directory(out, fill, overwrite, protected)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -313,18 +353,25 @@ def main(args: list[str] | None = None) -> None:
     hf = formats.add_parser("hf", help="one Hugging Face AutoModelForSequenceClassification checkpoint",
                             description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     hf.add_argument("--run", required=True, help="a run directory holding basis.safetensors, or a basis file")
-    hf.add_argument("--out", required=True, help="the directory to write (created; refused if not empty)")
+    hf.add_argument("--out", required=True,
+                    help="the directory to write (created; refused if not empty, but for an earlier export with "
+                         "--overwrite)")
     hf.add_argument("--heads", choices=("users", "basis"), default="users",
                     help="users: one output per user (default); basis: one per basis column + the users' weights")
     hf.add_argument("--weights", choices=("copy", "link"), default="copy",
                     help="copy the base model's weights (default) or symlink its safetensors files")
-    hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    hf.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier export in --out (only a directory an export wrote, holding nothing else)")
     hf.add_argument("--base-model", default=None,
-                    help="where the base reward model is now, if not where the basis recorded it")
+                    help="where the base reward model is now, if not where the basis recorded it (the very model: "
+                         "its weights are compared with the digest the basis recorded)")
     options = parser.parse_args(sys.argv[1:] if args is None else args)
     try:
         written = export_hf(options.run, options.out, heads=options.heads, weights=options.weights,
                             overwrite=options.overwrite, base_model=options.base_model)
     except (LoreDataError, OSError, ValueError) as error:  # OSError: a base model or file that is not there
-        hf.error(str(error))
+        if os.environ.get("LORE_PL_TRACEBACK"):
+            raise
+        print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)  # one line, as lore_pl.cli
+        sys.exit(2)
     print(f"written: {written} ({options.heads} heads, {options.weights} weights)")

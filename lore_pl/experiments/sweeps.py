@@ -32,7 +32,9 @@ from lore_pl.core.fewshot import (
 from lore_pl.core.selection import SELECTIONS, active_fits, posterior_precision
 from lore_pl.data.atomic import write_atomic
 from lore_pl.data.basis_file import check_embedder, load_basis
+from lore_pl.data.outputs import OutputKind, claim_outputs, first_line_starts, json_field_is, png_text_is
 from lore_pl.data.preferences import PreferenceSplit
+from lore_pl.errors import LoreDataError
 
 #: Few-shot methods compared by the shots sweep: (weight init, prior strength). ``None``: the prior
 #: chosen on the unseen users' validation pairs (``choose_prior``), or the basis's own prior.
@@ -90,6 +92,26 @@ def shots_to_match(active: list[float], random: list[float], shots: list[int]) -
 PROTOCOL_KEYS = ("seen/train_acc", "seen/test_acc", "unseen/fewshot_acc", "unseen/test_acc")
 
 
+#: the files each sweep writes into its output folder
+RESULT_FILES = ("results.json", "results.csv", "results.png")
+
+
+def sweep_output(command: str) -> OutputKind:
+    """What ``lore-pl-sweep COMMAND`` writes, known by its marks: ``"command"`` in results.json, the
+    CSV's first column (``shots``/``rank``) and a ``lore-pl`` text entry in the PNG."""
+    name = f"lore-pl-sweep {command}"
+    marks = {".json": json_field_is("command", name), ".csv": first_line_starts(f"{command},"),
+             ".png": png_text_is("lore-pl", name)}
+    return OutputKind(name, lambda path: path.suffix in marks and marks[path.suffix](path),
+                      f"the results.json/csv/png of a {command} sweep")
+
+
+def claim_results(out: Path, command: str, inputs: list, overwrite: bool):
+    """The sweep's results files, checked and locked for the whole sweep (``claim_outputs``): a sweep
+    refused there stops before it computes anything."""
+    return claim_outputs([out / name for name in RESULT_FILES], sweep_output(command), inputs, overwrite)
+
+
 def _write_outputs(out: Path, payload: dict, header: list[str], rows: list[list], figure) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -102,8 +124,8 @@ def _write_outputs(out: Path, payload: dict, header: list[str], rows: list[list]
         writer.writerows(rows)
 
     write_atomic(out / "results.csv", write_csv)
-    write_atomic(out / "results.png", lambda stream: figure.savefig(stream, format="png", dpi=120, bbox_inches="tight"),
-                 binary=True)
+    write_atomic(out / "results.png", lambda stream: figure.savefig(
+        stream, format="png", dpi=120, bbox_inches="tight", metadata={"lore-pl": payload["command"]}), binary=True)
     tensorboard = SummaryWriter(str(out))
     tensorboard.add_figure(f"sweeps/{out.name}", figure)
     tensorboard.close()
@@ -132,6 +154,7 @@ def shots(
     prior_shots: int = 10,
     loop_sample: int = 0,
     out_dir: str = "lightning_logs/sweeps/shots",
+    overwrite: bool = False,
 ) -> dict:
     """Unseen users' test accuracy against the number of shots, mean and std over trials.
 
@@ -153,6 +176,7 @@ def shots(
         prior_shots: shots at which ``map`` chooses its prior (the prior's pull then fades with more shots).
         loop_sample: also time a per-user Python loop on this many fits, to compare (0: skip).
         out_dir: where results.json, results.csv, results.png and the TensorBoard figure go.
+        overwrite: replace results files there that this sweep did not write (never its basis or data).
     """
     import matplotlib
 
@@ -161,98 +185,102 @@ def shots(
 
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown few-shot methods {sorted(unknown)}; choose from {sorted(METHODS)}")
+        raise LoreDataError(f"unknown few-shot methods {sorted(unknown)}; choose from {sorted(METHODS)}")
     unknown = set(selection) - set(SELECTIONS)
     if unknown:
-        raise ValueError(f"unknown selections {sorted(unknown)}; choose from {list(SELECTIONS)}")
-    active = [name for name in dict.fromkeys(selection) if name != "random"]
-    loaded = load_basis(basis_path)
-    basis, tau = loaded.basis.float(), loaded.tau
-    check_embedder(loaded.embedder, data.embedder, basis_path)
-    pool, test = data.split("unseen_pool"), data.split("unseen_test")
-    model = loaded.to_model()
-    prior = model.population_logits()
-    payload: dict = {"basis_path": str(basis_path), "rank": basis.shape[1], "shots": shots, "trials": trials,
-                     "users": pool.num_users, "selection": ["random", *active], "methods": {}}
-    for method in methods:
-        init, strength = METHODS[method]
-        if init in ("population", "average") and prior is None and basis.shape[1] >= 2:
-            raise ValueError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
-        if init == "average":
-            start = time.perf_counter()
-            seen = loaded.user_weights if loaded.user_weights is not None else torch.ones(1, basis.shape[1])
-            # one set of weights for every (shots, trial): scored once, repeated in the table
-            weights = seen.float().mean(0).expand(1, pool.num_users, -1)
-            accuracy = per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau)
-            accuracy = accuracy.reshape(1, 1).expand(len(shots), trials)
-            payload["methods"][method] = {"init": init, "prior": "none", "mean": accuracy.mean(1).tolist(),
-                                          "std": accuracy.std(1, unbiased=False).tolist(),
-                                          "seconds": time.perf_counter() - start}
-            continue
-        settings = replace(fewshot, weight_init=init, prior_strength=strength)
-        precision, label = model.prior_precision, f"{strength:g}" if strength is not None else "the basis's"
-        if strength is None and data.has_split("unseen_val") and basis.shape[1] >= 2:
-            variance = None if loaded.user_weights is None else weights_logit_variance(loaded.user_weights, prior)
-            precision, label = held_out_prior(
-                basis, tau, pool, data.split("unseen_val"), prior, variance, prior_shots, settings
-            )
-        start = time.perf_counter()
-        accuracy = shots_sweep(basis, tau, pool, test, shots, trials, settings, prior, precision)
-        seconds = time.perf_counter() - start
-        result = {
-            "init": init,
-            "prior": label,
-            "mean": accuracy.mean(1).tolist(),
-            "std": accuracy.std(1, unbiased=False).tolist(),
-            "seconds": seconds,
-        }
-        if loop_sample > 0:
-            per_fit = _time_loop(
-                LF.project(pool.features, basis),
-                pool.users,
-                pool.num_users,
-                shots[len(shots) // 2],
-                settings,
-                tau,
-                prior,
-                loop_sample,
-            )
-            fits = len(shots) * trials * pool.num_users
-            result.update(
-                loop_seconds_per_fit=per_fit,
-                loop_fits_timed=loop_sample,
-                loop_seconds_estimated=per_fit * fits,
-                speedup=per_fit * fits / seconds,
-            )
-        if active:
-            fit_precision = strength if strength is not None else precision
-            covariance_precision = posterior_precision(fit_precision, model.prior_precision, basis.shape[1],
-                                                       loaded.user_weights, prior)
-            result["selection"] = {}
-            for name in active:
+        raise LoreDataError(f"unknown selections {sorted(unknown)}; choose from {list(SELECTIONS)}")
+    inputs = [basis_path, getattr(data, "path", None)]
+    with claim_results(Path(out_dir), "shots", inputs, overwrite):
+        active = [name for name in dict.fromkeys(selection) if name != "random"]
+        loaded = load_basis(basis_path)
+        basis, tau = loaded.basis.float(), loaded.tau
+        check_embedder(loaded.embedder, data.embedder, basis_path)
+        pool, test = data.split("unseen_pool"), data.split("unseen_test")
+        model = loaded.to_model()
+        prior = model.population_logits()
+        payload: dict = {"command": "lore-pl-sweep shots", "basis_path": str(basis_path), "rank": basis.shape[1],
+                         "shots": shots, "trials": trials, "users": pool.num_users, "selection": ["random", *active],
+                         "methods": {}}
+        for method in methods:
+            init, strength = METHODS[method]
+            if init in ("population", "average") and prior is None and basis.shape[1] >= 2:
+                raise LoreDataError(f"method {method!r} needs the seen users' weights, and {basis_path} has none")
+            if init == "average":
                 start = time.perf_counter()
-                curve = active_sweep(basis, tau, pool, test, shots, name, settings, prior, precision,
-                                     covariance_precision).tolist()
-                result["selection"][name] = {"mean": curve, "std": [0.0] * len(curve),
-                                             "seconds": time.perf_counter() - start,
-                                             "shots_to_match_random": shots_to_match(curve, result["mean"], shots)}
-        payload["methods"][method] = result
+                seen = loaded.user_weights if loaded.user_weights is not None else torch.ones(1, basis.shape[1])
+                # one set of weights for every (shots, trial): scored once, repeated in the table
+                weights = seen.float().mean(0).expand(1, pool.num_users, -1)
+                accuracy = per_fit_accuracy(LF.project(test.features, basis), test.users, weights, tau)
+                accuracy = accuracy.reshape(1, 1).expand(len(shots), trials)
+                payload["methods"][method] = {"init": init, "prior": "none", "mean": accuracy.mean(1).tolist(),
+                                              "std": accuracy.std(1, unbiased=False).tolist(),
+                                              "seconds": time.perf_counter() - start}
+                continue
+            settings = replace(fewshot, weight_init=init, prior_strength=strength)
+            precision, label = model.prior_precision, f"{strength:g}" if strength is not None else "the basis's"
+            if strength is None and data.has_split("unseen_val") and basis.shape[1] >= 2:
+                variance = None if loaded.user_weights is None else weights_logit_variance(loaded.user_weights, prior)
+                precision, label = held_out_prior(
+                    basis, tau, pool, data.split("unseen_val"), prior, variance, prior_shots, settings
+                )
+            start = time.perf_counter()
+            accuracy = shots_sweep(basis, tau, pool, test, shots, trials, settings, prior, precision)
+            seconds = time.perf_counter() - start
+            result = {
+                "init": init,
+                "prior": label,
+                "mean": accuracy.mean(1).tolist(),
+                "std": accuracy.std(1, unbiased=False).tolist(),
+                "seconds": seconds,
+            }
+            if loop_sample > 0:
+                per_fit = _time_loop(
+                    LF.project(pool.features, basis),
+                    pool.users,
+                    pool.num_users,
+                    shots[len(shots) // 2],
+                    settings,
+                    tau,
+                    prior,
+                    loop_sample,
+                )
+                fits = len(shots) * trials * pool.num_users
+                result.update(
+                    loop_seconds_per_fit=per_fit,
+                    loop_fits_timed=loop_sample,
+                    loop_seconds_estimated=per_fit * fits,
+                    speedup=per_fit * fits / seconds,
+                )
+            if active:
+                fit_precision = strength if strength is not None else precision
+                covariance_precision = posterior_precision(fit_precision, model.prior_precision, basis.shape[1],
+                                                           loaded.user_weights, prior)
+                result["selection"] = {}
+                for name in active:
+                    start = time.perf_counter()
+                    curve = active_sweep(basis, tau, pool, test, shots, name, settings, prior, precision,
+                                         covariance_precision).tolist()
+                    result["selection"][name] = {"mean": curve, "std": [0.0] * len(curve),
+                                                 "seconds": time.perf_counter() - start,
+                                                 "shots_to_match_random": shots_to_match(curve, result["mean"], shots)}
+            payload["methods"][method] = result
 
-    series = shot_series(payload)
-    header = ["shots"] + [f"{name}_{stat}" for name, _ in series for stat in ("mean", "std")]
-    rows = [[s] + [result[stat][i] for _, result in series for stat in ("mean", "std")] for i, s in enumerate(shots)]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, result in series:
-        axis.errorbar(shots, result["mean"], yerr=result["std"], marker="o", capsize=3, label=name,
-                      linestyle="-" if name in payload["methods"] else "--")
-    axis.set(
-        xlabel="shots per unseen user",
-        ylabel="unseen users' test accuracy",
-        title=f"K={basis.shape[1]}, {trials} trials, mean ± std over trials",
-    )
-    axis.legend()
-    _write_outputs(Path(out_dir), payload, header, rows, figure)
-    plt.close(figure)
+        series = shot_series(payload)
+        header = ["shots"] + [f"{name}_{stat}" for name, _ in series for stat in ("mean", "std")]
+        rows = [[s] + [result[stat][i] for _, result in series for stat in ("mean", "std")]
+                for i, s in enumerate(shots)]
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for name, result in series:
+            axis.errorbar(shots, result["mean"], yerr=result["std"], marker="o", capsize=3, label=name,
+                          linestyle="-" if name in payload["methods"] else "--")
+        axis.set(
+            xlabel="shots per unseen user",
+            ylabel="unseen users' test accuracy",
+            title=f"K={basis.shape[1]}, {trials} trials, mean ± std over trials",
+        )
+        axis.legend()
+        _write_outputs(Path(out_dir), payload, header, rows, figure)
+        plt.close(figure)
     print(format_shots_table(payload))
     return payload
 
@@ -295,6 +323,7 @@ def rank(
     ranks: list[int] = [0, 1, 2, 3, 5, 8],  # noqa: B006 - read by jsonargparse
     overrides: list[str] = [],  # noqa: B006
     out_dir: str = "lightning_logs/sweeps/rank",
+    overwrite: bool = False,
 ) -> dict:
     """The four protocol numbers against the rank K (0 is the reference head, shown as "ref").
 
@@ -307,6 +336,7 @@ def rank(
         ranks: the ranks to run; 0 is the reference model (needs a data set with a reference head).
         overrides: extra ``lightning fit`` arguments for every run, e.g. ``--trainer.max_epochs=500``.
         out_dir: where results.json, results.csv, results.png, the runs and the TensorBoard figure go.
+        overwrite: replace results files there that this sweep did not write (never its experiment config).
     """
     import matplotlib
 
@@ -316,42 +346,44 @@ def rank(
     from callbacks.protocol import ProtocolEvaluation
     from lore_pl.cli import build_cli
 
-    results = {}
-    for k in ranks:
-        cli = build_cli(
-            [
-                "fit",
-                "--config",
-                experiment,
-                f"--model.init_args.rank={k}",
-                f"--trainer.logger.init_args.save_dir={out_dir}",
-                f"--trainer.logger.init_args.name=rank_{k}",
-                *overrides,
-            ]
-        )
-        found = [c.results for c in cli.trainer.callbacks if isinstance(c, ProtocolEvaluation)]
-        if not found or found[0] is None:
-            raise ValueError(f"{experiment} has no ProtocolEvaluation callback, or it produced no results")
-        results[k] = found[0]
-    labels = ["ref" if k == 0 else str(k) for k in ranks]
-    payload = {
-        "experiment": experiment,
-        "ranks": ranks,
-        "labels": labels,
-        "results": {str(k): r for k, r in results.items()},
-    }
-    header = ["rank"] + [f"{key}{suffix}" for key in PROTOCOL_KEYS for suffix in ("", "_std")]
-    rows = [
-        [label] + [results[k].get(f"{key}{suffix}") for key in PROTOCOL_KEYS for suffix in ("", "_std")]
-        for k, label in zip(ranks, labels)
-    ]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for key in PROTOCOL_KEYS:
-        axis.plot(labels, [results[k].get(key, float("nan")) for k in ranks], marker="o", label=key)
-    axis.set(xlabel="rank K", ylabel="accuracy (mean over users)", title="LoRe rank sweep")
-    axis.legend()
-    _write_outputs(Path(out_dir), payload, header, rows, figure)
-    plt.close(figure)
+    with claim_results(Path(out_dir), "rank", [experiment], overwrite):
+        results = {}
+        for k in ranks:
+            cli = build_cli(
+                [
+                    "fit",
+                    "--config",
+                    experiment,
+                    f"--model.init_args.rank={k}",
+                    f"--trainer.logger.init_args.save_dir={out_dir}",
+                    f"--trainer.logger.init_args.name=rank_{k}",
+                    *overrides,
+                ]
+            )
+            found = [c.results for c in cli.trainer.callbacks if isinstance(c, ProtocolEvaluation)]
+            if not found or found[0] is None:
+                raise LoreDataError(f"{experiment} has no ProtocolEvaluation callback, or it produced no results")
+            results[k] = found[0]
+        labels = ["ref" if k == 0 else str(k) for k in ranks]
+        payload = {
+            "command": "lore-pl-sweep rank",
+            "experiment": experiment,
+            "ranks": ranks,
+            "labels": labels,
+            "results": {str(k): r for k, r in results.items()},
+        }
+        header = ["rank"] + [f"{key}{suffix}" for key in PROTOCOL_KEYS for suffix in ("", "_std")]
+        rows = [
+            [label] + [results[k].get(f"{key}{suffix}") for key in PROTOCOL_KEYS for suffix in ("", "_std")]
+            for k, label in zip(ranks, labels)
+        ]
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for key in PROTOCOL_KEYS:
+            axis.plot(labels, [results[k].get(key, float("nan")) for k in ranks], marker="o", label=key)
+        axis.set(xlabel="rank K", ylabel="accuracy (mean over users)", title="LoRe rank sweep")
+        axis.legend()
+        _write_outputs(Path(out_dir), payload, header, rows, figure)
+        plt.close(figure)
     lines = [f"{'K':>4}" + "".join(f"{key:>22}" for key in PROTOCOL_KEYS)]
     for row in rows:
         lines.append(f"{row[0]:>4}" + "".join(f"{row[1 + 2 * i]:>22.4f}" for i in range(len(PROTOCOL_KEYS))))
@@ -379,7 +411,11 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point ``lore-pl-sweep``."""
     from jsonargparse import CLI
 
-    CLI([shots, rank], args=_experiment_as_config(sys.argv[1:] if args is None else args), as_positional=False)
+    from lore_pl.cli import user_errors_in_one_line
+
+    with user_errors_in_one_line():  # exit_on_error=False: the parser's errors too, without the usage
+        CLI([shots, rank], args=_experiment_as_config(sys.argv[1:] if args is None else args), as_positional=False,
+            exit_on_error=False)
 
 
 if __name__ == "__main__":

@@ -200,10 +200,10 @@ class BasisModule(PreferenceModule):
         if datamodule is None:
             if self.built:
                 return
-            raise ValueError("BasisModule needs a PreferenceDataModule (it reads the users, d and V_ref from it)")
+            raise LoreDataError("BasisModule needs a PreferenceDataModule (it reads the users, d and V_ref from it)")
         self._connect(datamodule)
         if not (datamodule.has_split("seen_train") or datamodule.has_split("seen_test")):
-            raise ValueError(f"{type(datamodule).__name__} has no seen users for BasisModule")
+            raise LoreDataError(f"{type(datamodule).__name__} has no seen users for BasisModule")
         num_users, dim = datamodule.num_users, datamodule.dim
         if self.built:
             if (num_users, dim) != (self.model.num_users, self.model.dim):
@@ -250,6 +250,7 @@ class BasisModule(PreferenceModule):
                 weight_init=hp.weight_init,
                 user_ids=user_ids,
                 embedder=embedder,
+                embedder_weights=getattr(datamodule, "embedder_weights", ""),
             )
         where = hp.initial_basis or "the initial model"
         rank = initial.rank if hp.rank == "auto" else hp.rank
@@ -279,6 +280,7 @@ class BasisModule(PreferenceModule):
             num_users=datamodule.num_users,
             user_ids=user_ids,
             embedder=embedder,
+            embedder_weights=getattr(datamodule, "embedder_weights", ""),
             prior_mean=mean,
             prior_precision=None if mean is None else torch.full((rank,), self.map_settings.start_prior),
             train_basis=rank >= 1,
@@ -333,7 +335,7 @@ class BasisModule(PreferenceModule):
         if self.hparams.schedule == "alternating" and self.rank >= 2 and self.trainer.max_steps != -1:
             total = min(total, self.trainer.max_steps // 2)  # two optimizer steps per iteration
         if total == float("inf"):
-            raise ValueError("set trainer.max_epochs or trainer.max_steps: the alpha ramp needs a finite length")
+            raise LoreDataError("set trainer.max_epochs or trainer.max_steps: the alpha ramp needs a finite length")
         return int(total)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -468,6 +470,7 @@ class BasisModule(PreferenceModule):
             num_users=train.num_users,
             user_ids=list(datamodule.seen_user_ids),
             embedder=datamodule.embedder,
+            embedder_weights=getattr(datamodule, "embedder_weights", ""),
             prior_mean=best.state.mean,
             prior_precision=prior,
         )
@@ -506,7 +509,9 @@ class BasisModule(PreferenceModule):
 
     def _map_step(self, batch: dict[str, Tensor]) -> Tensor:
         if self.trainer.num_training_batches != 1:
-            raise ValueError("the MAP estimator trains full-batch (L-BFGS): set the data module's batch_size to null")
+            raise LoreDataError(
+                "the MAP estimator trains full-batch (L-BFGS): set the data module's batch_size to null"
+            )
         features, users, counts = batch["features"], batch["users"], batch.get("counts")
         optimizer = self.optimizers()
         # each epoch is a stage with its own objective: L-BFGS's curvature pairs from the last one

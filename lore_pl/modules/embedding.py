@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lore_pl.data.embedder import TextEmbedder
 from lore_pl.data.preferences import DataRequest
+from lore_pl.errors import LoreDataError
 from lore_pl.modules.distributed import release_process_group_at_exit
 
 
@@ -59,7 +60,7 @@ class EmbeddingModule(LightningModule):
         datamodule = self.trainer.datamodule
         spec = getattr(datamodule, "embedder_spec", None)
         if spec is None:
-            raise ValueError(
+            raise LoreDataError(
                 "EmbeddingModule needs a data module with an `embedder_spec` (an EmbeddedPreferenceDataModule)"
             )
         datamodule.connect(self.data_request)
@@ -68,6 +69,8 @@ class EmbeddingModule(LightningModule):
             return  # no need to load an 8B model to embed nothing
         if self.embedder is None:
             self.embedder = TextEmbedder(spec)
+        if self.trainer.is_global_zero:
+            datamodule.feature_cache.record_weights_digest(self.embedder.weights_digest())
 
     def configure_callbacks(self):
         return [CacheWriter()]

@@ -89,7 +89,9 @@ class FewShotModule(PreferenceModule):
         """The frozen basis (read from ``basis_path`` once)."""
         if self._basis is None:
             if self.hparams.basis_path is None:
-                raise ValueError("FewShotModule needs basis_path (a BasisModule checkpoint or an exported basis file)")
+                raise LoreDataError(
+                    "FewShotModule needs basis_path (a BasisModule checkpoint or an exported basis file)"
+                )
             self._basis = load_basis(self.hparams.basis_path)
         return self._basis
 
@@ -122,6 +124,7 @@ class FewShotModule(PreferenceModule):
             num_users=num_users,
             user_ids=user_ids or (),
             embedder=embedder or basis.embedder,
+            embedder_weights=basis.embedder_weights,
             train_basis=False,
         )
 
@@ -131,7 +134,7 @@ class FewShotModule(PreferenceModule):
         if datamodule is None:
             if self.built:
                 return
-            raise ValueError("FewShotModule needs a PreferenceDataModule with unseen users")
+            raise LoreDataError("FewShotModule needs a PreferenceDataModule with unseen users")
         self._connect(datamodule)
         basis = self.basis_file
         check_embedder(basis.embedder, getattr(datamodule, "embedder", ""), self.hparams.basis_path)
@@ -145,7 +148,7 @@ class FewShotModule(PreferenceModule):
             )
         if self.built:
             if num_users != self.model.num_users:
-                raise ValueError(
+                raise LoreDataError(
                     f"this FewShotModule was fitted for {self.model.num_users} users, "
                     f"but {type(datamodule).__name__} has {num_users} unseen users"
                 )
@@ -223,7 +226,7 @@ class FewShotModule(PreferenceModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if batch_idx > 0:
-            raise ValueError("FewShotModule fits on the whole few-shot pool as one batch")
+            raise LoreDataError("FewShotModule fits on the whole few-shot pool as one batch")
         features, users = batch["features"], batch["users"]
         projected = LF.project(features, self.model.basis)  # V is frozen: project once
         self.fit_users(projected, users, self._val)
