@@ -93,6 +93,8 @@ def test_concat_appends_each_encoders_embedding(tiny_reward_model):
     assert embeddings.shape == (len(ITEMS), 2 * d + 1)
     torch.testing.assert_close(embeddings[:, :d], single(ITEMS))
     torch.testing.assert_close(embeddings[:, d:2 * d], single(ITEMS))
+    # the digest of what embeds covers every encoder: two models are not one
+    assert both.weights_digest() != single.weights_digest() and both.weights_digest().startswith("sha256-")
 
 
 def test_feature_options_get_their_own_feature_cache_and_reach_the_pairs(tmp_path, tiny_reward_model):
