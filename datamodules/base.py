@@ -217,17 +217,20 @@ class PreferenceDataModule(LightningDataModule):
         if data.reference_head is not None and not bool(torch.isfinite(data.reference_head).all()):
             raise LoreDataError("reference head V_ref has NaN or Inf entries")
         PreferenceDataModule._check_users_keep_pairs(data, "drop them from the data (or give them pairs)")
-        for role, split in data.splits.items():
-            duplicates = split.duplicate_rows()
-            if len(duplicates):
-                first, later = duplicates[0].tolist()
-                # a warning, not an error: a judgment given twice is real data; it just counts twice
-                rank_zero_warn(
-                    f"split {role!r}: {len(duplicates)} duplicate pair(s) (same user, identical features), e.g. rows "
-                    f"{first} and {later} of user {split.user_ids[int(split.users[first])]!r}; each counts as a "
-                    "separate pair in the loss and the accuracy",
-                    category=LoreDataWarning,
-                )
+        found = {role: split.duplicate_rows() for role, split in data.splits.items()}
+        found = {role: rows for role, rows in found.items() if len(rows)}
+        if found:
+            role, rows = next(iter(found.items()))
+            split, (first, later) = data.splits[role], rows[0].tolist()
+            counts = ", ".join(f"{len(rows)} in {name!r}" for name, rows in found.items())
+            # a warning, not an error: a judgment given twice is real data; it just counts twice. One for
+            # the whole data set, however many splits hold them.
+            rank_zero_warn(
+                f"repeated judgments: {counts} (same user, identical features; e.g. rows {first} and {later} of "
+                f"{role!r}, user {split.user_ids[int(split.users[first])]!r}); each counts as a separate pair in "
+                "the loss and the accuracy",
+                category=LoreDataWarning,
+            )
 
     @staticmethod
     def _check_users_keep_pairs(data: PreferenceData, advice: str) -> None:

@@ -38,7 +38,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
     Args:
         cache_dir: where embeddings are cached (one subdirectory per data set revision and embedder).
-        embedder: the model that embeds the texts (see ``lore_pl.data.embedder.EmbedderSpec``).
+        embedder: the model that embeds the texts (``lore_pl.data.embedder.EmbedderSpec``, or a dict of its fields).
         shard_size: texts per cache shard (one predict batch; the unit an interrupted job resumes at).
         progress: show a progress bar while embedding in-process.
         **kwargs: the loading arguments of ``PreferenceDataModule`` (batch sizes, shuffling, validation hold-out).
@@ -54,7 +54,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
     ) -> None:
         super().__init__(**kwargs)
         self.cache_dir = cache_dir
-        self.embedder_spec = embedder if embedder is not None else EmbedderSpec()
+        self.embedder_spec = EmbedderSpec.coerce(embedder)  # a plain dict in Python, as in a config
         self.shard_size = shard_size
         self.progress = progress
         self._cache: FeatureCache | None = None

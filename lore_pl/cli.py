@@ -18,7 +18,7 @@ from pathlib import Path
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from lore_pl.errors import LoreDataError
+from lore_pl.errors import LoreDataError, LoreDataWarning
 
 #: Lightning's start-up banners and tips, said at INFO; what it says of checkpoints (restored from ...) stays
 BANNERS = ("GPU available", "TPU available", "HPU available", "IPU available", "💡 Tip", "`Trainer.fit` stopped",
@@ -93,6 +93,21 @@ def quiet() -> None:
             logger.addFilter(_NoBanners())
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    if not getattr(warnings.formatwarning, "one_line", False):
+        warnings.formatwarning = one_line_data_warnings(warnings.formatwarning)
+
+
+def one_line_data_warnings(library_format):
+    """A warning about the user's data or settings is one line, ``warning: ...``, not the library's
+    ``file:line: Category: ...`` followed by the source line that raised it."""
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, LoreDataWarning):
+            return f"warning: {message}\n"
+        return library_format(message, category, filename, lineno, line)
+
+    formatwarning.one_line = True
+    return formatwarning
 
 
 #: What every job's trainer shares; a config's ``trainer`` fragment says only what differs

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -33,7 +34,7 @@ from lore_pl.core.selection import best_per_user, check_selection, posterior_pre
 from lore_pl.data.basis_file import BasisFile, check_basis, check_user_id, load_basis, resolve_basis_path, save_basis
 from lore_pl.data.embedder import EmbedderSpec, Item, TextEmbedder, as_messages
 from lore_pl.data.outputs import OutputKind, claim_outputs
-from lore_pl.errors import LoreDataError
+from lore_pl.errors import LoreDataError, LoreDataWarning
 
 #: the largest pair logit a fit takes: its gradient's square must be a float32 number (Adam squares it)
 MAX_FIT_LOGIT = math.sqrt(torch.finfo(torch.float32).max)
@@ -65,6 +66,8 @@ class PersonalRewardModel:
         self._device: str | torch.device | None = None
         # the answers given to ``observe``, per user: (chosen embeddings, rejected embeddings, settings)
         self._answers: dict[str, tuple[list[Tensor], list[Tensor], FewShotSettings | None]] = {}
+        #: covariances of users fitted here when the basis holds none for its own users (not saved)
+        self._fitted_covariance: dict[str, Tensor] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PersonalRewardModel:
@@ -279,11 +282,13 @@ class PersonalRewardModel:
     def weight_covariance(self, user: str) -> Tensor | None:
         """The posterior covariance ``[K, K]`` of the user's weights (Laplace), where the model has it."""
         self._user(user, "weight_covariance")
+        self.weights(user)  # unknown users raise
+        if not self.model.personalized:  # K=1: every user's weights are [1.0], known exactly
+            return torch.zeros(1, 1)
         covariance = self.model.weight_covariance
-        if covariance is None:
-            self.weights(user)  # unknown users still raise
-            return None
-        return covariance[self._row[user]] if user in self._row else self.weights(user)
+        if covariance is None:  # a basis without its users' covariances: those fitted here have theirs
+            return self._fitted_covariance.get(user)
+        return covariance[self._row[user]]
 
     def score_std(self, embeddings: Tensor, user: str) -> Tensor | None:
         """The posterior standard deviation of the rewards ``e . V w_u`` ``[n]`` that comes from not
@@ -310,6 +315,10 @@ class PersonalRewardModel:
         ``init='randn'`` are the reference's plain fit. The user's weight covariance is kept too.
         """
         self._user(user, "personalize")
+        if not self.model.personalized:
+            warnings.warn(f"personalize({user!r}): the basis {self.source or '(in memory)'} has one column (K=1), "
+                          "one shared reward model: every user's weights are [1.0] and the pairs change nothing",
+                          LoreDataWarning, stacklevel=2)
         differences = (self._embeddings(chosen, f"personalize({user!r}): chosen")
                        - self._embeddings(rejected, f"personalize({user!r}): rejected"))
         if not bool(torch.isfinite(differences).all()):  # each finite, the difference overflowed
@@ -344,6 +353,8 @@ class PersonalRewardModel:
     def _set_user(self, user: str, logits: Tensor, covariance: Tensor | None) -> None:
         model = self.model
         known = self.model.weight_covariance is not None
+        if covariance is not None and not known and model.num_users > 0:
+            self._fitted_covariance[user] = covariance  # the basis keeps no table of them to join
         if user not in self._row:
             self._row[user] = model.num_users
             model.user_ids.append(user)

@@ -129,3 +129,26 @@ def test_the_users_option_of_predict_holds_known_user_ids(tmp_path):
     module = ScoringModule(str(path), users=["b"])
     module.setup("predict")
     assert module.user_ids == ["b"]
+
+
+def test_a_user_fitted_on_a_basis_without_covariances_has_a_score_std(model):
+    """The fixture's basis keeps no covariance for its own users; a user fitted here gets theirs."""
+    assert model.model.weight_covariance is None and model.score_std(torch.randn(2, DIM), "a") is None
+    generator = torch.Generator().manual_seed(1)
+    chosen, rejected = torch.randn(4, DIM, generator=generator), torch.randn(4, DIM, generator=generator)
+    model.personalize("new", chosen, rejected)
+    spread = model.score_std(torch.randn(5, DIM, generator=generator), "new")
+    assert spread is not None and spread.shape == (5,) and bool((spread > 0).all())
+    # twenty times the pairs narrow it on average (the fitted point moves too, so not on every probe)
+    model.personalize("more", chosen.repeat(20, 1), rejected.repeat(20, 1))
+    probe = torch.randn(64, DIM, generator=generator)
+    assert float(model.score_std(probe, "more").mean()) < float(model.score_std(probe, "new").mean())
+
+
+def test_personalizing_on_a_one_column_basis_says_why_nothing_changes():
+    one = PersonalRewardModel(BasisFile(torch.randn(DIM, 1, generator=torch.Generator().manual_seed(0)), 1.0))
+    with pytest.warns(UserWarning, match=r"one column \(K=1\).*weights are \[1.0\]"):
+        weights = one.personalize("new", torch.randn(3, DIM), torch.randn(3, DIM))
+    assert weights.tolist() == [1.0]
+    # its uncertainty holds: the weights are known exactly, so the rewards' std is 0
+    assert torch.equal(one.score_std(torch.randn(4, DIM), "new"), torch.zeros(4))

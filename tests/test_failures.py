@@ -2,6 +2,7 @@
 message names the culprit (split, row, user, file, field)."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -91,10 +92,25 @@ def test_duplicate_pairs_warn_with_the_rows_and_the_user():
     x, u, ids = splits["seen_train"]
     x[7] = x[6]  # user u1 judged the same pair twice
     x[9] = x[2]  # same features, other users (u2 and u0): not a duplicate of one user's
-    with pytest.warns(LoreDataWarning, match=r"split 'seen_train': 1 duplicate pair\(s\).*rows 6 and 7 of user 'u1'"):
+    x, u, ids = splits["seen_test"]
+    x[1] = x[0]  # and twice in another split: still one warning, counting both
+    with pytest.warns(LoreDataWarning) as caught:
         data = ArrayData(splits, head)
         data.setup("fit")
+    repeated = [str(w.message) for w in caught if "repeated judgments" in str(w.message)]
+    assert len(repeated) == 1, repeated
+    assert re.search(r"1 in 'seen_train', 1 in 'seen_test'.*rows 6 and 7 of 'seen_train', user 'u1'", repeated[0])
     assert len(data.split("seen_train")) == 12  # kept: a warning, not an error
+
+
+def test_a_data_warning_from_the_command_line_is_one_line():
+    from lore_pl.cli import one_line_data_warnings
+
+    formatted = one_line_data_warnings(warnings.formatwarning)(
+        "repeated judgments: 1 in 'seen_train'", LoreDataWarning, "datamodules/base.py", 220, "rank_zero_warn(")
+    assert formatted == "warning: repeated judgments: 1 in 'seen_train'\n"
+    other = one_line_data_warnings(warnings.formatwarning)("x", UserWarning, "f.py", 1, "warn(")
+    assert "UserWarning" in other  # other warnings keep the library's form
 
 
 def test_clean_data_gives_no_warning():

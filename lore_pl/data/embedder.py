@@ -15,7 +15,7 @@ import hashlib
 import importlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -131,6 +131,21 @@ class EmbedderSpec:
         """What a basis records about the features it was trained on (``from_identity`` reads it back):
         every field but the batching ones, which do not change the embeddings."""
         return IDENTITY_PREFIX + json.dumps(self._feature_fields(), sort_keys=True)
+
+    @classmethod
+    def coerce(cls, spec: EmbedderSpec | dict[str, Any] | None) -> EmbedderSpec:
+        """A spec from what a caller gives: a spec, a plain dict of its fields (as a config holds), or None."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, cls):
+            return spec
+        if not isinstance(spec, dict):
+            raise LoreDataError(f"embedder must be an EmbedderSpec or a dict of its fields, got {type(spec).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise LoreDataError(f"embedder: unknown field(s) {unknown}; an embedder has {sorted(known)}")
+        return cls(**spec)
 
     @classmethod
     def from_identity(cls, identity: str) -> EmbedderSpec:
