@@ -228,11 +228,17 @@ def parsimonious(candidates: list[Candidate]) -> Candidate:
     for candidate in sorted(candidates, key=lambda c: (c.rank, c.val_nll)):
         if candidate.rank >= best.rank:
             break
-        difference = candidate.pair_nll - best.pair_nll
-        error = float(difference.std()) / difference.numel() ** 0.5 if difference.numel() > 1 else float("inf")
-        if float(difference.mean()) <= max(error, TIE):
+        if not clearly_better(best, candidate):
             return candidate
     return best
+
+
+def clearly_better(candidate: Candidate, than: Candidate) -> bool:
+    """Whether ``candidate``'s validation NLL is below ``than``'s by more than one standard error of
+    their mean paired difference over the validation pairs (and more than ``TIE``)."""
+    difference = than.pair_nll - candidate.pair_nll
+    error = float(difference.std()) / difference.numel() ** 0.5 if difference.numel() > 1 else float("inf")
+    return float(difference.mean()) > max(error, TIE)
 
 
 #: validation NLLs closer than this (nats per pair) are the same: float rounding, not evidence
@@ -406,7 +412,10 @@ def select_model(
 
 def _strength_grid(chosen: Candidate, settings: MapSettings, fit, extended: list[str]) -> Candidate:
     """The chosen K's strengths: ``ridges`` (times its ridge) x ``deviation_ratios`` x ``priors``, warm
-    started from it; then each axis whose best value is on its edge is extended past it, from the best."""
+    started from it; then each axis whose best value is on its edge is extended past it, from the best.
+    A value past the edge is kept only where it is clearly better (``clearly_better``) than the grid's
+    best: measured on d1024_iso_m30, the priors' extension to 0.001 won by 0.0025 nats on validation
+    and lost 0.005 on test."""
     base = chosen.strengths.ridge
     tried = {chosen.strengths: chosen}
     for factor in settings.ridges:
@@ -415,6 +424,7 @@ def _strength_grid(chosen: Candidate, settings: MapSettings, fit, extended: list
                 strengths = Strengths(base * factor, ratio, prior)
                 if strengths not in tried:
                     tried[strengths] = fit(chosen.rank, strengths, chosen.state)
+    grid_best = min(tried.values(), key=lambda c: c.val_nll)
     axes = {"ridge": "ridge", "deviation_ratio": "deviation ratio", "prior": "prior"}
     steps = dict.fromkeys(axes, 0)
     while True:
@@ -426,7 +436,7 @@ def _strength_grid(chosen: Candidate, settings: MapSettings, fit, extended: list
             if strengths is not None and strengths not in tried and steps[axis] < EDGE_STEPS:
                 moves.append((axis, strengths))
         if not moves:
-            return best
+            return best if clearly_better(best, grid_best) else grid_best
         for axis, strengths in moves:
             steps[axis] += 1
             extended.append(f"K={chosen.rank}: {axes[axis]} {getattr(strengths, axis):g} (the best, "
