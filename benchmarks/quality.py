@@ -13,10 +13,12 @@ prompts are read once, here. Methods, all on the same users, pairs and prompts:
   few-shot from a random start, no prior);
 - ``oracle_v``: the true V with the default's seen-user fit and few-shot fit: the ceiling of any basis.
 
-Cases ``d{dim}_{iso|aniso}_m{pairs per seen user}``: 1000 seen users with m labelled pairs each (20% of
-the training prompts are validation prompts, so about 0.8 m train and 0.2 m validation pairs), 200
-unseen users (a pool of 50, 10 shots), 20 test pairs per user, 5 true directions, Bradley-Terry labels
-(noise temperature 0.4), no V_ref. ``no_signal``: every user has the same true direction.
+Cases ``d{dim}_{iso|aniso}[_r{directions}]_m{pairs per seen user}``: 1000 seen users with m labelled pairs
+each (20% of the training prompts are validation prompts, so about 0.8 m train and 0.2 m validation
+pairs), 200 unseen users (a pool of 50, 10 shots), 20 test pairs per user, 5 true directions (or r),
+Bradley-Terry labels (noise temperature 0.4), no V_ref. ``no_signal``: every user has the same true
+direction. ``d{dim}_imbalanced_m{a}_m{b}``: the shape of real files, users with unequal amounts of data:
+every other seen user keeps only the first a of their b pairs (before the validation hold-out).
 
     python benchmarks/quality.py --quick      # d1024_iso_m30, no_signal, d4096_iso_m30 (under 5 minutes)
     python benchmarks/quality.py              # every case (about 30 minutes), the curves in quality.png
@@ -47,24 +49,45 @@ from lore_pl.modules.basis import BasisModule  # noqa: E402
 
 QUICK = ("d1024_iso_m30", "no_signal", "d4096_iso_m30")
 ALL = ("d4096_iso_m30", "d1024_iso_m10", "d1024_iso_m30", "d1024_iso_m100", "d1024_iso_m300", "d1024_aniso_m30",
-       "no_signal")
+       "no_signal", "d1024_imbalanced_m5_m100", "d1024_iso_r10_m30")
 METHODS = ("default", "bt", "population", "reference", "oracle_v")
 REFERENCE_FEWSHOT = FewShotSettings(shots=10, weight_init="randn", prior_strength=0.0)
 
 
+class ImbalancedPopulation(SyntheticPopulationDataModule):
+    """The planted population with every other seen user cut to their first ``light_pairs`` training pairs."""
+
+    def __init__(self, light_pairs: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.light_pairs = light_pairs
+
+    def load(self):
+        data = super().load()
+        train = data.splits["seen_train"]
+        rank_in_user = torch.arange(len(train)) - torch.searchsorted(train.users, train.users)  # users are sorted
+        keep = (train.users % 2 == 0) | (rank_in_user < self.light_pairs)
+        data.splits["seen_train"] = train.subset(torch.nonzero(keep)[:, 0])
+        return data
+
+
 def case_data(case: str, seed: int = 0) -> SyntheticPopulationDataModule:
+    light = None
     if case == "no_signal":
         dim, decay, pairs, directions = 1024, 0.0, 30, 1
+    elif match := re.fullmatch(r"d(\d+)_imbalanced_m(\d+)_m(\d+)", case):
+        dim, decay, light, pairs, directions = int(match[1]), 0.0, int(match[2]), int(match[3]), 5
+    elif match := re.fullmatch(r"d(\d+)_(iso|aniso)(?:_r(\d+))?_m(\d+)", case):
+        dim, decay, pairs = int(match[1]), 0.0 if match[2] == "iso" else 1.0, int(match[4])
+        directions = int(match[3] or 5)
     else:
-        match = re.fullmatch(r"d(\d+)_(iso|aniso)_m(\d+)", case)
-        if match is None:
-            raise ValueError(f"unknown case {case!r}: d{{dim}}_{{iso|aniso}}_m{{pairs}} or no_signal")
-        dim, decay, pairs, directions = int(match[1]), 0.0 if match[2] == "iso" else 1.0, int(match[3]), 5
-    data = SyntheticPopulationDataModule(
+        raise ValueError(f"unknown case {case!r}: d{{dim}}_{{iso|aniso}}[_r{{directions}}]_m{{pairs}}, "
+                         "d{dim}_imbalanced_m{light}_m{pairs} or no_signal")
+    options = dict(
         dim=dim, num_directions=directions, num_train_prompts=3000, num_test_prompts=500, num_seen_users=1000,
         num_unseen_users=200, train_prompts_per_user=pairs, fewshot_prompts_per_user=50, test_prompts_per_user=20,
         labels="bradley_terry", noise_temperature=0.4, spectrum_decay=decay, reference_head="none", val_fraction=0.2,
         seed=seed)
+    data = SyntheticPopulationDataModule(**options) if light is None else ImbalancedPopulation(light, **options)
     data.setup("fit")
     return data
 

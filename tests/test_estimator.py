@@ -5,7 +5,7 @@ import torch
 
 from datamodules import SyntheticPopulationDataModule
 from helpers import TINY, tiny_trainer
-from lore_pl import BasisModule, FewShotSettings, LoreModel, PersonalRewardModel
+from lore_pl import BasisModule, FewShotSettings, LoreDataWarning, LoreModel, PersonalRewardModel
 from lore_pl.core import estimator as E
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import adapt_users, fit_user_weights, weight_covariance
@@ -151,3 +151,71 @@ def test_the_prior_is_chosen_on_the_unseen_users_validation_prompts(tiny_data):
     assert results["fewshot_prior"].startswith(("isotropic", "empirical"))
     fixed = evaluate_protocol(model, data, FewShotSettings(shots=4, steps=100, prior_strength=0.0))
     assert "fewshot_prior" not in fixed
+
+
+# ------------------------------------------------------------------ real shapes (issue 21)
+def test_a_grid_whose_best_value_is_on_its_edge_goes_on_past_it():
+    assert E.past_edge((100.0, 10.0, 1.0), 100.0) == pytest.approx(1000.0)
+    assert E.past_edge((100.0, 10.0, 1.0), 1.0) == pytest.approx(0.1)
+    assert E.past_edge((100.0, 10.0, 1.0), 10.0) is None  # inside
+    assert E.past_edge((1.0, 10.0), 10.0) is None  # two values: both edges, no inside to judge by
+    assert E.next_rank((1, 2, 3, 5, 8), 8, limit=16) == 12 and E.next_rank((1, 2, 3, 5, 8, 12), 12, limit=16) == 16
+    assert E.next_rank((1, 2, 3, 5, 8), 5, limit=16) is None and E.next_rank((1, 8), 8, limit=8) is None
+
+
+def test_the_rank_grid_is_extended_while_its_largest_k_is_the_best():
+    data = SyntheticPopulationDataModule(**PLANTED, num_directions=5)
+    data.setup("fit")
+    train, val = data.split("seen_train"), data.split("seen_val")
+    settings = E.MapSettings(ranks=(1, 2), subspace=8, projected_iterations=100, start_ridges=(10.0, 1.0, 0.1))
+    selection = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings)
+    tried = sorted({c.rank for c in selection.curve})
+    assert tried[:3] == [1, 2, 3] and selection.best.rank >= 3  # 2 was the edge: 3 was tried and won
+    assert any(line.startswith("ranks: K=3") for line in selection.extended)
+    fixed = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings,
+                           extend_ranks=False)
+    assert {c.rank for c in fixed.curve} == {1, 2}
+
+
+def unequal_population(seed: int = 0) -> SyntheticPopulationDataModule:
+    """Half the seen users with 40 training pairs, half cut to 2 (before the validation hold-out)."""
+
+    class Unequal(SyntheticPopulationDataModule):
+        def load(self):
+            data = super().load()
+            train = data.splits["seen_train"]
+            order = torch.arange(len(train)) - torch.searchsorted(train.users, train.users)
+            data.splits["seen_train"] = train.subset(torch.nonzero((train.users % 2 == 0) | (order < 2))[:, 0])
+            return data
+
+    options = {**PLANTED, "dim": 64, "num_seen_users": 300, "train_prompts_per_user": 40}
+    data = Unequal(**options, num_directions=3, seed=seed)
+    data.setup("fit")
+    return data
+
+
+def test_users_with_unequal_amounts_of_data_do_not_hide_the_directions():
+    data = unequal_population()
+    train = data.split("seen_train")
+    subspace = E.spectral_subspace(train.features, train.users, train.num_users, 8)
+    truth, _ = torch.linalg.qr(data.true_directions)
+    cosines = torch.linalg.svdvals(truth.t() @ subspace)
+    assert float(cosines.min()) > 0.8  # every true direction is in the subspace the selection runs in
+    model = BasisModule(map_settings=QUICK)
+    tiny_trainer(20, limit_val_batches=1.0, check_val_every_n_epoch=1).fit(model, datamodule=data)
+    assert model.model.rank > 1 and int(model.model.active_columns.sum()) > 1
+
+
+def test_forced_rank_on_two_directions_keeps_two_distinct_columns():
+    model, _ = fitted(2, rank=2, prune_threshold=0.0)
+    columns = torch.nn.functional.normalize(model.model.basis.detach(), dim=0)
+    assert float(columns[:, 0] @ columns[:, 1]) < 0.9
+    weights = model.model.user_weights()
+    assert float(weights.max(1).values.mean()) < 0.999  # not every user one-hot on one column
+    assert model.model.head_spread() > 0.1
+
+
+def test_a_forced_rank_that_ends_up_one_shared_direction_says_so():
+    with pytest.warns(LoreDataWarning, match=r"rank K=3 \(forced\) .*(kept 1 column|is the same)"):
+        model, _ = fitted(1, rank=3)
+    assert int(model.model.active_columns.sum()) == 1 or model.model.head_spread() < 1e-3

@@ -235,6 +235,17 @@ class LoreModel(nn.Module):
         """Every user's reward direction ``V w_u`` as the columns of ``[d, C]``."""
         return self.basis @ self.user_weights().t()
 
+    @torch.no_grad()
+    def head_spread(self) -> float:
+        """How much the users' reward directions differ: the largest ``|V w_u - V w_mean|`` over users,
+        relative to ``|V w_mean|`` (0: every user has the population's direction)."""
+        if not self.personalized or self.num_users == 0:
+            return 0.0
+        weights = self.user_weights().detach()
+        heads = self.basis.detach() @ weights.t()
+        mean = self.basis.detach() @ weights.mean(0)
+        return float((heads - mean[:, None]).norm(dim=0).max() / mean.norm().clamp(min=1e-12))
+
     def population_logits(self) -> Tensor | None:
         """``mu``: the learned prior mean where there is one, else the log of the users' mean weights."""
         if self.rank <= 1:

@@ -25,6 +25,8 @@ from lore_pl.modules.distributed import release_process_group_at_exit
 Estimator = Literal["map", "adam"]
 #: under this many validation pairs the held-out choice is mostly noise: a warning says so
 FEW_VALIDATION_PAIRS = 100
+#: users' reward directions closer than this (relative to their norm) are one shared direction
+SAME_HEADS = 1e-3
 #: the Adam estimator's options, and their defaults: set with ``estimator: map`` they would be ignored
 ADAM_OPTIONS = {"lr": 0.5, "schedule": "joint", "loss_weighting": "pair_mean", "regularizer": "none", "alpha": 0.0,
                 "weight_init": "randn", "basis_weight_decay": 0.0}
@@ -446,9 +448,9 @@ class BasisModule(PreferenceModule):
                            "noise (one shared model, K=1, wins ties); more data or a larger val_fraction helps",
                            category=LoreDataWarning)
         ranks = settings.ranks if hp.rank == "auto" else (hp.rank,)
-        best, curve = E.select_model(
-            train.features, train.users, val.features, val.users, train.num_users, settings, ranks
-        )
+        selected = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings,
+                                  ranks, extend_ranks=hp.rank == "auto")
+        best, curve = selected.best, selected.curve
         self.selection = {
             "rank": best.rank,
             "strengths": asdict(best.strengths),
@@ -456,10 +458,13 @@ class BasisModule(PreferenceModule):
             "curve": [
                 {"rank": c.rank, **asdict(c.strengths), "val_nll": c.val_nll, "val_acc": c.val_acc} for c in curve
             ],
+            "extended": selected.extended,
         }
+        extended = "".join(f"\n  extended past the grid's edge: {line}" for line in selected.extended)
         say(
             f"model selection on {len(val)} validation pairs (held-out prompts) in a {settings.subspace}-dim "
-            f"spectral subspace:\n" + "\n".join(f"  {c.describe()}" for c in curve) + f"\n  chosen: {best.describe()}"
+            f"spectral subspace:\n" + "\n".join(f"  {c.describe()}" for c in curve) + extended
+            + f"\n  chosen: {best.describe()}"
         )
         prior = torch.full((best.rank,), best.strengths.prior) if best.rank >= 2 else None
         return LoreModel(
@@ -500,8 +505,12 @@ class BasisModule(PreferenceModule):
         """The full-space ridges, strong to weak: around the one chosen in the subspace (K >= 2), or
         the wide ``shared_path`` (K = 1)."""
         if self.model.rank == 1:
-            return self.map_settings.shared_path
-        return tuple(self._chosen().ridge * factor for factor in self.map_settings.path)
+            path = self.map_settings.shared_path
+        else:
+            path = tuple(self._chosen().ridge * factor for factor in self.map_settings.path)
+        for _ in range(int(self.selection.get("path_extended", 0))):  # past the weak edge, where it was the best
+            path = path + (E.past_edge(path, path[-1]),)
+        return path
 
     def _strengths(self) -> E.Strengths:
         path = self.ridge_path
@@ -570,14 +579,29 @@ class BasisModule(PreferenceModule):
             for name, tensor in self._map_parameters().items():
                 getattr(self, f"best_{name}").copy_(tensor.detach())
             self.selection["ridge"] = path[min(stage, len(path) - 1)]
-        if (not better and self.model.rank >= 2) or stage + 1 >= len(path):
+        at_end = stage + 1 >= len(path)
+        if better and at_end and self._extends_path(len(path)):
+            self.selection["path_extended"] = int(self.selection.get("path_extended", 0)) + 1
+            at_end = False
+        if (not better and self.model.rank >= 2) or at_end:
             # the fit ends here: the checkpoint saved after this validation holds the final model
             self._finish()
             self.trainer.should_stop = True
             steps = ", ".join(f"{entry['ridge']:g}: {entry['val_nll']:.4f}" for entry in self.selection["path"])
-            say(f"full-space ridge path (validation NLL): {steps}; kept ridge {self.selection.get('ridge', 0):g}")
+            extended = self.selection.get("path_extended", 0)
+            note = f" (extended {extended} step(s) past its weak edge, where it kept improving)" if extended else ""
+            say(f"full-space ridge path (validation NLL){note}: {steps}; kept ridge "
+                f"{self.selection.get('ridge', 0):g}")
         else:
             self.path_stage += 1
+
+    def _extends_path(self, length: int) -> bool:
+        """Whether the path goes on past its weakest ridge, which was its best stage so far: up to
+        ``EDGE_STEPS`` more stages, while ``max_epochs`` leaves room for them."""
+        extended = int(self.selection.get("path_extended", 0))
+        max_epochs = self.trainer.max_epochs
+        return (extended < E.EDGE_STEPS and length >= 3
+                and (max_epochs is None or max_epochs < 0 or self.current_epoch + 1 < max_epochs))
 
     def _restore_best(self) -> None:
         if torch.isfinite(self.best_val_nll):
@@ -630,6 +654,31 @@ class BasisModule(PreferenceModule):
             self._finish()  # where max_epochs ended the path before it finished (it prunes)
         else:
             self.prune_()
+        self._warn_if_not_personal()
+
+    def _warn_if_not_personal(self) -> None:
+        """Say so where the fit kept fewer columns than its K, or where its users' reward directions
+        ``V w_u`` are all the same: a K>1 model that is, in fact, a smaller one."""
+        model = self.model
+        if not model.personalized:
+            return
+        kept, threshold = int(model.active_columns.sum()), self.hparams.prune_threshold
+        how = "forced" if self.hparams.rank != "auto" else "chosen"
+        if kept < model.rank:
+            rank_zero_warn(
+                f"rank K={model.rank} ({how}) kept {kept} column(s): no seen user weighs the other "
+                f"{model.rank - kept} at prune_threshold={threshold:g} or more, so this is a K={kept} model"
+                + (" (one shared direction, no personalization)" if kept == 1 else "")
+                + "; the training data support no more columns (rank: auto chooses K on validation pairs)",
+                category=LoreDataWarning,
+            )
+        elif kept > 1 and model.head_spread() < SAME_HEADS:
+            rank_zero_warn(
+                f"rank K={model.rank} ({how}) kept {kept} columns, but every seen user's reward direction V w_u "
+                f"is the same (they differ by {model.head_spread():.1e} of their norm): this is one shared "
+                "direction, no personalization (rank: auto chooses K on validation pairs)",
+                category=LoreDataWarning,
+            )
 
     def configure_optimizers(self):
         if self.rank == 0:
