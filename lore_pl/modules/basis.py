@@ -462,7 +462,8 @@ class BasisModule(PreferenceModule):
         }
         extended = "".join(f"\n  extended past the grid's edge: {line}" for line in selected.extended)
         say(
-            f"model selection on {len(val)} validation pairs (held-out prompts) in a {settings.subspace}-dim "
+            f"model selection on {len(val)} validation pairs (held-out {getattr(datamodule, 'held_out', 'prompts')}) "
+            f"in a {settings.subspace}-dim "
             f"spectral subspace:\n" + "\n".join(f"  {c.describe()}" for c in curve) + extended
             + f"\n  chosen: {best.describe()}"
         )
