@@ -57,8 +57,9 @@ class RunFinished(Exception):
     """``--ckpt_path last`` names a run that already ran to its end: there is nothing to resume."""
 
 
-def check_run_name(name) -> None:
-    """A run name becomes one directory under the logger's ``save_dir``: one path component, no more."""
+def check_run_name(name, what: str = "--run_name") -> None:
+    """A run name (or a logger's version given as a string) becomes one directory under the logger's
+    ``save_dir``: one path component, no more."""
     if name is None:
         return
     problem = None
@@ -74,7 +75,7 @@ def check_run_name(name) -> None:
         problem = "holds a control character (NUL, a line break, ...)"
     if problem:
         shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
-        raise LoreDataError(f"--run_name {shown} {problem}: a run name is one directory name under the logger's "
+        raise LoreDataError(f"{what} {shown} {problem}: a run name is one directory name under the logger's "
                             f"save_dir (no '/' or '\\', not '.' or '..', no control characters, at most "
                             f"{MAX_RUN_NAME} characters)")
 
@@ -238,12 +239,30 @@ def earlier_run(config) -> tuple[list[Path], list[Path]]:
             if entry != checkpoints:
                 (owned if entry.is_file() and _matches(entry.name, names) else foreign).append(entry)
     if checkpoints is not None and checkpoints.is_dir():
+        own = run is not None and checkpoints.parent == run
         for entry in sorted(checkpoints.iterdir()):
             if entry.is_file() and _matches(entry.name, CHECKPOINT_FILES):
-                owned.append(entry)
-            elif checkpoints.parent == run:  # the run's own checkpoints/ holds nothing else
+                # in a checkpoint folder that is not the run's own (a dirpath of the user's, ./checkpoints),
+                # a checkpoint may be any run's: --overwrite removes none of them
+                (owned if own else foreign).append(entry)
+            elif own:  # the run's own checkpoints/ holds nothing else
                 foreign.append(entry)
     return owned, foreign
+
+
+def inputs_among(files: list[Path], config) -> list[str]:
+    """The settings of ``config``'s model and data that name one of ``files`` (or a folder holding one):
+    the new run reads them, so the old run's files must stay (e.g. a few-shot fit of the run's own basis)."""
+    targets = {path.resolve() for path in files}
+    found = []
+    for part in ("model", "data"):
+        for key, value in _init_args(config.get(part)).items():
+            if not isinstance(value, str) or not value or "\0" in value:
+                continue
+            named = Path(value).expanduser().resolve()
+            if named in targets or any(named in target.parents for target in targets):
+                found.append(f"{part}.init_args.{key}={value}")
+    return found
 
 
 def refuse_overwrite(config, overwrite: bool) -> list[Path]:
@@ -265,8 +284,15 @@ def refuse_overwrite(config, overwrite: bool) -> list[Path]:
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise LoreDataError(
-            f"--overwrite: {directory} holds {foreign[0]}{more}, which no run writes; nothing was removed. Move it "
-            "away, or choose another version or run_name"
+            f"--overwrite: {directory} holds {foreign[0]}{more}, which --overwrite does not remove (a file no run "
+            "writes, or a checkpoint in a folder that is not the run's own); nothing was removed. Move it away, "
+            "or choose another version, run_name or checkpoint dirpath"
+        )
+    read = inputs_among(owned, config)
+    if read:
+        raise LoreDataError(
+            f"--overwrite: this fit reads {read[0]}, a file of the run it would remove from {directory}; nothing "
+            "was removed. Choose another version or run_name for the new run"
         )
     return owned
 
@@ -381,6 +407,9 @@ class LoreCLI(LightningCLI):
         for entry in loggers:
             if name and getattr(entry, "init_args", None) is not None and "name" in entry.init_args:
                 entry.init_args.name = name
+            version = _init_args(entry).get("version")
+            if isinstance(version, str):  # a string version is the directory's name itself
+                check_run_name(version, "the logger's version")
         if self.subcommand == "predict" and config.get("overwrite") and "overwrite" in _init_args(config.get("model")):
             _init_args(config.model).overwrite = True  # the score CSV's (lore_pl.modules.scoring)
         if self.subcommand != "fit":

@@ -86,8 +86,8 @@ def test_agreement_is_fleiss_over_pairs_judged_by_several_users():
 
 
 def test_the_verdict_follows_its_rules_in_order():
-    def gain(value, low, high):
-        return {"gain": value, "low": low, "high": high, "pairs": 50, "users": 5}
+    def gain(value, low, high, users=20):
+        return {"gain": value, "low": low, "high": high, "pairs": 50, "users": users}
 
     above, across = gain(0.1, 0.05, 0.15), gain(0.01, -0.02, 0.04)
     assert verdict(across, above)[0] == "helps" and "+0.1000 [+0.0500, +0.1500]" in verdict(across, above)[1]
@@ -98,6 +98,10 @@ def test_the_verdict_follows_its_rules_in_order():
     missing = gain(None, None, None)
     assert verdict(missing, across)[0] == "unknown" and verdict(missing, None)[0] == "unknown"
     assert verdict(missing, above)[0] == "helps"
+    # (b) from too few users, or with too wide an interval, decides nothing
+    one_user_right, one_user_wrong = gain(1.0, 1.0, 1.0, users=1), gain(0.0, 0.0, 0.0, users=1)
+    assert verdict(one_user_right, across)[0] == "unknown" and verdict(one_user_wrong, across)[0] == "unknown"
+    assert verdict(gain(-0.2, -0.5, 0.01), across)[0] == "unknown"
 
 
 # ------------------------------------------------------------------------------ planted data
@@ -299,3 +303,31 @@ def test_the_diagnose_command_refuses_a_bad_file_in_one_line(tmp_path, capsys):
         assert stopped.value.code == 2
         error = capsys.readouterr().err
         assert error.startswith("error: ") and str(path) in error and error.count("\n") == 1
+
+
+def test_the_diagnose_command_never_writes_over_its_input_or_a_foreign_file(tmp_path, capsys):
+    from lore_pl.experiments.diagnose import main
+
+    prefs, notes = tmp_path / "prefs.jsonl", tmp_path / "notes.json"
+    write_planted_file(prefs, True)
+    notes.write_text('{"mine": 1}')
+    before = prefs.read_bytes()
+    for target, reason in ((prefs, "an input of this command"), (notes, "remove it first"),
+                           (tmp_path, "the output is a directory")):
+        with pytest.raises(SystemExit) as stopped:
+            main([str(prefs), "--json", str(target)])
+        error = capsys.readouterr().err
+        assert stopped.value.code == 2 and error.startswith("error: ") and error.count("\n") == 1, error
+        assert reason in error, error
+    assert prefs.read_bytes() == before and notes.read_text() == '{"mine": 1}'
+    main([str(prefs), "--json", str(tmp_path / "d.json")])
+    main([str(prefs), "--json", str(tmp_path / "d.json")])  # its own earlier diagnosis is replaced
+
+
+def test_the_diagnose_hold_out_leaves_every_user_a_training_pair():
+    from lore_pl.experiments.diagnose import held_out_pairs
+
+    users = torch.arange(6).repeat_interleave(torch.tensor([1, 2, 3, 8, 8, 40]))
+    held = held_out_pairs(users, 0.99, seed=0)
+    counts, held_counts = torch.bincount(users), torch.bincount(users[held], minlength=6)
+    assert held_counts[0] == 0 and bool((held_counts[1:] == counts[1:] - 1).all())

@@ -252,6 +252,15 @@ def test_a_run_name_that_is_a_path_writes_nothing(tmp_path, capsys, monkeypatch,
     assert list(tmp_path.iterdir()) == []  # nothing was written, inside save_dir or out of it
 
 
+@pytest.mark.parametrize("version", ["..", "../x", "a/b"])
+def test_a_logger_version_given_as_a_string_is_a_name_too(tmp_path, capsys, monkeypatch, version):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                         f"--trainer.logger.init_args.version={version}")
+    assert_one_error_line(code, err, "the logger's version")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def scoring_files(tmp_path_factory):
     """A basis of 3 users at d=16 and 5 candidate embeddings: what `lightning predict` scores."""

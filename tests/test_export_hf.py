@@ -439,9 +439,11 @@ def test_a_second_export_into_the_same_destination_fails(run_dir, tmp_path, caps
 
 def test_stale_temporary_folders_are_cleaned_by_the_next_export(run_dir, tmp_path, capsys, one_thread):
     out = tmp_path / "hf"
-    stale = [tmp_path / ".hf.lore-export-ab12cd_9.tmp", tmp_path / ".hf.x81q0z2a.tmp"]  # this and the old naming
+    stale = [tmp_path / ".hf.lore-export-ab12cd_9.tmp"]
     kept = [tmp_path / ".hf.x.lore-export-ab12cd_9.tmp",  # an export into "hf.x"
-            tmp_path / ".hf.mine.tmp"]  # not an export's name
+            tmp_path / ".hf.mine.tmp",  # not an export's name
+            tmp_path / ".hf.snapshot.tmp",  # a user's folder in the untagged naming of before: never removed
+            tmp_path / ".hf.x81q0z2a.tmp"]
     for folder in stale + kept:
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half written")

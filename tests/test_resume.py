@@ -291,8 +291,17 @@ def test_overwrite_replaces_the_old_run_so_that_last_resumes_the_new_one(tmp_pat
     with pytest.raises(SystemExit) as stopped:
         main(fixed_version_args(tmp_path, 5, "--overwrite=true"))
     err = capsys.readouterr().err
-    assert stopped.value.code == 2 and f"holds {run / 'notes.txt'}, which no run writes; nothing was removed" in err
+    assert stopped.value.code == 2 and f"holds {run / 'notes.txt'}, which --overwrite does not remove" in err
+    assert "nothing was removed" in err
     (run / "notes.txt").unlink()
+    assert file_states(run) == before
+
+    # a fit that reads the old run's own basis: --overwrite would remove its input; refused, nothing removed
+    with pytest.raises(SystemExit) as stopped:
+        main(fixed_version_args(tmp_path, 5, "--overwrite=true",
+                                f"--model.init_args.initial_basis={run / 'basis.safetensors'}"))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "this fit reads model.init_args.initial_basis=" in err, err
     assert file_states(run) == before
 
     # --overwrite: the old run's files go before the new run writes; last.ckpt is the new run's
@@ -343,3 +352,30 @@ def test_a_run_that_fails_on_its_way_in_leaves_no_version_directory(tmp_path, ca
         main(failing)
     assert sorted(p.name for p in (tmp_path / "logs" / "run").iterdir()) == ["version_0"]  # no empty version_1
     assert (earlier / "protocol.json").read_text() == "{}"
+
+
+def test_overwrite_removes_no_checkpoint_from_a_folder_that_is_not_the_runs_own(tmp_path):
+    """A ModelCheckpoint dirpath of the user's (or ./checkpoints without a logger) may hold any run's
+    checkpoints: --overwrite refuses there and removes none of them."""
+    from jsonargparse import Namespace
+
+    from lore_pl.cli import refuse_overwrite
+    from lore_pl.errors import LoreDataError
+
+    shared = tmp_path / "shared_ckpts"
+    shared.mkdir()
+    for name in ("base_model.ckpt", "other-run-epoch=9.ckpt", "last.ckpt"):
+        (shared / name).write_bytes(name.encode())
+    before = file_states(shared)
+    callback = Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                         init_args=Namespace(dirpath=str(shared), filename="mine-{epoch}"))
+    no_logger = Namespace(trainer=Namespace(logger=False, callbacks=[callback]))
+    for overwrite, message in ((False, "already holds a run"), (True, "which --overwrite does not remove")):
+        with pytest.raises(LoreDataError, match=message):
+            refuse_overwrite(no_logger, overwrite)
+    default_root = Namespace(trainer=Namespace(logger=False, callbacks=[], default_root_dir=str(tmp_path)))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "someone.ckpt").write_bytes(b"x")
+    with pytest.raises(LoreDataError, match="which --overwrite does not remove"):
+        refuse_overwrite(default_root, True)
+    assert file_states(shared) == before and (tmp_path / "checkpoints" / "someone.ckpt").read_bytes() == b"x"

@@ -24,6 +24,9 @@ from lore_pl.core.stats import paired_bootstrap, per_user_accuracy
 #: "people agree" needs (b)'s interval to end below this: knowing the user adds at most 2 points of
 #: accuracy even on responses they judged; a wider interval is too few pairs to tell
 AGREE_MARGIN = 0.02
+#: (b) decides the verdict only from this many users on, with an interval at most this wide
+MIN_USERS = 10
+MAX_INTERVAL_WIDTH = 0.2
 
 CASES = {
     "helps": "personalization helps",
@@ -75,6 +78,13 @@ def measured(gain: dict | None) -> bool:
     return gain is not None and gain.get("low") is not None and math.isfinite(gain["low"])
 
 
+def decisive(gain: dict | None) -> bool:
+    """Whether (b) was measured on enough users, with an interval narrow enough, to decide on: a
+    bootstrap over one or two users has an interval of no width, and a wide one says nothing."""
+    return (measured(gain) and gain.get("users", 0) >= MIN_USERS
+            and gain["high"] - gain["low"] <= MAX_INTERVAL_WIDTH)
+
+
 def interval(gain: dict) -> str:
     return f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
 
@@ -88,17 +98,19 @@ def verdict(personal: dict | None, personalization: dict | None) -> tuple[str, s
        but the model does not carry it to unseen responses (without (c), no fit: "people differ").
     3. ``agree``: otherwise, where (b)'s interval ends below ``AGREE_MARGIN`` (+0.02): knowing the user
        adds at most that to the crowd, on the responses where it could; one reward model is right.
+       Rules 2 and 3 read (b) only where it is ``decisive``: at least ``MIN_USERS`` users and an
+       interval at most ``MAX_INTERVAL_WIDTH`` wide.
     4. ``unknown``: otherwise: (b) could not be measured (no test pair has a response its user judged
        in training) or its interval is too wide to tell, and (c) shows no gain.
     """
     if above_zero(personalization):
         return "helps", f"{CASES['helps']} (by {interval(personalization)} over one shared model)"
-    if above_zero(personal):
+    if decisive(personal) and above_zero(personal):
         evidence = f"a user's own record beats the crowd by {interval(personal)}"
         if personalization is None:  # no fit: whether the features see it is not measured
             return "differ", f"people differ: {evidence}; whether the features can see it, a fit's protocol tells"
         return "differ", f"{CASES['differ']}: {evidence}"
-    if measured(personal) and personal["high"] < AGREE_MARGIN:
+    if decisive(personal) and personal["high"] < AGREE_MARGIN:
         return "agree", f"{CASES['agree']}: a user's own record adds {interval(personal)} to the crowd"
     if measured(personal):
         return "unknown", (f"{CASES['unknown']}: a user's own record adds {interval(personal)} to the crowd, "

@@ -11,8 +11,6 @@ training pairs, so (b) can be measured whatever split the fit uses.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +19,12 @@ from datamodules.preference_file import parse_rows
 from datamodules.sources import read_records
 from lore_pl.core.diagnosis import diagnose, format_diagnosis
 from lore_pl.data.atomic import write_json_atomic
+from lore_pl.data.outputs import OutputKind, claim_outputs, json_field_is
 from lore_pl.errors import LoreDataError
+
+#: what ``--json`` writes: replaced without asking only where an earlier diagnosis wrote it
+DIAGNOSIS_JSON = OutputKind("lore-pl-diagnose", json_field_is("command", "lore-pl-diagnose"),
+                            "a diagnosis JSON written by lore-pl-diagnose", "remove it first, or choose another path")
 
 
 def held_out_pairs(users: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -33,7 +36,8 @@ def held_out_pairs(users: torch.Tensor, fraction: float, seed: int) -> torch.Ten
     start = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(users)
     rank[order] = torch.arange(users.numel()) - start[users[order]]
-    wanted = torch.where(counts >= 2, (fraction * counts).round().long().clamp(min=1), 0)
+    # at least one held out and one kept: a user with no training pair tells nothing about (b)
+    wanted = torch.where(counts >= 2, torch.minimum((fraction * counts).round().long().clamp(min=1), counts - 1), 0)
     return rank < wanted[users]
 
 
@@ -66,19 +70,18 @@ def main(args: list[str] | None = None) -> None:
     options = parser.parse_args(args)
     columns = {"user_id": options.user_column, "prompt": options.prompt_column, "chosen": options.chosen_column,
                "rejected": options.rejected_column}
-    try:
-        result = diagnose_file(Path(options.path).expanduser(), columns, options.test_fraction, options.seed)
-    except LoreDataError as error:
-        if os.environ.get("LORE_PL_TRACEBACK"):
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    print(f"{result['file']}: {result['users']} users, {result['pairs']} pairs, {result['test_pairs']} held out "
-          f"({options.test_fraction:.0%} of each user's pairs, seed {options.seed})")
-    print(format_diagnosis(result))
-    if options.json:
-        write_json_atomic(options.json, result)
-        print(f"written: {options.json}")
+    from lore_pl.cli import user_errors_in_one_line
+
+    with user_errors_in_one_line():
+        outputs = [options.json] if options.json else []
+        with claim_outputs(outputs, DIAGNOSIS_JSON, inputs=[options.path]):  # checked before the file is read
+            result = diagnose_file(Path(options.path).expanduser(), columns, options.test_fraction, options.seed)
+            print(f"{result['file']}: {result['users']} users, {result['pairs']} pairs, {result['test_pairs']} held "
+                  f"out ({options.test_fraction:.0%} of each user's pairs, seed {options.seed})")
+            print(format_diagnosis(result))
+            if options.json:
+                write_json_atomic(options.json, {"command": DIAGNOSIS_JSON.command, **result})
+                print(f"written: {options.json}")
 
 
 if __name__ == "__main__":

@@ -139,9 +139,10 @@ def export_lock(out: Path) -> Iterator[Path]:
 
 
 def stale_directories(out: Path) -> list[Path]:
-    """The temporary directories of exports into ``out`` (also of lore-pl before the tag: ``.NAME.XXXXXXXX``),
-    by their exact naming: a build (``.tmp``) or a replaced export (``.old``)."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:{TAG}-)?[a-z0-9_]{{8}}\.(?:tmp|old)")
+    """The temporary directories of exports into ``out``, by their exact tagged naming: a build (``.tmp``) or
+    a replaced export (``.old``). Folders of the untagged naming of before are left alone: a name without
+    the tag could be a folder of the user's own (``.model.snapshot.tmp``)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{TAG}-[a-z0-9_]{{8}}\.(?:tmp|old)")
     if not out.parent.is_dir():
         return []
     return sorted(entry for entry in out.parent.iterdir()
