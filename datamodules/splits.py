@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from datamodules.base import ROLES
 from lore_pl.errors import LoreDataError
 
 SPLIT_MODES = ("prompt", "user_prompts", "response")
@@ -41,7 +42,6 @@ AUTO_KEEP_SHARE = 0.8
 TRAIN, VAL, TEST, DROP = 0, 1, 2, -1
 SIDE_ROLES = {"seen": {TRAIN: "seen_train", VAL: "seen_val", TEST: "seen_test"},
               "unseen": {TRAIN: "unseen_pool", VAL: "unseen_val", TEST: "unseen_test"}}
-ROLE_ORDER = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_val", "unseen_test")
 
 
 @rank_zero_only
@@ -120,7 +120,7 @@ class SplitPlan:
         chosen = self.mode if asked == self.mode else f"{asked} -> {self.mode}"
         lines = [f"split plan for {source} (split_by: {chosen}" + (f"; {self.reason}" if self.reason else "") + "):",
                  f"  {'role':<12} {'users':>7} {'pairs':>8} {'prompts':>8} {'responses':>10}"]
-        for role in ROLE_ORDER:
+        for role in ROLES:
             picked = self.role_rows.get(role)
             if picked is None or not len(picked):
                 continue
@@ -474,7 +474,7 @@ def fixed_plan(rows: PairRows, role_rows: dict[str, np.ndarray], mode: str, sour
     every = np.unique(rows.users)
     kept = np.unique(rows.users[np.concatenate([np.asarray(r, dtype=np.int64) for r in role_rows.values()])])
     dropped = {"outside the data set's split": int(every.size - kept.size)} if every.size > kept.size else {}
-    plan = SplitPlan(mode, {role: np.asarray(role_rows.get(role, []), dtype=np.int64) for role in ROLE_ORDER},
+    plan = SplitPlan(mode, {role: np.asarray(role_rows.get(role, []), dtype=np.int64) for role in ROLES},
                      int(every.size), dropped)
     if not plan.trainable():
         raise LoreDataError(f"{source}: the data set's split ({mode}) leaves no seen user with training and test "

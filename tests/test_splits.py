@@ -222,8 +222,8 @@ def test_validation_is_never_silently_empty(tmp_path, tiny_reward_model, no_embe
 
 @pytest.mark.parametrize("mode", ["prompt", "user_prompts", "response"])
 def test_a_group_never_straddles_the_split(tmp_path, tiny_reward_model, mode):
+    from datamodules.base import ROLES
     from datamodules.preference_file import GROUP_KEY
-    from datamodules.splits import ROLE_ORDER
 
     # threads join two prompts of four users: a thread must land on one side as a whole
     write_shaped(tmp_path / "prefs.jsonl", own_prompts, users=20, responses=10, pairs=18,
@@ -233,7 +233,7 @@ def test_a_group_never_straddles_the_split(tmp_path, tiny_reward_model, mode):
     table = data.read_source()[1]
     data.plan_splits(table)
     side_of = {}
-    for role in ROLE_ORDER:
+    for role in ROLES:
         for row in data.split_plan.role_rows[role].tolist():
             side = role.split("_")[1].replace("pool", "train")
             assert side_of.setdefault(table[GROUP_KEY][row], side) == side, (role, table[GROUP_KEY][row])
