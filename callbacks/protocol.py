@@ -17,7 +17,7 @@ from lore_pl.core.diagnosis import diagnose, format_diagnosis
 from lore_pl.core.estimator import MapSettings, shared_direction
 from lore_pl.core.fewshot import FewShotSettings
 from lore_pl.core.model import LoreModel
-from lore_pl.core.stats import paired_bootstrap, per_user_accuracy
+from lore_pl.core.stats import mean_std_over_users, paired_bootstrap, per_user_accuracy
 from lore_pl.data.atomic import write_json_atomic
 from lore_pl.data.preferences import PreferenceSplit
 from lore_pl.errors import LoreDataError
@@ -50,14 +50,7 @@ def user_accuracies(logits: Tensor, split: PreferenceSplit, tie_credit: float = 
 
 def accuracy(logits: Tensor, split: PreferenceSplit) -> tuple[float, float]:
     """(mean over users, plain std over users) of per-user accuracy; users without pairs left out."""
-    return mean_std(user_accuracies(logits, split))
-
-
-def mean_std(per_user: Tensor) -> tuple[float, float]:
-    per_user = per_user[~torch.isnan(per_user)]
-    if per_user.numel() == 0:
-        return float("nan"), float("nan")
-    return float(per_user.mean()), float(per_user.std(unbiased=False))
+    return mean_std_over_users(user_accuracies(logits, split))
 
 
 def logits_of(split: PreferenceSplit, basis: Tensor, weights: Tensor, tau: float, device) -> Tensor:
@@ -198,7 +191,7 @@ def record_gain(results: dict, name: str, key: str, mine: Tensor, theirs: Tensor
         results.update({f"baselines/{name}/{key}{end}": None for end in stats})
         results.update({f"gain/{name}/{key}{end}": None for end in gains})
         return
-    results[f"baselines/{name}/{key}"], results[f"baselines/{name}/{key}_std"] = mean_std(theirs)
+    results[f"baselines/{name}/{key}"], results[f"baselines/{name}/{key}_std"] = mean_std_over_users(theirs)
     gain = paired_bootstrap(mine, theirs, seed=seed)
     results[f"gain/{name}/{key}"] = gain["gain"]
     results[f"gain/{name}/{key}_low"], results[f"gain/{name}/{key}_high"] = gain["low"], gain["high"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lore_pl.core.baselines import crowd_logits, pair_agreement, personal_crowd_logits
-from lore_pl.core.stats import paired_bootstrap, per_user_accuracy
+from lore_pl.core.stats import mean_std_over_users, paired_bootstrap, per_user_accuracy
 
 #: "people agree" needs (b)'s interval to end below this: knowing the user adds at most 2 points of
 #: accuracy even on responses they judged; a wider interval is too few pairs to tell
@@ -37,8 +37,8 @@ CASES = {
 
 
 def mean_over_users(per_user: Tensor) -> float | None:
-    kept = per_user[~torch.isnan(per_user)]
-    return float(kept.mean()) if kept.numel() else None
+    mean, _ = mean_std_over_users(per_user)
+    return None if math.isnan(mean) else mean
 
 
 def personal_signal(train_responses: Tensor, train_users: Tensor, test_responses: Tensor, test_users: Tensor,

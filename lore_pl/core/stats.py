@@ -19,6 +19,15 @@ def per_user_accuracy(logits: Tensor, users: Tensor, num_users: int, tie_credit:
     return correct / total
 
 
+def mean_std_over_users(per_user: Tensor) -> tuple[float, float]:
+    """Mean and plain std over the users who have pairs (NaN rows, users without any, left out);
+    NaN for both where no user has."""
+    per_user = per_user[~torch.isnan(per_user)]
+    if per_user.numel() == 0:
+        return float("nan"), float("nan")
+    return float(per_user.mean()), float(per_user.std(unbiased=False))
+
+
 def paired_bootstrap(model: Tensor, baseline: Tensor, samples: int = 2000, level: float = 0.95,
                      seed: int = 0) -> dict[str, float]:
     """Mean over users of ``model - baseline`` (per-user accuracies of the same users), and a

@@ -17,6 +17,7 @@ import torch
 
 from datamodules.preference_file import parse_rows
 from datamodules.sources import read_records
+from datamodules.splits import hold_out_count
 from lore_pl.core.diagnosis import diagnose, format_diagnosis
 from lore_pl.data.atomic import write_json_atomic
 from lore_pl.data.outputs import OutputKind, claim_outputs, json_field_is
@@ -36,8 +37,8 @@ def held_out_pairs(users: torch.Tensor, fraction: float, seed: int) -> torch.Ten
     start = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(users)
     rank[order] = torch.arange(users.numel()) - start[users[order]]
-    # at least one held out and one kept: a user with no training pair tells nothing about (b)
-    wanted = torch.where(counts >= 2, torch.minimum((fraction * counts).round().long().clamp(min=1), counts - 1), 0)
+    # the splits' rule: at least one held out and one kept (a user with no training pair tells nothing)
+    wanted = torch.tensor([hold_out_count(fraction, int(count)) for count in counts.tolist()], dtype=torch.long)
     return rank < wanted[users]
 
 
