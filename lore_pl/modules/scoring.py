@@ -14,6 +14,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from lore_pl.data.atomic import AtomicTarget, write_atomic
 from lore_pl.data.basis_file import check_user_id, load_basis, resolve_basis_path
@@ -213,7 +214,9 @@ class ScoreWriter(BasePredictionWriter):
         if self.kind is SCORE_PARQUET:
             self._sink = _ParquetScores(temporary[0], users)
         elif self.kind is SCORE_NPY:
-            count = sum(len(loader.dataset) for loader in trainer.predict_dataloaders)
+            loaders = trainer.predict_dataloaders
+            loaders = [loaders] if isinstance(loaders, DataLoader) else list(loaders)
+            count = sum(len(loader.dataset) for loader in loaders)
             self._sink = _NpyScores(temporary[0], temporary[1], users, count, str(self.output))
         else:
             self._sink = _CsvScores(temporary[0], users)
