@@ -242,7 +242,9 @@ class PersonalRewardModel:
 
     def heads(self, users: Sequence[str]) -> Tensor:
         """The users' reward directions ``V w_u`` as the columns of ``[d, len(users)]``."""
-        rows = self._rows(users, "heads")
+        return self._heads(self._rows(users, "heads"))
+
+    def _heads(self, rows: list[int]) -> Tensor:
         return self.basis.detach() @ self._weights_table()[rows].t()
 
     def _embeddings(self, embeddings: Tensor, what: str = "embeddings", check_finite: bool = True) -> Tensor:
@@ -268,7 +270,7 @@ class PersonalRewardModel:
         raise ValueError(f"{what}: {count} non-finite value(s) in the embeddings, the first at row {int(rows[0])} "
                          f"({rows.numel()} row(s): {shown}); nothing was scored or stored")
 
-    def _rewards(self, embeddings: Tensor, heads: Tensor, caller: str, what: str = "embeddings") -> Tensor:
+    def _rewards(self, embeddings: Tensor, heads: Tensor, caller: str) -> Tensor:
         """``embeddings @ heads``, refusing embeddings with NaN or Inf (``_refuse_non_finite``) and rewards that
         overflow float32 (``_finite``).
 
@@ -280,7 +282,7 @@ class PersonalRewardModel:
         rewards = embeddings @ heads
         if all_finite(rewards) and (bool(heads.ne(0).all()) or all_finite(embeddings)):
             return rewards
-        self._refuse_non_finite(embeddings, what)
+        self._refuse_non_finite(embeddings, "embeddings")
         return self._finite(rewards, caller, "rewards")  # finite embeddings: the rewards overflowed
 
     def score(self, embeddings: Tensor, user: str) -> Tensor:
@@ -294,9 +296,8 @@ class PersonalRewardModel:
         """Rewards ``[n, len(users)]`` of responses ``[n, d]`` (or one ``[d]``) for each of ``users`` (a list of
         user ids), as one matrix product: column j is ``score(embeddings, users[j])``."""
         rows = self._rows(users, "score_users")
-        embeddings = self._embeddings(embeddings, check_finite=False)
-        heads = self.basis.detach() @ self._weights_table()[rows].t()  # [d, users]
-        return self._rewards(embeddings, heads, f"score_users({len(rows)} users)")
+        embeddings = self._embeddings(embeddings, check_finite=False)  # ``_rewards`` checks the product
+        return self._rewards(embeddings, self._heads(rows), f"score_users({len(rows)} users)")
 
     def rank(self, candidates: Tensor, user: str) -> Tensor:
         """Indices of ``candidates`` ``[n, d]`` from the user's best to worst (personalized best-of-n); equal
