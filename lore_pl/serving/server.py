@@ -392,6 +392,10 @@ def serve(argv: list[str]) -> None:
     server = RewardServer(settings_from(argv))
     signal.signal(signal.SIGTERM, _interrupt)  # LitServe shuts its workers down on KeyboardInterrupt
     server.run()
+    # LitServe stops its worker and queues but cannot stop a uvicorn thread (it calls Thread.terminate);
+    # every update is on disk already (fsynced before it was acknowledged), so the process may end here
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _interrupt(signum, frame):
