@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -77,14 +78,35 @@ class ServerProcess:
         self.kill()
         pytest.fail(f"the server did not answer /health in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
-    def kill(self, how=signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, how)
+    def kill(self, how=signal.SIGKILL, group: bool = True) -> None:
+        """Kill the server's process group, or (``group=False``) the server's process alone, and wait until
+        none of its processes is left (the worker and the queue manager end with the server)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            (os.killpg if group else os.kill)(self.process.pid, how)
             self.process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while living_in_group(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not living_in_group(self.process.pid), "the server's worker or queue manager outlived it"
         self.process = None
 
     def post(self, path, body=None, **kwargs):
         return httpx.post(self.url + path, json=body, timeout=120, **kwargs)
+
+
+def living_in_group(group: int) -> list[int]:
+    """The processes of a process group that are not zombies (from /proc)."""
+    living = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            living.append(int(stat.parent.name))
+    return living
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +216,7 @@ def test_write_endpoints_refuse_without_the_token(server):
     for path, body, status, words in [
         ("/personalize", {"user": "someone", "pairs": [{**pair, "rejected": pair["chosen"]}]}, 422, ["pair 0"]),
         ("/personalize", {"user": "someone", "pairs": [pair], "options": {"steps": "many"}}, 422, ["options.steps"]),
+        ("/personalize", {"user": "someone", "pairs": [pair], "options": {"steps": 10**9}}, 422, ["from 1 to 10000"]),
         ("/observe", {"user": "someone", "prompt": "q", "responses": ["a", "b"], "choice": 2}, 422, ["'choice'"]),
         ("/forget", {"user": "nobody"}, 404, ["'nobody'"]),
         ("/forget", {"user": ""}, 422, ["'user'"]),
@@ -224,7 +247,7 @@ def test_acknowledged_updates_survive_sigkill(server, text_run):
     weights = offline.personalize_text("fresh", [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], steps=200)
     torch.testing.assert_close(torch.tensor(answer.json()["weights"]), weights, atol=1e-4, rtol=1e-4)
     acknowledged, spread = scores_of(server, "fresh", rows)
-    server.kill(signal.SIGKILL)
+    server.kill(signal.SIGKILL, group=False)  # the server alone: its worker and queue manager go with it
     server.start()
     torch.testing.assert_close(scores_of(server, "fresh", rows)[0], acknowledged, atol=1e-6, rtol=1e-6)
     embeddings = torch.cat([offline.embed_text(p, [r]) for p, r, _ in rows])

@@ -63,6 +63,9 @@ class Journal:
                 self._file.close()
                 raise LoreDataError(f"--journal {self.path}: another server holds this journal; give each server its "
                                     "own journal (or stop the other one)") from None
+            # a process forked from the server (LitServe's queue manager) must not keep the lock alive after
+            # the server dies: the lock goes with the last copy of the descriptor, so the child drops its copy
+            os.register_at_fork(after_in_child=self._file.close)
             if created:  # the new name must survive a crash too
                 directory = os.open(self.path.parent, os.O_RDONLY)
                 try:

@@ -13,6 +13,9 @@ from lore_pl.errors import LoreDataError
 from lore_pl.inference import text_items
 from lore_pl.serving.updates import PERSONALIZE_OPTIONS
 
+#: the most solver steps a write may ask for (one write holds the others up while it fits)
+MAX_STEPS = 10_000
+
 
 class RequestRefused(Exception):
     """A request the server will not serve: ``status`` (4xx) and a message naming what is wrong."""
@@ -187,6 +190,8 @@ def personalize_options(options) -> dict:
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
             raise RequestRefused(422, f"options.{key}: must be a finite {kind.__name__}, got {value!r:.40}")
+        if key == "steps" and not 1 <= value <= MAX_STEPS:
+            raise RequestRefused(422, f"options.steps: must be from 1 to {MAX_STEPS}, got {value}")
         checked[key] = value
     return checked
 

@@ -12,7 +12,9 @@ seen by every later request. The basis file is only read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
 import hmac
 import json
 import math
@@ -20,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +97,7 @@ class RowScorer(ls.LitAPI):
         self.settings = settings
 
     def setup(self, device) -> None:
+        die_with_parent()
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.model = PersonalRewardModel.from_run(self.settings.run)
@@ -181,6 +185,7 @@ class RewardServer:
             raise LoreDataError(f"--default-user {settings.default_user!r} is not a user of {settings.basis_path} "
                                 f"(nor added by its journal {settings.journal_path})")
         self.write_lock = threading.Lock()
+        os.register_at_fork(after_in_child=die_with_parent)  # LitServe's queue manager, forked in run()
         self.scorer = RowScorer(settings)
         self.server = self._litserver()
         self.handler = RegularRequestHandler(self.scorer, self.server)
@@ -391,11 +396,24 @@ def serve(argv: list[str]) -> None:
     """Start the server (blocks until SIGINT or SIGTERM); bad settings raise ``LoreDataError`` before it listens."""
     server = RewardServer(settings_from(argv))
     signal.signal(signal.SIGTERM, _interrupt)  # LitServe shuts its workers down on KeyboardInterrupt
-    server.run()
-    # LitServe stops its worker and queues but cannot stop a uvicorn thread (it calls Thread.terminate);
-    # every update is on disk already (fsynced before it was acknowledged), so the process may end here
-    sys.stderr.flush()
-    os._exit(0)
+    status = 1
+    try:
+        server.run()
+        status = 0
+    except BaseException:  # e.g. the worker failed to start or died: said, then the process ends
+        traceback.print_exc()
+    finally:
+        # LitServe stops its worker and queues but cannot stop a uvicorn thread (it calls Thread.terminate);
+        # every update is on disk already (fsynced before it was acknowledged), so the process may end here
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def die_with_parent() -> None:
+    """A process the server started ends when the server does, killed (SIGKILL) or not (Linux; elsewhere
+    nothing): a worker or queue manager left behind would hold memory and wait forever."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def _interrupt(signum, frame):
