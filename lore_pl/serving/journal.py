@@ -1,5 +1,5 @@
 """The reward server's journal of user updates: one JSON record a line, appended and fsynced before an
-update is acknowledged, replayed on start (and followed by the scoring worker); the basis is never written.
+update is acknowledged, and replayed on start; the basis is never written.
 
 A crash can cut only the last line short: that record was never acknowledged, so it is dropped (and cut
 off, so the next append starts a clean line). Any other line that does not read is refused by number.
@@ -63,9 +63,6 @@ class Journal:
                 self._file.close()
                 raise LoreDataError(f"--journal {self.path}: another server holds this journal; give each server its "
                                     "own journal (or stop the other one)") from None
-            # a process forked from the server (LitServe's queue manager) must not keep the lock alive after
-            # the server dies: the lock goes with the last copy of the descriptor, so the child drops its copy
-            os.register_at_fork(after_in_child=self._file.close)
             if created:  # the new name must survive a crash too
                 directory = os.open(self.path.parent, os.O_RDONLY)
                 try:

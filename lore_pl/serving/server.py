@@ -1,42 +1,42 @@
-"""``lore-pl serve --run RUN``: a run's personal rewards over HTTP, on LitServe.
+"""``lore-pl serve --run RUN``: a run's personal rewards over HTTP (FastAPI on uvicorn).
 
-Two processes share the work. The API process (uvicorn, in a thread of the main process) reads and
-checks every request, so that a bad row is refused with a 4xx naming it before it can reach a batch of
-other clients' rows; it also holds the users for the write endpoints and appends each update to the
-journal (fsynced) before it answers. LitServe's inference worker embeds: it takes the checked rows of
-up to ``--max-batch`` requests at once (several users mixed), embeds them in one pass and gathers each
-row's user's head; before each batch it replays what the journal gained, so an acknowledged update is
-seen by every later request. The basis file is only read.
+One process. The event loop reads and checks every request, so a bad row is refused with a 4xx naming
+it before it can join a batch of other clients' rows; the checked rows of up to ``--max-batch``
+requests (several users mixed) are embedded in one pass on one thread beside it and each row's user's
+head is gathered (``Batcher``). An update is fitted on a copy of the users, appended to the journal
+and fsynced, and only then made current and answered: every request sent after the answer sees it,
+and a restart replays it. The basis file is only read.
+
+Not on LitServe: litserve 0.2.19 installs a console script named ``lightning`` (``litserve.cli:main``)
+that replaces this project's ``lightning`` command, and that, when run, pip-installs lightning-sdk
+(whose own ``lightning`` script replaces it again).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import copy
-import ctypes
 import hmac
 import json
 import math
 import os
-import signal
 import sys
 import threading
-import traceback
 import warnings
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import litserve as ls
 import torch
-from fastapi import Request
-from fastapi.responses import JSONResponse
-from litserve.server import RegularRequestHandler
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lore_pl.data.basis_file import resolve_basis_path
 from lore_pl.errors import LoreDataError
 from lore_pl.inference import PersonalRewardModel
-from lore_pl.serving.journal import Journal, decode_tensor, encode_tensor
+from lore_pl.serving.batching import Batcher
+from lore_pl.serving.journal import Journal
 from lore_pl.serving.requests import (
     Limits,
     RequestRefused,
@@ -51,8 +51,6 @@ from lore_pl.serving.updates import apply_update, forget_record, observe_record,
 
 #: the environment variable that holds the write endpoints' bearer token (or ``--token-file``)
 TOKEN_ENV = "LORE_PL_SERVE_TOKEN"
-#: the inference worker's own route; only the server's checked endpoints feed it (removed from the app)
-WORKER_PATH = "/_rows"
 #: the journal's name beside the basis file when ``--journal`` is not given
 JOURNAL_NAME = "serve-journal.jsonl"
 
@@ -69,7 +67,7 @@ class ServeSettings:
     max_text_chars: int = 100_000
     max_body_bytes: int = 16 * 2**20
     max_batch: int = 16
-    batch_timeout: float = 0.005
+    batch_timeout: float = 0.002
     timeout: float = 120.0
     threads: int | None = None
 
@@ -86,137 +84,114 @@ class ServeSettings:
         return Limits(max_rows=self.max_rows, max_text_chars=self.max_text_chars)
 
 
-# ------------------------------------------------------------------------------------- the worker
-class RowScorer(ls.LitAPI):
-    """LitServe's worker: a batch of checked requests (``{"kind": "score"|"embed", "items", "users"}``)
-    in, one embedding pass and one gather of the users' heads, a result per request out."""
+@dataclass
+class Job:
+    """What the batch thread does for one request: score ``rows`` (``kind="score"``) or embed them."""
 
-    def __init__(self, settings: ServeSettings) -> None:
-        super().__init__(max_batch_size=settings.max_batch, batch_timeout=settings.batch_timeout,
-                         api_path=WORKER_PATH)
-        self.settings = settings
-
-    def setup(self, device) -> None:
-        die_with_parent()
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
-        self.model = PersonalRewardModel.from_run(self.settings.run)
-        self.model.text_embedder  # noqa: B018 - loaded now, not on the first request
-        self.journal = Journal(self.settings.journal_path, writer=False)
-        self._catch_up()
-
-    def _catch_up(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the API process said it already when it replayed the same records
-            replay(self.model, self.journal.read_new())
-        self._rows = {user: row for row, user in enumerate(self.model.user_ids)}
-
-    def decode_request(self, request):
-        return request
-
-    def batch(self, inputs):
-        return inputs
-
-    def unbatch(self, output):
-        return output
-
-    def encode_response(self, output):
-        return output
-
-    def predict(self, requests):
-        single = isinstance(requests, dict)  # max_batch_size 1: LitServe hands one request
-        requests = [requests] if single else requests
-        before = self.journal.sequence
-        self._catch_up()
-        items = [item for request in requests for item in request["items"]]
-        with torch.inference_mode():
-            embeddings = self.model.text_embedder(items).to(torch.float32)
-        results, start = [], 0
-        for request in requests:
-            rows = embeddings[start : start + len(request["items"])]
-            start += len(request["items"])
-            result = self._embedded(rows) if request["kind"] == "embed" else self._scored(rows, request["users"])
-            results.append({**result, "journal": self.journal.sequence, "replayed": self.journal.sequence - before})
-        return results[0] if single else results
-
-    def _embedded(self, rows: torch.Tensor) -> dict:
-        bad = (~torch.isfinite(rows).all(-1)).nonzero()
-        if len(bad):
-            return {"error": f"row {int(bad[0])}: the embedder gave NaN or Inf", "status": 422}
-        return {"embeddings": encode_tensor(rows)}
-
-    def _scored(self, rows: torch.Tensor, users: list[str]) -> dict:
-        """Each row's reward ``e . V w_u`` and its standard deviation from ``w_u``'s covariance."""
-        unknown = [(number, user) for number, user in enumerate(users) if user not in self._rows]
-        if unknown:  # forgotten between the API process's check and this batch
-            number, user = unknown[0]
-            return {"error": f"row {number}: unknown user {user!r} (forgotten)", "status": 404}
-        model = self.model
-        index = torch.tensor([self._rows[user] for user in users], dtype=torch.long)
-        directions = rows @ model.basis.to(rows.dtype)  # [n, K]: e . V
-        rewards = (directions * model.user_weights.to(rows.dtype)[index]).sum(-1)
-        spread = torch.full_like(rewards, float("nan"))  # NaN: the user has no covariance
-        for user in dict.fromkeys(users):
-            covariance = model.weight_covariance(user)
-            if covariance is not None:
-                mine = index == self._rows[user]
-                part = directions[mine]
-                spread[mine] = ((part @ covariance.to(rows.dtype)) * part).sum(-1).clamp(min=0).sqrt()
-        bad = (torch.isinf(spread) | ~torch.isfinite(rewards)).nonzero()
-        if len(bad):
-            return {"error": f"row {int(bad[0])}: the reward or its spread overflows float32", "status": 422}
-        return {"rewards": rewards.tolist(), "score_std": [None if math.isnan(v) else v for v in spread.tolist()]}
+    kind: str
+    rows: Rows
 
 
-# ---------------------------------------------------------------------------------- the API process
+def scored(users: PersonalRewardModel, embeddings: torch.Tensor, names: list[str]) -> dict:
+    """Each row's reward ``e . V w_u`` (one gather of the users' weights) and its standard deviation from
+    ``w_u``'s covariance (None where the user has none); a refusal naming the row otherwise."""
+    rows = {user: row for row, user in enumerate(users.user_ids)}
+    unknown = [(number, user) for number, user in enumerate(names) if user not in rows]
+    if unknown:  # forgotten between the request's check and its batch
+        number, user = unknown[0]
+        return {"error": f"row {number}: unknown user {user!r} (forgotten)", "status": 404}
+    index = torch.tensor([rows[user] for user in names], dtype=torch.long)
+    directions = embeddings @ users.basis.to(embeddings.dtype)  # [n, K]: e . V
+    rewards = (directions * users.user_weights.to(embeddings.dtype)[index]).sum(-1)
+    spread = torch.full_like(rewards, float("nan"))  # NaN: the user has no covariance
+    for user in dict.fromkeys(names):
+        covariance = users.weight_covariance(user)
+        if covariance is not None:
+            mine = index == rows[user]
+            part = directions[mine]
+            spread[mine] = ((part @ covariance.to(embeddings.dtype)) * part).sum(-1).clamp(min=0).sqrt()
+    bad = (torch.isinf(spread) | ~torch.isfinite(rewards)).nonzero()
+    if len(bad):
+        return {"error": f"row {int(bad[0])}: the reward or its spread overflows float32", "status": 422}
+    return {"rewards": rewards.tolist(), "score_std": [None if math.isnan(v) else v for v in spread.tolist()]}
+
+
+# ---------------------------------------------------------------------------------------- the server
 class RewardServer:
-    """The HTTP side: checks requests, hands rows to the worker, applies and journals user updates."""
+    """The HTTP endpoints: check requests, batch their rows, apply and journal user updates."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.limits = settings.limits
         self.token = read_token(settings.token_file)
-        # the users are the basis's and the journal's; the API process never loads the embedder
-        self.model = PersonalRewardModel.from_run(settings.run)
+        # the users (basis, weights, covariances: small, copied for each update) apart from the embedder
+        self.users = PersonalRewardModel.from_run(settings.run)
         self.journal = Journal(settings.journal_path, writer=True)
-        replay(self.model, self.journal.read_new())
-        self.users = frozenset(self.model.user_ids)
-        if settings.default_user is not None and settings.default_user not in self.users:
+        replay(self.users, self.journal.read_new())
+        self.known = frozenset(self.users.user_ids)
+        if settings.default_user is not None and settings.default_user not in self.known:
             raise LoreDataError(f"--default-user {settings.default_user!r} is not a user of {settings.basis_path} "
                                 f"(nor added by its journal {settings.journal_path})")
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.embedder = PersonalRewardModel.from_run(settings.run)
+        self.embedder.text_embedder  # noqa: B018 - loaded now (a missing model fails the start), not on a request
         self.write_lock = threading.Lock()
-        os.register_at_fork(after_in_child=die_with_parent)  # LitServe's queue manager, forked in run()
-        self.scorer = RowScorer(settings)
-        self.server = self._litserver()
-        self.handler = RegularRequestHandler(self.scorer, self.server)
+        self.batcher = Batcher(self._work, settings.max_batch, settings.batch_timeout)
+        self.app = self._app()
 
-    def _litserver(self):
-        server = ls.LitServer(self.scorer, accelerator="cpu", workers_per_device=1,
-                           timeout=self.settings.timeout, disable_openapi_url=True)
-        app = server.app
-        app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != WORKER_PATH]
+    def _app(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(app):
+            self.batcher.start()
+            yield
+            await self.batcher.stop()
+
+        app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
         app.add_api_route("/get_reward", self.get_reward, methods=["POST"])
         app.add_api_route("/score", self.score, methods=["POST"])
         app.add_api_route("/personalize", self.personalize, methods=["POST"])
         app.add_api_route("/observe", self.observe, methods=["POST"])
         app.add_api_route("/forget", self.forget, methods=["POST"])
         app.add_api_route("/users", self.list_users, methods=["GET"])
-        return server
+        app.add_api_route("/health", self.health, methods=["GET"])
+        return app
 
     def run(self) -> None:
-        print(f"serving {self.settings.basis_path} ({len(self.users)} users; journal {self.settings.journal_path}, "
+        import uvicorn
+
+        print(f"serving {self.settings.basis_path} ({len(self.known)} users; journal {self.settings.journal_path}, "
               f"{self.journal.sequence} updates) at http://{self.settings.host}:{self.settings.port}", file=sys.stderr,
               flush=True)
-        self.server.run(host=self.settings.host, port=self.settings.port, num_api_servers=1, log_level="warning",
-                        generate_client_file=False, api_server_worker_type="thread")
+        uvicorn.run(self.app, host=self.settings.host, port=self.settings.port, log_level="warning",
+                    timeout_graceful_shutdown=5)
+
+    def _work(self, jobs: list[Job]) -> list[dict]:
+        """The batch thread: every job's rows embedded in one pass, then scored for their users or returned."""
+        users = self.users  # one set of users for the whole batch (an update swaps in a new one)
+        items = [item for job in jobs for item in job.rows.items]
+        with torch.inference_mode():
+            embeddings = self.embedder.text_embedder(items).to(torch.float32)
+        results, start = [], 0
+        for job in jobs:
+            rows = embeddings[start : start + len(job.rows.items)]
+            start += len(job.rows.items)
+            bad = (~torch.isfinite(rows).all(-1)).nonzero()
+            if len(bad):
+                results.append({"error": f"row {int(bad[0])}: the embedder gave NaN or Inf", "status": 422})
+            elif job.kind == "embed":
+                results.append({"embeddings": rows.clone()})
+            else:
+                results.append(scored(users, rows, job.rows.users))
+        return results
 
     # ----------------------------------------------------------------------- the endpoints
     async def get_reward(self, request: Request):
         """OpenRLHF's remote reward: ``{"query", "prompts", "labels"}`` in, ``{"rewards", "scores",
         "extra_logs"}`` out (``extra_logs.score_std`` where every row's user has a covariance)."""
         async def answer(body):
-            rows = get_reward_rows(body, self.users, self.settings.default_user, self.limits)
-            result = await self._work(rows)
+            rows = get_reward_rows(body, self.known, self.settings.default_user, self.limits)
+            result = await self._submit(Job("score", rows))
             logs = {} if None in result["score_std"] else {"score_std": result["score_std"]}
             return {"rewards": result["rewards"], "scores": result["rewards"], "extra_logs": logs}
 
@@ -226,8 +201,8 @@ class RewardServer:
         """The native endpoint: ``{"rows": [{"user", "prompt", "response"}]}`` in, each row's ``reward``
         and ``score_std`` out (null where the basis keeps no covariance for the user)."""
         async def answer(body):
-            rows = score_rows(body, self.users, self.settings.default_user, self.limits)
-            result = await self._work(rows)
+            rows = score_rows(body, self.known, self.settings.default_user, self.limits)
+            result = await self._submit(Job("score", rows))
             return {"rewards": result["rewards"], "score_std": result["score_std"], "users": rows.users}
 
         return await self._respond(request, answer)
@@ -256,14 +231,17 @@ class RewardServer:
         """Remove a user (the basis's own too) from this server, journaled like every update."""
         async def answer(body):
             user = write_user(body)
-            if user not in self.users:
+            if user not in self.known:
                 raise RequestRefused(404, f"'user': unknown user {user!r}: nothing to forget")
             return await self._update(forget_record(user))
 
         return await self._respond(request, answer, write=True)
 
+    async def health(self, request: Request):
+        return PlainTextResponse("ok")  # the server listens only once the embedder is loaded
+
     async def list_users(self, request: Request):
-        return {"users": self.model.user_ids, "journal": self.journal.sequence,
+        return {"users": self.users.user_ids, "journal": self.journal.sequence,
                 "default_user": self.settings.default_user}
 
     # ------------------------------------------------------------------------ the plumbing
@@ -301,16 +279,19 @@ class RewardServer:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestRefused(400, f"the body is not JSON: {error}") from None
 
-    async def _work(self, rows: Rows, kind: str = "score") -> dict:
-        """The worker's result for ``rows`` (batched there with other requests); its refusals re-raised."""
-        result = await self.handler.handle_request({"kind": kind, "items": rows.items, "users": rows.users}, dict)
+    async def _submit(self, job: Job) -> dict:
+        """The batch thread's result for ``job`` (batched with other requests'); its refusals raised."""
+        try:
+            result = await asyncio.wait_for(self.batcher.submit(job), self.settings.timeout)
+        except asyncio.TimeoutError:
+            raise RequestRefused(503, f"the server is busy: no answer within --timeout {self.settings.timeout:g} "
+                                      "s; try again") from None
         if "error" in result:
             raise RequestRefused(result["status"], result["error"])
         return result
 
     async def _embed(self, items) -> torch.Tensor:
-        result = await self._work(Rows([], items), kind="embed")
-        return decode_tensor(result["embeddings"], "the worker's embeddings")
+        return (await self._submit(Job("embed", Rows([], items))))["embeddings"]
 
     async def _update(self, record: dict) -> dict:
         from starlette.concurrency import run_in_threadpool
@@ -321,7 +302,7 @@ class RewardServer:
         """Apply ``record`` to a copy of the users, journal it (fsync), then make the copy current: a
         refused update or a failed write leaves both the users and the journal as they were."""
         with self.write_lock:
-            candidate = copy.deepcopy(self.model)
+            candidate = copy.deepcopy(self.users)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # K=1's "pairs change nothing" is said in the answer's weights
@@ -333,7 +314,7 @@ class RewardServer:
             if weights is not None:
                 record = {**record, "weights": weights.tolist()}
             sequence = self.journal.append(record)
-            self.model, self.users = candidate, frozenset(candidate.user_ids)
+            self.users, self.known = candidate, frozenset(candidate.user_ids)
         answer = {"user": record["user"], "op": record["op"], "journal": sequence}
         if weights is not None:
             answer["weights"] = weights.tolist()
@@ -358,8 +339,8 @@ def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(prog="lore-pl serve", description="Serve a run's personal rewards over HTTP "
                                     "(OpenRLHF's POST /get_reward, POST /score, and user updates).")
     parse.add_argument("--run", required=True, help="the run directory (its basis.safetensors) or a basis file")
-    parse.add_argument("--host", default=defaults.host, choices=["127.0.0.1", "0.0.0.0", "::"],
-                       help="the interface to listen on (default: this machine only)")
+    parse.add_argument("--host", default=defaults.host,
+                       help="the interface to listen on (default: this machine only; 0.0.0.0: every interface)")
     parse.add_argument("--port", type=int, default=defaults.port)
     parse.add_argument("--journal", default=None, help=f"the update journal (default: {JOURNAL_NAME} beside the basis)")
     parse.add_argument("--default-user", default=None, help="the user of rows that name none (null labels)")
@@ -370,11 +351,11 @@ def parser() -> argparse.ArgumentParser:
                        help="characters per prompt, response or query")
     parse.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="bytes per request body")
     parse.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                       help="requests the worker embeds in one pass")
+                       help="requests whose rows are embedded in one pass")
     parse.add_argument("--batch-timeout", type=float, default=defaults.batch_timeout,
-                       help="seconds the worker waits to fill a batch")
+                       help="seconds a batch waits for more requests")
     parse.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds a request may wait")
-    parse.add_argument("--threads", type=int, default=None, help="the worker's torch threads (default: torch's)")
+    parse.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return parse
 
 
@@ -384,8 +365,8 @@ def settings_from(argv: list[str]) -> ServeSettings:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LoreDataError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if not 1024 <= args.port <= 65535:
-        raise LoreDataError(f"--port must be from 1024 to 65535 (LitServe's range), got {args.port}")
+    if not 1 <= args.port <= 65535:
+        raise LoreDataError(f"--port must be from 1 to 65535, got {args.port}")
     if not 0 <= args.batch_timeout < args.timeout:
         raise LoreDataError(f"--batch-timeout must be at least 0 and below --timeout ({args.timeout}), got "
                             f"{args.batch_timeout}")
@@ -394,30 +375,7 @@ def settings_from(argv: list[str]) -> ServeSettings:
 
 def serve(argv: list[str]) -> None:
     """Start the server (blocks until SIGINT or SIGTERM); bad settings raise ``LoreDataError`` before it listens."""
-    server = RewardServer(settings_from(argv))
-    signal.signal(signal.SIGTERM, _interrupt)  # LitServe shuts its workers down on KeyboardInterrupt
-    status = 1
-    try:
-        server.run()
-        status = 0
-    except BaseException:  # e.g. the worker failed to start or died: said, then the process ends
-        traceback.print_exc()
-    finally:
-        # LitServe stops its worker and queues but cannot stop a uvicorn thread (it calls Thread.terminate);
-        # every update is on disk already (fsynced before it was acknowledged), so the process may end here
-        sys.stderr.flush()
-        os._exit(status)
-
-
-def die_with_parent() -> None:
-    """A process the server started ends when the server does, killed (SIGKILL) or not (Linux; elsewhere
-    nothing): a worker or queue manager left behind would hold memory and wait forever."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    RewardServer(settings_from(argv)).run()
 
 
 def main(argv: list[str] | None = None) -> None:
