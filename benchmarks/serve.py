@@ -3,13 +3,13 @@ users to ``lore-pl serve`` (a subprocess on a free loopback port) and the rows/s
 latencies (p50, p99) and the errors are printed, against the in-process batched scoring of the same
 rows (``PersonalRewardModel``'s embedder on all rows at once, then each row's user's head), measured
 before and after the server's run in this process; the ratio is the server's rows/s over the mean of
-the two in-process runs. Every served reward is checked against the in-process one (1e-5).
+the two in-process runs; the largest difference between a served and an in-process reward is printed.
 
     python benchmarks/serve.py                   # 32 clients, 10,000 rows, 32 rows a request
     python benchmarks/serve.py --rows 2000       # a quicker run
 
 Model: the tests' tiny random Llama reward model and a rank-2 basis fitted on a small preference
-file (built into a temporary folder), or ``--run`` a run of your own. The server's worker and the
+file (built into a temporary folder), or ``--run`` a run of your own. The server and the
 in-process scoring use the same number of torch threads (``--threads``).
 """
 
