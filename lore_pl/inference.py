@@ -454,6 +454,23 @@ class PersonalRewardModel:
             if covariance is not None and known:
                 model.weight_covariance[self._row[user]] = covariance
 
+    def forget(self, user: str) -> None:
+        """Remove ``user`` and all this model knows of them (weights, covariance, observed answers); a
+        ``KeyError`` for a user it does not know. Later users move up a row; the basis is untouched."""
+        self._user(user, "forget")
+        self.weights(user)  # unknown users raise
+        model, row = self.model, self._row[user]
+        keep = [i for i in range(model.num_users) if i != row]
+        if model.user_logits is not None:
+            model.user_logits = model.user_logits[keep]
+        if model.weight_covariance is not None:
+            model.weight_covariance = model.weight_covariance[keep]
+        model.user_ids.pop(row)
+        model.num_users -= 1
+        self._row = {name: i for i, name in enumerate(model.user_ids)}
+        self._answers.pop(user, None)
+        self._fitted_covariance.pop(user, None)
+
     # -------------------------------------------------------------------- asking a user, one pair at a time
     def _pool(self, pool: Tensor, caller: str, user: str) -> Tensor:
         pool = torch.as_tensor(pool, dtype=torch.float32)

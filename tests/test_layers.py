@@ -17,6 +17,7 @@ LAYERS = {
     "callbacks": 4,
     "lore_pl.experiments": 5,
     "lore_pl.cli": 5,
+    "lore_pl.serving": 5,
     "lore_pl.__main__": 5,
 }
 #: the parts that must run without Lightning (pure math, containers and files, the inference API)
