@@ -13,6 +13,7 @@ Cases: ``default`` is configs/data/synthetic.yaml (500 seen users, d=256, 30 pro
 
     python benchmarks/selection.py --fit                    # the default run, both paths, headline too
     python benchmarks/selection.py --cases c1000_d256 c10000_d256
+    python benchmarks/selection.py --cases c10000_d256 --paths new   # users sampled for the search
     python benchmarks/selection.py --threads                # one thread or all, the small-op loops
 """
 
@@ -73,18 +74,22 @@ def choice(selection: E.Selection) -> dict:
             "fits": len(selection.curve)}
 
 
-def time_selection(case: str, data) -> list[dict]:
+def time_selection(case: str, data, paths: tuple[str, ...] = ("old", "new")) -> list[dict]:
     train, val = data.split("seen_train"), data.split("seen_val")
     settings = E.MapSettings()
     subspace = E.spectral_subspace(train.features, train.users, train.num_users, settings.subspace)
     rows = {}
     for path, fast in (("old", False), ("new", True)):
+        if path not in paths:
+            continue
         start = time.perf_counter()
         selection = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings,
                                    subspace=subspace, fast=fast)
         rows[path] = {"case": case, "what": "selection", "path": path, "seconds": round(time.perf_counter() - start, 2),
                       "threads": torch.get_num_threads(), **choice(selection)}
         print(json.dumps(rows[path]), flush=True)
+    if len(rows) < 2:
+        return list(rows.values())
     old, new = rows["old"], rows["new"]
     ratio = {"case": case, "what": "selection ratio", "old_over_new": round(old["seconds"] / new["seconds"], 1),
              "same_choice": (old["rank"], old["strengths"]) == (new["rank"], new["strengths"])}
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", default=["default"])
     parser.add_argument("--fit", action="store_true", help="also the whole fit and protocol with each path")
     parser.add_argument("--threads", action="store_true", help="only time one step of each loop on 1 thread or all")
+    parser.add_argument("--paths", nargs="+", choices=("old", "new"), default=["old", "new"],
+                        help="selection alone by these paths (new only where the old one takes too long)")
     args = parser.parse_args(argv)
     quiet()
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "cases": args.cases}), flush=True)
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads:
             time_threads(case, data)
             continue
-        time_selection(case, data)
+        time_selection(case, data, tuple(args.paths))
         if args.fit:
             compare_fits(case, data)
 

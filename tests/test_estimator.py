@@ -337,3 +337,36 @@ def test_many_users_are_selected_on_a_sample_and_the_choice_is_refitted_on_every
     assert E.sampled_users(150, 80, 0).tolist() == sorted(set(E.sampled_users(150, 80, 0).tolist()))
     with pytest.raises(ValueError, match="selection_users"):
         E.MapSettings(selection_users=1)
+
+
+def test_minimize_lbfgs_takes_torchs_lbfgs_steps_past_a_full_history():
+    from lore_pl.core.projected_fit import minimize_lbfgs
+
+    generator = torch.Generator().manual_seed(2)
+    matrix = torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    target = torch.randn(12, generator=generator, dtype=torch.float64)
+
+    def loss_of(x):  # smooth, not quadratic: the line search has work to do
+        return (matrix @ x - target).pow(2).sum() + torch.nn.functional.softplus(x).pow(3).sum()
+
+    def objective(x):
+        x = x.clone().requires_grad_()
+        loss = loss_of(x)
+        loss.backward()
+        return float(loss), x.grad
+
+    start = torch.zeros(12, dtype=torch.float64)
+    ours = minimize_lbfgs(objective, start, 25, history_size=4)
+    x = start.clone().requires_grad_()
+    optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=25, history_size=4, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of(x)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    torch.testing.assert_close(ours, x.detach(), rtol=1e-7, atol=1e-9)
+    assert float(loss_of(ours)) < float(loss_of(start)) and torch.equal(start, torch.zeros(12, dtype=torch.float64))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lore_pl.core import functional as LF
-from lore_pl.core.projected_fit import UserPairs, map_objective
+from lore_pl.core.projected_fit import UserPairs, map_objective, minimize_lbfgs
 from lore_pl.core.threads import threads_for
 
 
@@ -214,14 +214,10 @@ def fit_map(features: Tensor, users: Tensor, num_users: int, state: MapState, st
 
 def fit_projected(pairs: UserPairs, state: MapState, strengths: Strengths, iterations: int) -> MapState:
     """``fit_map`` in the spectral subspace, on pairs laid out per user, with the gradient by hand
-    (``projected_fit.map_objective``): the same L-BFGS on the same objective, without autograd.
-
-    The parameters are one flat vector (basis, logits, mean, as ``fit_map`` orders them), which is
-    what L-BFGS works on either way; it only saves the gathering and scattering of three."""
+    (``projected_fit.map_objective``): the same L-BFGS (``projected_fit.minimize_lbfgs``) on the same
+    objective, without autograd, on one flat vector (basis, logits, mean, as ``fit_map`` orders them)."""
     parts = [t.detach().reshape(-1) for t in (state.basis, state.logits, state.mean) if t is not None]
-    flat = torch.cat(parts).clone().requires_grad_()
     sizes = [t.numel() for t in parts]
-    optimizer = lbfgs([flat], iterations)
 
     def unpack(vector: Tensor) -> MapState:
         pieces = vector.split(sizes)
@@ -230,15 +226,13 @@ def fit_projected(pairs: UserPairs, state: MapState, strengths: Strengths, itera
             return MapState(basis, None, None)
         return MapState(basis, pieces[1].view(state.logits.shape), pieces[2].view(state.mean.shape))
 
-    def closure() -> Tensor:
-        current = unpack(flat.detach())
+    def objective(vector: Tensor) -> tuple[float, Tensor]:
+        current = unpack(vector)
         loss, *grads = map_objective(pairs, current.basis, current.logits, current.mean, strengths.ridge,
                                      strengths.deviation_ratio, strengths.prior)
-        flat.grad = torch.cat([g.reshape(-1) for g in grads if g is not None])
-        return loss
+        return float(loss), torch.cat([g.reshape(-1) for g in grads if g is not None])
 
-    optimizer.step(closure)
-    return unpack(flat.detach()).detached()
+    return unpack(minimize_lbfgs(objective, torch.cat(parts), iterations)).detached()
 
 
 def evaluate(features: Tensor, users: Tensor, num_users: int, state: MapState) -> tuple[float, float]:

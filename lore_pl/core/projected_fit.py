@@ -78,3 +78,75 @@ def map_objective(pairs: UserPairs, basis: Tensor, logits: Tensor | None, mean: 
         loss = loss + 0.5 * ridge * penalty / total
         grad_basis = grad_basis + (ridge / total) * (shared + deviation_ratio * deviations)
     return loss, grad_basis, grad_logits, grad_mean
+
+
+def minimize_lbfgs(objective, start: Tensor, max_iter: int, history_size: int = 20, tolerance_grad: float = 1e-9,
+                   tolerance_change: float = 1e-12) -> Tensor:
+    """``torch.optim.LBFGS(lr=1, line_search_fn="strong_wolfe")`` on a flat vector, step for step (the
+    same line search, tests and constants), with its two-loop recursion on the history as matrices:
+    four products and a scalar recursion in place of 4 x ``history_size`` tiny operations per
+    iteration, which on the selection's small problems cost as much as the objective itself.
+
+    ``objective(x) -> (loss as a float, gradient)``. Returns the last iterate, as torch's does."""
+    from torch.optim.lbfgs import _strong_wolfe
+
+    max_eval = max_iter * 5 // 4
+    x = start.detach().clone()
+    loss, grad = objective(x)
+    evals = 1
+    if float(grad.abs().max()) <= tolerance_grad:
+        return x
+    size = x.numel()
+    steps = x.new_zeros(history_size, size)  # s_i, oldest first, the first `stored` rows
+    changes = x.new_zeros(history_size, size)  # y_i
+    stored, scale = 0, 1.0
+    direction, step, previous_grad = None, 1.0, grad
+    for iteration in range(1, max_iter + 1):
+        if iteration == 1:
+            direction = grad.neg()
+        else:
+            change = grad - previous_grad
+            moved = direction * step
+            curvature = float(change.dot(moved))
+            if curvature > 1e-10:
+                if stored == history_size:
+                    steps = steps.roll(-1, 0)
+                    changes = changes.roll(-1, 0)
+                    stored -= 1
+                steps[stored], changes[stored] = moved, change
+                stored += 1
+                scale = curvature / float(change.dot(change))
+            direction = _two_loop(grad, steps[:stored], changes[:stored], scale)
+        previous_grad, previous_loss = grad, loss
+        step = min(1.0, 1.0 / float(grad.abs().sum())) if iteration == 1 else 1.0
+        slope = float(grad.dot(direction))
+        if slope > -tolerance_change:
+            break
+
+        def along(origin: Tensor, t: float, d: Tensor) -> tuple[float, Tensor]:
+            return objective(origin + t * d)
+
+        loss, grad, step, line_evals = _strong_wolfe(along, x, step, direction, loss, grad, slope,
+                                                     max_ls=max_eval - evals)
+        x = x + step * direction
+        evals += line_evals
+        if iteration == max_iter or evals >= max_eval or float(grad.abs().max()) <= tolerance_grad:
+            break
+        if float((direction * step).abs().max()) <= tolerance_change or abs(loss - previous_loss) < tolerance_change:
+            break
+    return x
+
+
+def _two_loop(grad: Tensor, steps: Tensor, changes: Tensor, scale: float) -> Tensor:
+    """L-BFGS's direction ``-H g`` from the history (rows oldest first). The two loops' scalars solve
+    two triangular systems in ``P = S Y^T`` (``P_ii = 1 / rho_i``): the first loop's
+    ``alpha_i = rho_i (-s_i . g - sum_{j>i} alpha_j P_ij)`` is ``triu(P) alpha = -S g``, the second's
+    ``c_i = alpha_i - rho_i y_i . (r_0 + sum_{j<i} c_j s_j)`` is ``triu(P)^T c = diag(P) alpha - Y r_0``."""
+    if steps.shape[0] == 0:
+        return grad.neg().mul_(scale)
+    upper = torch.triu(steps @ changes.t())
+    alphas = torch.linalg.solve_triangular(upper, (steps @ grad).neg_()[:, None], upper=True)[:, 0]
+    start = (grad.neg() - alphas @ changes).mul_(scale)
+    right = upper.diagonal() * alphas - changes @ start
+    coefficients = torch.linalg.solve_triangular(upper.t(), right[:, None], upper=False)[:, 0]
+    return start + coefficients @ steps
