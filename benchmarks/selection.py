@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -74,27 +75,35 @@ def choice(selection: E.Selection) -> dict:
             "fits": len(selection.curve)}
 
 
-def time_selection(case: str, data, paths: tuple[str, ...] = ("old", "new")) -> list[dict]:
+def time_selection(case: str, data, paths: tuple[str, ...] = ("old", "new"), repeats: int = 2) -> list[dict]:
+    """Each path ``repeats`` times, in turns (old, new, old, new: on a shared machine the load moves)."""
     train, val = data.split("seen_train"), data.split("seen_val")
     settings = E.MapSettings()
     subspace = E.spectral_subspace(train.features, train.users, train.num_users, settings.subspace)
     rows = {}
-    for path, fast in (("old", False), ("new", True)):
-        if path not in paths:
-            continue
-        start = time.perf_counter()
-        selection = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings,
-                                   subspace=subspace, fast=fast)
-        rows[path] = {"case": case, "what": "selection", "path": path, "seconds": round(time.perf_counter() - start, 2),
-                      "threads": torch.get_num_threads(), **choice(selection)}
-        print(json.dumps(rows[path]), flush=True)
+    for _ in range(repeats):
+        for path, fast in (("old", False), ("new", True)):
+            if path not in paths:
+                continue
+            start = time.perf_counter()
+            selection = E.select_model(train.features, train.users, val.features, val.users, train.num_users,
+                                       settings, subspace=subspace, fast=fast)
+            seconds = time.perf_counter() - start
+            row = {"case": case, "what": "selection", "path": path, "seconds": round(seconds, 2),
+                   "threads": torch.get_num_threads(), "load": round(os.getloadavg()[0], 1), **choice(selection),
+                   "notes": selection.notes}
+            print(json.dumps(row), flush=True)
+            rows.setdefault(path, []).append(row)
     if len(rows) < 2:
-        return list(rows.values())
+        return [row for runs in rows.values() for row in runs]
     old, new = rows["old"], rows["new"]
-    ratio = {"case": case, "what": "selection ratio", "old_over_new": round(old["seconds"] / new["seconds"], 1),
-             "same_choice": (old["rank"], old["strengths"]) == (new["rank"], new["strengths"])}
+    old_seconds, new_seconds = [r["seconds"] for r in old], [r["seconds"] for r in new]
+    ratio = {"case": case, "what": "selection ratio",
+             "old_over_new_fastest": round(min(old_seconds) / min(new_seconds), 1),
+             "old_over_new_each": [round(a / b, 1) for a, b in zip(old_seconds, new_seconds)],
+             "same_choice": len({(r["rank"], json.dumps(r["strengths"])) for r in old + new}) == 1}
     print(json.dumps(ratio), flush=True)
-    return [old, new, ratio]
+    return [*old, *new, ratio]
 
 
 def fit_and_protocol(case: str, data, fast: bool) -> dict:
@@ -112,6 +121,7 @@ def fit_and_protocol(case: str, data, fast: bool) -> dict:
     shared, _ = shared_baseline(module.model, data)
     results = evaluate_protocol(module.model, data, FewShotSettings(), shared=shared)
     row = {"case": case, "what": "fit", "path": "new" if fast else "old", "fit_s": round(fit_seconds, 1),
+           "load": round(os.getloadavg()[0], 1),
            "selection_s": module.selection["seconds"], "rank": module.selection["rank"],
            "strengths": module.selection["strengths"], "ridge": module.selection.get("ridge"),
            "headline": results["unseen/test_acc"], "seen_test": results["seen/test_acc"],
