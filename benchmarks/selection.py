@@ -3,7 +3,9 @@ in one process on the same data, with the same chosen K and strengths asked of b
 
 Per case, one JSON line per path and one line of ratios:
 
-- ``selection``: ``select_model`` alone (same subspace, same data), seconds and the choice;
+- ``selection``: ``select_model`` alone (same subspace, same data), wall and CPU seconds (all threads; on a
+  shared machine a one-thread process gets half the share of a two-thread one, so wall time alone
+  misleads there) and the choice;
 - with ``--fit``: the whole default fit (``BasisModule()``, 30 epochs as configs/trainer/default.yaml)
   and the protocol, so the headline (unseen users from 10 shots on test prompts) stands beside K=1,
   the population-average weights and "the longer response wins" (n/a on planted data: no lengths).
@@ -85,11 +87,12 @@ def time_selection(case: str, data, paths: tuple[str, ...] = ("old", "new"), rep
         for path, fast in (("old", False), ("new", True)):
             if path not in paths:
                 continue
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             selection = E.select_model(train.features, train.users, val.features, val.users, train.num_users,
                                        settings, subspace=subspace, fast=fast)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             row = {"case": case, "what": "selection", "path": path, "seconds": round(seconds, 2),
+                   "cpu_seconds": round(cpu_seconds, 2),
                    "threads": torch.get_num_threads(), "load": round(os.getloadavg()[0], 1), **choice(selection),
                    "notes": selection.notes}
             print(json.dumps(row), flush=True)
@@ -98,9 +101,11 @@ def time_selection(case: str, data, paths: tuple[str, ...] = ("old", "new"), rep
         return [row for runs in rows.values() for row in runs]
     old, new = rows["old"], rows["new"]
     old_seconds, new_seconds = [r["seconds"] for r in old], [r["seconds"] for r in new]
+    old_cpu, new_cpu = [r["cpu_seconds"] for r in old], [r["cpu_seconds"] for r in new]
     ratio = {"case": case, "what": "selection ratio",
              "old_over_new_fastest": round(min(old_seconds) / min(new_seconds), 1),
              "old_over_new_each": [round(a / b, 1) for a, b in zip(old_seconds, new_seconds)],
+             "cpu_old_over_new_fastest": round(min(old_cpu) / min(new_cpu), 1),
              "same_choice": len({(r["rank"], json.dumps(r["strengths"])) for r in old + new}) == 1}
     print(json.dumps(ratio), flush=True)
     return [*old, *new, ratio]

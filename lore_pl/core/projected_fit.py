@@ -15,6 +15,7 @@ against it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,10 @@ class UserPairs:
     projected: Tensor
     mask: Tensor
     num_pairs: int
+
+    @property
+    def padding(self) -> int:
+        return self.mask.numel() - self.num_pairs
 
     @classmethod
     def from_flat(cls, projected: Tensor, users: Tensor, num_users: int) -> UserPairs:
@@ -54,8 +59,9 @@ def map_objective(pairs: UserPairs, basis: Tensor, logits: Tensor | None, mean: 
         weights = torch.softmax(logits, dim=-1)
         directions = weights @ basis.t()  # b_u = A w_u, [C, r]
     margins = torch.bmm(pairs.projected, directions.unsqueeze(-1)).squeeze(-1)  # [C, m]
-    loss = (F.softplus(-margins) * pairs.mask).sum() / total
-    slopes = torch.sigmoid(-margins).mul_(pairs.mask).mul_(-1.0 / total)  # d loss / d margin
+    # a padding row is zero, so its margin is 0: it adds log 2 to the sum and nothing to the gradient
+    loss = (F.softplus(-margins).sum() - pairs.padding * math.log(2.0)) / total
+    slopes = torch.sigmoid(-margins).mul_(-1.0 / total)  # d loss / d margin
     grad_directions = torch.bmm(slopes.unsqueeze(1), pairs.projected).squeeze(1)  # [C, r]
     if logits is None:
         grad_basis = grad_directions.sum(0)[:, None]
