@@ -36,8 +36,11 @@ def test_rank_auto_finds_the_planted_rank_and_no_personalization_where_there_is_
     assert {entry["rank"] for entry in planted.selection["curve"]} == set(QUICK.ranks)
 
 
-def test_the_ridge_path_keeps_the_best_validated_stage():
+def test_the_ridge_path_keeps_the_best_validated_stage(capsys):
     model, data = fitted(3)
+    # selection's time is printed with the rest of the fit's progress, and kept
+    assert model.selection["seconds"] > 0 and model.selection["notes"] == []
+    assert f"{len(model.selection['curve'])} fits in " in capsys.readouterr().out
     path = model.selection["path"]
     kept = min(path, key=lambda stage: stage["val_nll"])
     assert model.selection["ridge"] == kept["ridge"] and len(path) >= 2
