@@ -24,6 +24,7 @@ from lore_pl.core.functional import (
     sample_shots,
     simplex_weights,
 )
+from lore_pl.core.threads import threads_for
 from lore_pl.errors import LoreDataError
 
 WeightInit = Literal["randn", "zeros", "population"]
@@ -122,7 +123,6 @@ def _strength(prior_strength: float | Tensor | None, logits: Tensor, prior_logit
     return strength
 
 
-SMALL_PROBLEM = 1 << 21  # padded elements under which a few-shot fit runs on one CPU thread
 
 
 @dataclass
@@ -216,20 +216,14 @@ def fit_user_weights(
     pairs = PaddedPairs.from_flat(projected.detach().to(logits.dtype), users, logits.shape[0])
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     first, second = torch.zeros_like(logits), torch.zeros_like(logits)
-    # Small CPU problems run several times faster on one thread: each step is a handful of
-    # microsecond-sized ops, and waking a second thread costs more than it saves (measured 3.7x).
-    threads = torch.get_num_threads()
-    if pairs.projected.device.type == "cpu" and pairs.projected.numel() < SMALL_PROBLEM:
-        torch.set_num_threads(1)
-    try:
+    # Small CPU problems run several times faster on one thread (lore_pl/core/threads.py; measured 3.7x here)
+    with threads_for(pairs.projected.numel(), pairs.projected.device):
         for step in range(1, steps + 1):
             _, grad = _loss_and_grad(pairs, logits, tau, prior_logits, prior_strength, with_loss=False)
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             logits.addcdiv_(first, denom, value=-lr / (1 - beta1**step))
-    finally:
-        torch.set_num_threads(threads)
     return logits
 
 
