@@ -24,6 +24,7 @@ from lore_pl.core.functional import (
     sample_shots,
     simplex_weights,
 )
+from lore_pl.core.stats import mean_over_users, per_user_accuracy
 from lore_pl.errors import LoreDataError
 
 WeightInit = Literal["randn", "zeros", "population"]
@@ -315,9 +316,7 @@ def choose_prior(
     for label, precision in candidates:
         logits = adapt_users(projected, users, num_users, start, tau, prior_logits, prior_precision=precision)
         margin = (projected_val * torch.softmax(logits, dim=-1)[val_users]).sum(-1)
-        correct = torch.bincount(val_users[margin > 0], minlength=num_users).double()
-        total = torch.bincount(val_users, minlength=num_users).double()
-        accuracy = float((correct[total > 0] / total[total > 0]).mean())
+        accuracy = float(mean_over_users(per_user_accuracy(margin, val_users, num_users)))
         curve.append((label, accuracy))
         if best is None or accuracy > best[0] + 1e-12:
             best = (accuracy, label, precision)
@@ -354,12 +353,7 @@ def per_fit_accuracy(projected_test: Tensor, test_users: Tensor, weights: Tensor
     Users without test pairs are left out, as in ``PerUserAccuracy``.
     """
     logits = torch.einsum("nk,fnk->fn", projected_test, weights[:, test_users]) / tau
-    num_fits, num_users = weights.shape[:2]
-    correct = torch.zeros(num_fits, num_users, dtype=torch.float64, device=logits.device)
-    correct.index_add_(1, test_users, (logits > 0).double())
-    total = torch.bincount(test_users, minlength=num_users).double()
-    present = total > 0
-    return (correct[:, present] / total[present]).mean(dim=1)
+    return mean_over_users(per_user_accuracy(logits, test_users, weights.shape[1]))
 
 
 def fit_stacked(
