@@ -1,9 +1,13 @@
+import hashlib
+
 import pytest
 import torch
 
 from callbacks.protocol import accuracy
 from datamodules import SyntheticPopulationDataModule
+from datamodules.sources import file_digest
 from helpers import TINY
+from lore_pl.data.feature_cache import file_sha256
 from lore_pl.data.preferences import PreferenceSplit
 
 
@@ -130,3 +134,14 @@ def test_validation_never_reads_the_test_pairs():
         held.connect(DataRequest(population=population))
         batch = next(iter(held.val_dataloader()))
         assert torch.equal(batch["features"], held.split(f"{population}_val").features)
+
+
+def test_file_hashes_read_every_block(tmp_path):
+    data = torch.randint(256, (3 << 19,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    big = tmp_path / "b.bin"  # 1.5 MiB: more than one read block
+    big.write_bytes(data.numpy().tobytes())
+    small = tmp_path / "a.bin"
+    small.write_bytes(b"abc")
+    assert file_sha256(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    expected = hashlib.sha256(b"a.bin" + b"abc" + b"b.bin" + big.read_bytes()).hexdigest()[:32]
+    assert file_digest([big, small]) == "sha256:" + expected  # names and bytes, in sorted order

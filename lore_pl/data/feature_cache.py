@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lore_pl.data.atomic import write_json_atomic, write_npy_atomic
-from lore_pl.data.files import read_json, read_npy
+from lore_pl.data.files import hash_file, read_json, read_npy
 from lore_pl.errors import LoreDataError
 
 MANIFEST = "manifest.json"
@@ -34,11 +34,7 @@ def stable_hash(payload: Any) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path).hexdigest()
 
 
 class FeatureCache:
