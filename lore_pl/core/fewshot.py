@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lore_pl.core.functional import (
+    check_shots,
     initial_user_logits,
     preference_loss,
     projected_logits,
@@ -25,7 +26,6 @@ from lore_pl.core.functional import (
     simplex_weights,
 )
 from lore_pl.core.stats import mean_over_users, per_user_accuracy
-from lore_pl.errors import LoreDataError
 
 WeightInit = Literal["randn", "zeros", "population"]
 
@@ -56,10 +56,7 @@ class FewShotSettings:
     prior_strength: float | None = None
 
     def __post_init__(self) -> None:
-        if self.shots is not None and self.shots <= 0:
-            raise LoreDataError(
-                f"shots must be a positive number of pairs per user (or null for all), got {self.shots}"
-            )
+        check_shots(self.shots)
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
