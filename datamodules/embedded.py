@@ -20,13 +20,9 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import PreferenceData, PreferenceDataModule
 from datamodules.sources import resolve
-from lore_pl.data.atomic import write_json_atomic
 from lore_pl.data.embedder import EmbedderSpec
 from lore_pl.data.feature_cache import FeatureCache
-from lore_pl.data.files import read_json
 from lore_pl.errors import LoreDataWarning
-
-TABLE = "table.json"
 
 
 class EmbeddedPreferenceDataModule(PreferenceDataModule):
@@ -139,7 +135,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         items, table = self.read_source()
         self.plan_splits(table)  # before any embedding: an impossible split stops here
         cache.initialize(items, self.shard_size)
-        write_json_atomic(cache.directory / TABLE, table)
+        cache.write_table(table)
         if self._embedding_job():
             return  # the predict loop embeds the missing shards
         from lore_pl.data.embedder import TextEmbedder
@@ -154,7 +150,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
             # ran on rank 0 already
             self.prepare_data()
         embeddings, head = cache.load()
-        table = read_json(cache.directory / TABLE, "feature cache table")
+        table = cache.table()
         return self.build(table, embeddings, head)
 
     def setup(self, stage: str | None = None) -> None:

@@ -25,6 +25,7 @@ from lore_pl.errors import LoreDataError
 
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
+TABLE = "table.json"  # what the items are (e.g. a data set's rows), beside them
 REFERENCE_HEAD = "reference_head.npy"
 
 
@@ -87,6 +88,12 @@ class FeatureCache:
         return read_json(self.directory / ITEMS, "feature cache item list")
 
     # -------------------------------------------------------------------------------- shards
+    def write_table(self, table: Any) -> None:
+        write_json_atomic(self.directory / TABLE, table)
+
+    def table(self) -> Any:
+        return read_json(self.directory / TABLE, "feature cache table")
+
     def shard_path(self, shard: int) -> Path:
         return self.directory / f"shard-{shard:05d}.npy"
 
