@@ -167,11 +167,15 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
 
 class HubPreferenceDataModule(EmbeddedPreferenceDataModule):
-    """An embedded data set whose raw files are ``self.source``: a Hugging Face data set id, at
-    ``self.revision``, or a local copy. Subclasses set both in ``__init__`` and name the files to
-    download in ``allow_patterns``."""
+    """An embedded data set whose raw files are ``source``: a Hugging Face data set id, at ``revision``,
+    or a local copy; ``seed`` draws its split of users and pairs. Subclasses give their defaults of all
+    three and name the files to download in ``allow_patterns``."""
 
     allow_patterns: ClassVar[list[str] | None] = None  # the files to download (None: all)
+
+    def __init__(self, source: str, revision: str = "main", seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.source, self.revision, self.seed = source, revision, seed
 
     @cached_property
     def source_root(self) -> tuple[Path, str]:
