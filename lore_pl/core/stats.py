@@ -53,7 +53,7 @@ def mean_over_users(per_user: Tensor) -> Tensor:
 
 def user_mean_std(per_user: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, plain std, how many) over the users ``[C]`` who have pairs (NaN entries, users without any,
-    left out), as float64 tensors on ``per_user``'s device; NaN mean and std where no user has."""
+    left out), as tensors on ``per_user``'s device; NaN (float64) mean and std where no user has."""
     present = ~torch.isnan(per_user)
     accuracy = per_user[present]
     if accuracy.numel() == 0:
