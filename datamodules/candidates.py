@@ -21,10 +21,8 @@ class _Rows(Dataset):
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
-    def __getitem__(self, index):
-        if isinstance(index, ShardIndex):
-            index = index.rows  # this rank's candidates
-        rows = torch.arange(len(self))[index]
+    def __getitem__(self, index: ShardIndex) -> dict[str, torch.Tensor]:
+        rows = torch.arange(len(self))[index.rows]  # IndexBatchSampler yields ShardIndexes only
         return {"embeddings": self.embeddings[rows], "index": rows}
 
 

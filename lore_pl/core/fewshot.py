@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lore_pl.core.functional import (
+    check_shots,
     initial_user_logits,
     preference_loss,
     projected_logits,
@@ -24,8 +25,8 @@ from lore_pl.core.functional import (
     sample_shots,
     simplex_weights,
 )
+from lore_pl.core.stats import mean_over_users, per_user_accuracy
 from lore_pl.core.threads import threads_for
-from lore_pl.errors import LoreDataError
 
 WeightInit = Literal["randn", "zeros", "population"]
 
@@ -56,10 +57,7 @@ class FewShotSettings:
     prior_strength: float | None = None
 
     def __post_init__(self) -> None:
-        if self.shots is not None and self.shots <= 0:
-            raise LoreDataError(
-                f"shots must be a positive number of pairs per user (or null for all), got {self.shots}"
-            )
+        check_shots(self.shots)
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -309,9 +307,7 @@ def choose_prior(
     for label, precision in candidates:
         logits = adapt_users(projected, users, num_users, start, tau, prior_logits, prior_precision=precision)
         margin = (projected_val * torch.softmax(logits, dim=-1)[val_users]).sum(-1)
-        correct = torch.bincount(val_users[margin > 0], minlength=num_users).double()
-        total = torch.bincount(val_users, minlength=num_users).double()
-        accuracy = float((correct[total > 0] / total[total > 0]).mean())
+        accuracy = float(mean_over_users(per_user_accuracy(margin, val_users, num_users)))
         curve.append((label, accuracy))
         if best is None or accuracy > best[0] + 1e-12:
             best = (accuracy, label, precision)
@@ -348,12 +344,7 @@ def per_fit_accuracy(projected_test: Tensor, test_users: Tensor, weights: Tensor
     Users without test pairs are left out, as in ``PerUserAccuracy``.
     """
     logits = torch.einsum("nk,fnk->fn", projected_test, weights[:, test_users]) / tau
-    num_fits, num_users = weights.shape[:2]
-    correct = torch.zeros(num_fits, num_users, dtype=torch.float64, device=logits.device)
-    correct.index_add_(1, test_users, (logits > 0).double())
-    total = torch.bincount(test_users, minlength=num_users).double()
-    present = total > 0
-    return (correct[:, present] / total[present]).mean(dim=1)
+    return mean_over_users(per_user_accuracy(logits, test_users, weights.shape[1]))
 
 
 def fit_stacked(
