@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lore_pl.core import estimator as E  # noqa: E402
+from lore_pl.core import estimator as E
 
 
 def reference_ledoit_wolf(features):
