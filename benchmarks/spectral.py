@@ -10,6 +10,12 @@ process (Linux: it reads /proc/self/status).
 
     python benchmarks/spectral.py                          # d = 256, 1024, 4096, C = 1000, m = 30
     python benchmarks/spectral.py --dims 1024 --users 10000
+    python benchmarks/spectral.py --diagnose d1024_iso_r10_m30   # can the start see the directions?
+
+``--diagnose CASE`` (a case of ``benchmarks/quality.py``): the top singular values of the users'
+whitened, sqrt(n)-weighted means, against the same with every pair given to a random user (no user
+structure left: where the noise alone reaches), and the principal cosines of the true directions
+to the start's subspace at r = 16 and 32.
 """
 
 from __future__ import annotations
@@ -107,18 +113,45 @@ def measured(start: str, dim: int, args, folder: str) -> tuple[torch.Tensor, dic
     return torch.load(output), json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def diagnose(case: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import case_data
+
+    data = case_data(case)
+    train = data.split("seen_train")
+    features, users, count = train.features, train.users, train.num_users
+    cholesky = torch.linalg.cholesky(E.ledoit_wolf(features))
+
+    def top_singular_values(owner: torch.Tensor) -> list[float]:
+        sums = torch.zeros(count, features.shape[1], dtype=torch.float64).index_add_(0, owner, features.double())
+        weighted = sums / torch.bincount(owner, minlength=count).clamp(min=1).double().sqrt()[:, None]
+        whitened = torch.linalg.solve_triangular(cholesky, weighted.t(), upper=False).t()
+        return [round(float(v), 1) for v in torch.linalg.svdvals(whitened)[:12]]
+
+    shuffled = users[torch.randperm(len(users), generator=torch.Generator().manual_seed(0))]
+    truth, _ = torch.linalg.qr(data.true_directions.double())
+    cosines = {f"cosines_r{rank}": [round(float(c), 2) for c in torch.linalg.svdvals(
+        truth.t() @ E.spectral_subspace(features, users, count, rank).double())] for rank in (16, 32)}
+    print(json.dumps({"case": case, "users": count, "dim": features.shape[1], "pairs": len(users),
+                      "singular_values": top_singular_values(users),
+                      "singular_values_users_shuffled": top_singular_values(shuffled), **cosines}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--diagnose", metavar="CASE", help="the start on a case of benchmarks/quality.py")
     parser.add_argument("--child", choices=sorted(STARTS), help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.dims[0], args.users, args.pairs, args.rank, args.output)
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    if args.diagnose:
+        return diagnose(args.diagnose)
     with tempfile.TemporaryDirectory() as folder:
         for dim in args.dims:
             report(dim, args, folder)

@@ -16,7 +16,8 @@ The recipe (measured on planted data in ``benchmarks/quality.py``):
    weighed by the square root of its user's pair count (equal noise for every user: users with a
    handful of pairs would fill the subspace with their noise), whitened by the features' Ledoit-Wolf
    second moment (a pooled least-squares estimate of each user's direction; on a decaying spectrum
-   it recovers the reward directions far better than the raw means);
+   it recovers the reward directions far better than the raw means), by randomized SVD over the
+   features in float32 blocks (``[C, k]`` and ``[d, k]`` sketches; ``Whitening`` for large d);
 2. model selection in the projected features ``X U`` (cheap): every candidate K at a few basis ridges;
    the smallest K whose validation NLL is within one standard error of the best K's (paired over the
    validation pairs: parsimony where the data cannot tell); then a grid of strengths for that K, each
