@@ -233,8 +233,10 @@ def planted_means(users: int = 240, pairs: int = 30, dim: int = 48, directions: 
 
 
 @pytest.mark.parametrize("whiten", [True, False])
-def test_the_spectral_start_recovers_several_planted_directions(whiten):
+def test_the_spectral_start_recovers_several_planted_directions(whiten, monkeypatch):
     features, users, truth = planted_means()
+    exact = E.spectral_subspace(features, users, 240, 8, whiten=whiten)
+    monkeypatch.setattr(E, "EXACT_SVD_LIMIT", 0)  # the randomized SVD of large problems
     subspace = E.spectral_subspace(features, users, 240, 8, whiten=whiten)
     assert subspace.dtype == torch.float32 and subspace.shape == (48, 8)
     assert torch.allclose(subspace.t() @ subspace, torch.eye(8), atol=1e-4)
@@ -245,6 +247,7 @@ def test_the_spectral_start_recovers_several_planted_directions(whiten):
         sums = torch.zeros(240, 48, dtype=torch.float64).index_add_(0, users, features.double())
         _, _, right = torch.linalg.svd(sums / 30**0.5, full_matrices=False)
         assert float(torch.linalg.svdvals(right[:4] @ subspace.double()).min()) > 0.99
+    assert float(torch.linalg.svdvals(exact[:, :4].t() @ subspace).min()) > 0.99
 
 
 def test_the_spectral_start_holds_sketches_not_users_by_features_nor_a_dense_moment(monkeypatch):
@@ -255,6 +258,7 @@ def test_the_spectral_start_holds_sketches_not_users_by_features_nor_a_dense_mom
     users, dim, rank = 60, 160, 4
     features, owner, truth = planted_means(users=users, pairs=40, dim=dim, directions=3, lean=1.0)
     dense = E.spectral_subspace(features, owner, users, rank)
+    monkeypatch.setattr(E, "EXACT_SVD_LIMIT", 0)
     monkeypatch.setattr(E, "DENSE_WHITENING_LIMIT", 64)
     monkeypatch.setattr(E, "WHITENING_RANK", 8)
     monkeypatch.setattr(E, "BLOCK_ELEMENTS", 8 * dim)
