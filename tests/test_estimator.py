@@ -373,3 +373,66 @@ def test_minimize_lbfgs_takes_torchs_lbfgs_steps_past_a_full_history():
     optimizer.step(closure)
     torch.testing.assert_close(ours, x.detach(), rtol=1e-7, atol=1e-9)
     assert float(loss_of(ours)) < float(loss_of(start)) and torch.equal(start, torch.zeros(12, dtype=torch.float64))
+
+def planted_means(users: int = 240, pairs: int = 30, dim: int = 48, directions: int = 4, lean: float = 0.6,
+                  seed: int = 0):
+    """Pair vectors whose per-user means lean towards one of ``directions`` orthonormal directions."""
+    generator = torch.Generator().manual_seed(seed)
+    truth, _ = torch.linalg.qr(torch.randn(dim, directions, generator=generator, dtype=torch.float64))
+    owner = torch.arange(users).repeat_interleave(pairs)
+    means = lean * truth[:, torch.arange(users) % directions].t().float()  # [C, d]
+    features = torch.randn(users * pairs, dim, generator=generator) + means[owner]
+    return features, owner, truth
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_the_spectral_start_recovers_several_planted_directions(whiten, monkeypatch):
+    features, users, truth = planted_means()
+    exact = E.spectral_subspace(features, users, 240, 8, whiten=whiten)
+    monkeypatch.setattr(E, "EXACT_SVD_LIMIT", 0)  # the randomized SVD of large problems
+    subspace = E.spectral_subspace(features, users, 240, 8, whiten=whiten)
+    assert subspace.dtype == torch.float32 and subspace.shape == (48, 8)
+    assert torch.allclose(subspace.t() @ subspace, torch.eye(8), atol=1e-4)
+    cosines = torch.linalg.svdvals(truth.t() @ subspace.double())
+    chance, _ = torch.linalg.qr(torch.randn(48, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    assert float(cosines.min()) > 0.9 > float(torch.linalg.svdvals(truth.t() @ chance).max())
+    if not whiten:  # the randomized SVD finds the exact SVD's top directions of the users' scaled means
+        sums = torch.zeros(240, 48, dtype=torch.float64).index_add_(0, users, features.double())
+        _, _, right = torch.linalg.svd(sums / 30**0.5, full_matrices=False)
+        assert float(torch.linalg.svdvals(right[:4] @ subspace.double()).min()) > 0.99
+    assert float(torch.linalg.svdvals(exact[:, :4].t() @ subspace).min()) > 0.99
+
+
+def test_the_spectral_start_holds_sketches_not_users_by_features_nor_a_dense_moment(monkeypatch):
+    """Beyond the features (read in blocks) every tensor the start makes is [C, k], [d, k] or smaller:
+    no [C, d] copy of the users' means and, past DENSE_WHITENING_LIMIT, no d x d moment."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    users, dim, rank = 60, 160, 4
+    features, owner, truth = planted_means(users=users, pairs=40, dim=dim, directions=3, lean=1.0)
+    dense = E.spectral_subspace(features, owner, users, rank)
+    monkeypatch.setattr(E, "EXACT_SVD_LIMIT", 0)
+    monkeypatch.setattr(E, "DENSE_WHITENING_LIMIT", 64)
+    monkeypatch.setattr(E, "WHITENING_RANK", 8)
+    monkeypatch.setattr(E, "BLOCK_ELEMENTS", 8 * dim)
+    width = max(rank, E.WHITENING_RANK) + E.OVERSAMPLE
+    allowed = max(8 * dim, users * width, dim * width)
+    assert allowed < min(users * dim, dim * dim)  # the check below can tell them apart
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor) and tensor.data_ptr() != features.data_ptr():
+                    Largest.largest = max(Largest.largest, tensor.numel())
+            return out
+
+    with Largest():
+        subspace = E.spectral_subspace(features, owner, users, rank)
+    assert Largest.largest <= allowed
+    assert subspace.dtype == torch.float32 and subspace.shape == (dim, rank)
+    cosines = torch.linalg.svdvals(truth.t() @ subspace.double())
+    assert float(cosines.min()) > 0.8  # and the low-rank whitening still finds the directions,
+    assert float(torch.linalg.svdvals(dense[:, :3].t() @ subspace).min()) > 0.99  # as the dense one does

@@ -16,7 +16,8 @@ The recipe (measured on planted data in ``benchmarks/quality.py``):
    weighed by the square root of its user's pair count (equal noise for every user: users with a
    handful of pairs would fill the subspace with their noise), whitened by the features' Ledoit-Wolf
    second moment (a pooled least-squares estimate of each user's direction; on a decaying spectrum
-   it recovers the reward directions far better than the raw means);
+   it recovers the reward directions far better than the raw means), by randomized SVD over the
+   features in float32 blocks (``[C, k]`` and ``[d, k]`` sketches; ``Whitening`` for large d);
 2. model selection in the projected features ``X U`` (cheap): every candidate K at a few basis ridges;
    the smallest K whose validation NLL is within one standard error of the best K's (paired over the
    validation pairs: parsimony where the data cannot tell); then a grid of strengths for that K, each
@@ -277,15 +278,43 @@ TIE = 1e-6
 
 
 # ------------------------------------------------------------------------------------ the start
+#: elements of the features read at once by the start (float32 products, accumulated in float64):
+#: 16 MiB blocks, whatever d
+BLOCK_ELEMENTS = 2**22
+#: above this dimension the Ledoit-Wolf moment is not formed (``d x d``): its top ``WHITENING_RANK``
+#: eigenpairs are sketched and the rest of its spectrum is taken as flat
+DENSE_WHITENING_LIMIT = 2048
+WHITENING_RANK = 128
+#: the randomized SVD's extra columns beyond the rank and its power iterations: the users' means have a
+#: slowly decaying spectrum (on d1024_aniso_m30, 16 and 4 lost the exact SVD's 4th and 5th true
+#: directions, cosines 0.39/0.37 against 0.46/0.45, and 0.017 of test accuracy; 48 and 8 keep them)
+OVERSAMPLE = 48
+POWER_ITERATIONS = 8
+#: up to this many users x features the users' means are formed (float64, 64 MiB at most) and their SVD
+#: is exact: the randomized one's small differences moved d1024_aniso_m30 by 0.010 (through the few-shot
+#: prior's choice); beyond it, nothing [C, d] is formed
+EXACT_SVD_LIMIT = 2**23
+
+
+def _blocks(features: Tensor):
+    """(first row, float32 block) over the features' rows, ``BLOCK_ELEMENTS`` at a time."""
+    rows = max(1, BLOCK_ELEMENTS // max(features.shape[1], 1))
+    for start in range(0, features.shape[0], rows):
+        yield start, features[start:start + rows].float()
+
+
+def _squared_norms(block: Tensor) -> Tensor:
+    return (block * block).sum(1, dtype=torch.float64)
+
+
 def ledoit_wolf(features: Tensor) -> Tensor:
     """The features' second moment ``X^T X / N`` shrunk towards a scaled identity (Ledoit-Wolf), float64."""
     num, dim = features.shape
     moment = torch.zeros(dim, dim, dtype=torch.float64)
     squares = torch.zeros(num, dtype=torch.float64)
-    for start in range(0, num, 8192):  # float32 products in blocks, accumulated in float64
-        block = features[start:start + 8192].float()
+    for start, block in _blocks(features):
         moment += (block.t() @ block).double()
-        squares[start:start + 8192] = block.double().pow(2).sum(1)
+        squares[start:start + block.shape[0]] = _squared_norms(block)
     moment /= num
     target = torch.trace(moment) / dim
     spread = (moment - target * torch.eye(dim, dtype=torch.float64)).pow(2).sum() / dim
@@ -295,7 +324,94 @@ def ledoit_wolf(features: Tensor) -> Tensor:
     return moment
 
 
-def spectral_subspace(features: Tensor, users: Tensor, num_users: int, rank: int, whiten: bool = True) -> Tensor:
+def _moment_times(features: Tensor, vectors: Tensor) -> Tensor:
+    """``X^T X v / N`` for ``v`` ``[d, k]``, one pass over the features in blocks, float64 ``[d, k]``."""
+    out = torch.zeros_like(vectors, dtype=torch.float64)
+    right = vectors.float()
+    for _, block in _blocks(features):
+        out += (block.t() @ (block @ right)).double()
+    return out / features.shape[0]
+
+
+class Whitening:
+    """``Sigma^{-1/2}`` of the features' Ledoit-Wolf second moment as an operator on ``[d, k]`` blocks:
+    ``left`` is ``W^T`` and ``right`` is ``W`` of a ``W`` with ``W W^T = Sigma^{-1}`` (``G W`` whitens the
+    users' means; ``W R`` maps directions back). Dense (a Cholesky factor) up to ``DENSE_WHITENING_LIMIT``,
+    beyond it low-rank plus flat: the top ``WHITENING_RANK`` eigenpairs sketched, the rest of the
+    spectrum at its mean, shrunk as Ledoit-Wolf shrinks (``O(d k)`` memory, ``O(N d k)`` time)."""
+
+    def __init__(self, features: Tensor, generator: torch.Generator) -> None:
+        dim = features.shape[1]
+        self.cholesky = self.vectors = None
+        if dim <= DENSE_WHITENING_LIMIT:
+            self.cholesky = torch.linalg.cholesky(ledoit_wolf(features))
+            return
+        self.vectors, values, shrink, mean, tail = _sketched_ledoit_wolf(features, WHITENING_RANK, generator)
+        self.inverse_roots = ((1 - shrink) * values + shrink * mean).rsqrt()
+        self.tail_inverse_root = ((1 - shrink) * tail + shrink * mean) ** -0.5
+
+    def right(self, vectors: Tensor) -> Tensor:
+        if self.cholesky is not None:
+            return torch.linalg.solve_triangular(self.cholesky.t(), vectors, upper=True)
+        inside = self.vectors.t() @ vectors
+        return self.vectors @ (inside * self.inverse_roots[:, None]) + self.tail_inverse_root * (
+            vectors - self.vectors @ inside)
+
+    def left(self, vectors: Tensor) -> Tensor:
+        if self.cholesky is not None:
+            return torch.linalg.solve_triangular(self.cholesky, vectors, upper=False)
+        return self.right(vectors)  # symmetric
+
+
+def _sketched_ledoit_wolf(features: Tensor, rank: int, generator: torch.Generator):
+    """(eigenvectors ``[d, k]``, eigenvalues ``[k]``, shrinkage, target, the mean of the other eigenvalues)
+    of the features' second moment, by randomized subspace iteration; the Frobenius norm that the
+    shrinkage needs is the sketched eigenvalues' plus a Hutchinson estimate of the rest."""
+    num, dim = features.shape
+    rank = min(rank, dim)
+    basis = torch.randn(dim, rank + OVERSAMPLE, generator=generator, dtype=torch.float64)
+    for _ in range(2):
+        basis, _ = torch.linalg.qr(_moment_times(features, basis))
+    small = basis.t() @ _moment_times(features, basis)
+    values, rotation = torch.linalg.eigh((small + small.t()) / 2)
+    values, vectors = values.flip(0)[:rank].clamp(min=0), (basis @ rotation).flip(1)[:, :rank]
+    probes = torch.randint(0, 2, (dim, 16), generator=generator).double() * 2 - 1
+    probes -= vectors @ (vectors.t() @ probes)
+    rest = _moment_times(features, probes)
+    rest -= vectors @ (vectors.t() @ rest)
+    frobenius = values.pow(2).sum() + rest.pow(2).sum() / probes.shape[1]
+    trace = fourth = 0.0
+    for _, block in _blocks(features):
+        squares = _squared_norms(block)
+        trace, fourth = trace + float(squares.sum()), fourth + float(squares.pow(2).sum())
+    trace, mean = trace / num, trace / num / dim
+    spread = float(frobenius) / dim - mean ** 2
+    noise = min((fourth / num - float(frobenius)) / num / dim, spread)
+    shrink = noise / spread if spread > 0 else 1.0
+    tail = max(trace - float(values.sum()), 0.0) / max(dim - rank, 1)
+    return vectors, values, shrink, mean, tail
+
+
+def _users_times(features: Tensor, users: Tensor, scale: Tensor, vectors: Tensor) -> Tensor:
+    """``G v`` for the users' scaled sums ``G = diag(scale) S X`` (``S`` sums each user's pairs), ``[C, k]``."""
+    out = torch.zeros(scale.shape[0], vectors.shape[1], dtype=torch.float64)
+    right = vectors.float()
+    for start, block in _blocks(features):
+        out.index_add_(0, users[start:start + block.shape[0]], (block @ right).double())
+    return out * scale[:, None]
+
+
+def _users_transpose_times(features: Tensor, users: Tensor, scale: Tensor, vectors: Tensor) -> Tensor:
+    """``G^T q`` for ``q`` ``[C, k]``: ``[d, k]``, without forming ``G``."""
+    out = torch.zeros(features.shape[1], vectors.shape[1], dtype=torch.float64)
+    left = (vectors * scale[:, None]).float()
+    for start, block in _blocks(features):
+        out += (block.t() @ left[users[start:start + block.shape[0]]]).double()
+    return out
+
+
+def spectral_subspace(features: Tensor, users: Tensor, num_users: int, rank: int, whiten: bool = True,
+                      seed: int = 0) -> Tensor:
     """An orthonormal ``[d, r]`` basis of the span of the users' reward directions, estimated from the
     users' mean pair vectors ``g_u``, each weighed by ``sqrt(n_u)``: the top ``r`` right singular vectors
     of ``G Sigma^{-1/2}`` mapped back by ``Sigma^{-1/2}`` (``whiten``), or of ``G`` itself.
@@ -303,22 +419,35 @@ def spectral_subspace(features: Tensor, users: Tensor, num_users: int, rank: int
     The weight: a mean of n_u pairs carries noise of variance ``1/n_u``, so unweighted, users with a
     handful of pairs fill the top singular vectors with their noise (half the users at 5 pairs, half at
     100: principal cosines to the true directions 0.07-0.23). ``sqrt(n_u) g_u`` has the same noise for
-    every user and weighs each by their evidence (0.81-0.91 there); on equal counts nothing changes."""
+    every user and weighs each by their evidence (0.81-0.91 there); on equal counts nothing changes.
+
+    Past ``EXACT_SVD_LIMIT`` users x features, by randomized SVD (``OVERSAMPLE``, ``POWER_ITERATIONS``),
+    ``G`` never formed: every step is one pass
+    over the features in float32 blocks, and what it keeps is ``[C, k]`` and ``[d, k]`` (``k = r +
+    OVERSAMPLE``) besides the whitening (``Whitening``); time ``O(N d k)``, linear in the pairs."""
     dim = features.shape[1]
     rank = min(rank, dim, num_users)
-    sums = torch.zeros(num_users, dim, dtype=torch.float64)
-    for start in range(0, features.shape[0], 8192):  # in blocks: no float64 copy of all the features
-        sums.index_add_(0, users[start:start + 8192], features[start:start + 8192].double())
-    weighted = sums / torch.bincount(users, minlength=num_users).clamp(min=1).double().sqrt()[:, None]  # sqrt(n) g
-    if whiten:
-        cholesky = torch.linalg.cholesky(ledoit_wolf(features))
-        whitened = torch.linalg.solve_triangular(cholesky, weighted.t(), upper=False).t()
-        _, _, right = torch.linalg.svd(whitened, full_matrices=False)
-        directions = torch.linalg.solve_triangular(cholesky.t(), right[:rank].t().contiguous(), upper=True)
-    else:
-        _, _, right = torch.linalg.svd(weighted, full_matrices=False)
-        directions = right[:rank].t()
-    subspace, _ = torch.linalg.qr(directions)
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.bincount(users, minlength=num_users).clamp(min=1).double().rsqrt()  # sqrt(n) g = sums / sqrt(n)
+    whitening = Whitening(features, generator) if whiten else None
+    right = whitening.right if whiten else (lambda v: v)
+    left = whitening.left if whiten else (lambda v: v)
+    if num_users * dim <= EXACT_SVD_LIMIT:
+        sums = torch.zeros(num_users, dim, dtype=torch.float64)
+        for start, block in _blocks(features):
+            sums.index_add_(0, users[start:start + block.shape[0]], block.double())
+        _, _, vectors = torch.linalg.svd(left((sums * scale[:, None]).t()).t(), full_matrices=False)  # G W
+        subspace, _ = torch.linalg.qr(right(vectors[:rank].t().contiguous()))
+        return subspace.float().contiguous()
+    width = min(rank + OVERSAMPLE, dim, num_users)
+    sketch = torch.randn(dim, width, generator=generator, dtype=torch.float64)
+    for step in range(POWER_ITERATIONS + 1):
+        users_side, _ = torch.linalg.qr(_users_times(features, users, scale, right(sketch)))
+        sketch = left(_users_transpose_times(features, users, scale, users_side))  # (G W)^T Q, [d, k]
+        if step < POWER_ITERATIONS:
+            sketch, _ = torch.linalg.qr(sketch)
+    directions, _, _ = torch.linalg.svd(sketch, full_matrices=False)  # the top right singular vectors of G W
+    subspace, _ = torch.linalg.qr(right(directions[:, :rank].contiguous()))
     return subspace.float().contiguous()
 
 
