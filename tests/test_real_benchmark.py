@@ -36,7 +36,8 @@ def test_polis_runs_on_the_data_modules_response_split_and_quick_keeps_its_conve
     monkeypatch.setitem(real.DATASETS, "polis", path)
     monkeypatch.setattr(real, "QUICK_POLIS", ("kept-topic",))
     subset = real.polis_subset(real.QUICK_POLIS, tmp_path)
-    assert [json.loads(line)["user_id"].split(":")[0] for line in subset.read_text().splitlines()] == ["kept-topic"] * 300
+    topics = [json.loads(line)["user_id"].split(":")[0] for line in subset.read_text().splitlines()]
+    assert topics == ["kept-topic"] * 300
     data = real.data_module("polis", tiny_spec(tiny_reward_model, kind="encoder"), tmp_path, quick=True, seed=0)
     assert data.split_plan.mode == "response" and data.path == subset
     responses = {role: set(data.split(role).responses.flatten().tolist())
