@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.protocol import evaluate_protocol, logits_of, shared_baseline  # noqa: E402
 from datamodules import PreferenceFileDataModule  # noqa: E402
+from datamodules.base import PreferenceData  # noqa: E402
+from datamodules.pairs import build_preference_data, drop_users_without, split_fraction  # noqa: E402
 from lore_pl.cli import quiet  # noqa: E402
 from lore_pl.core.fewshot import FewShotSettings  # noqa: E402
 from lore_pl.core.stats import paired_bootstrap, per_user_accuracy  # noqa: E402
@@ -77,6 +79,8 @@ FEATURES = {
 QUICK_FEATURES = ("minilm", "minilm_len", "minilm_chars")
 #: Polis's share of test pairs under ``split_by: response``, as in configs/data/polis.yaml
 POLIS_TEST_FRACTION = 0.3
+#: the seen-response protocol: shares of each user's pairs in train, validation and test
+SEEN_PARTS = (0.6, 0.1, 0.3)
 
 
 def embedder(features: str, mpnet: str | None) -> EmbedderSpec:
@@ -99,10 +103,50 @@ def polis_subset(conversations: tuple[str, ...], cache: Path) -> Path:
     return path
 
 
-def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: int) -> PreferenceFileDataModule:
+class SeenResponsePreferences(PreferenceFileDataModule):
+    """The seen-response protocol (Polis): each user's pairs drawn at random into train, validation and test
+    (``SEEN_PARTS``), so most test comments were judged by other voters in training: the crowd and a learned
+    per-response component can work here, never on unseen responses. With ``response_ids`` each response's
+    features get a one-hot of its id appended: a per-response score (and taste, per basis column) learned from
+    the training pairs, the collaborative component; a response no training pair holds keeps weight 0 there and
+    falls back to the encoder."""
+
+    def __init__(self, path: str, response_ids: bool = False, **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self.response_ids = response_ids
+
+    def plan_splits(self, table) -> None:
+        """No plan of ``split_by``'s: this class draws each user's pairs at random (``build``)."""
+
+    def build(self, table, embeddings, reference_head) -> PreferenceData:
+        if self.response_ids:
+            embeddings = torch.cat([embeddings, torch.eye(len(embeddings), dtype=embeddings.dtype)], dim=1)
+        users = np.asarray(table["user"], dtype=object)
+        part = np.searchsorted(np.cumsum(SEEN_PARTS[:2]), np.random.default_rng(self.seed).random(len(users)),
+                               side="right")  # 0 train, 1 validation, 2 test
+        seen = np.isin(users, split_fraction(np.unique(users).tolist(), self.seen_fraction, self.seed)[0])
+        rows = {}
+        for is_population, roles in ((seen, ("seen_train", "seen_val", "seen_test")),
+                                     (~seen, ("unseen_pool", "unseen_val", "unseen_test"))):
+            for index, role in enumerate(roles):
+                rows[role] = np.flatnonzero(is_population & (part == index))
+            drop_users_without(rows, users, roles[0], roles[2])
+            rows[roles[1]] = rows[roles[1]][np.isin(users[rows[roles[1]]], users[rows[roles[0]]])]
+        return build_preference_data(table, embeddings, reference_head, rows, self.response_lengths())
+
+
+# the embeddings do not depend on the split: the feature cache (keyed by the class's name) is the plain file's
+SeenResponsePreferences.__name__ = PreferenceFileDataModule.__name__
+
+
+def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: int,
+                protocol: str = "unseen_responses", response_ids: bool = False) -> PreferenceFileDataModule:
     settings = dict(seen_fraction=0.5, seed=seed, cache_dir=str(cache / "features"), shard_size=256, embedder=spec,
                     progress=False)
-    if name == "tulu1":
+    if protocol == "seen_responses":
+        path = polis_subset(QUICK_POLIS, cache) if quick else DATASETS["polis"]
+        data = SeenResponsePreferences(str(path), response_ids=response_ids, **settings)
+    elif name == "tulu1":
         data = PreferenceFileDataModule(str(DATASETS["tulu1"]), test_fraction=0.5, split_by="prompt", **settings)
     else:
         path = polis_subset(QUICK_POLIS, cache) if quick else DATASETS["polis"]
@@ -168,9 +212,10 @@ def emit(rows: list[dict], **row) -> None:
     rows.append(row)
 
 
-def run(name: str, features: str, args) -> list[dict]:
+def run(name: str, features: str, args, response_ids: bool = False) -> list[dict]:
     start = time.perf_counter()
-    data = data_module(name, embedder(features, args.mpnet), Path(args.cache), args.quick, args.seed)
+    data = data_module(name, embedder(features, args.mpnet), Path(args.cache), args.quick, args.seed, args.protocol,
+                       response_ids)
     embedded = time.perf_counter() - start
     module = fit_basis(data, args.seed)
     model, settings = module.model, FewShotSettings()
@@ -181,7 +226,8 @@ def run(name: str, features: str, args) -> list[dict]:
     theirs = {"k1": None, "population": None,
               "longer_wins": heuristic_accuracies(test, np.array([len(t) for t in texts], dtype=float)),
               "crowd": heuristic_accuracies(test, crowd_scores(data, len(texts)))}
-    base = {"data": name + ("_quick" if args.quick and name == "polis" else ""), "features": features, **shape(data)}
+    base = {"data": name + ("_quick" if args.quick and name == "polis" else ""), "features": features
+            + ("+response_ids" if response_ids else ""), "protocol": args.protocol, **shape(data)}
     rows: list[dict] = []
     gains = {}
     for method in ("k1", "population"):
@@ -213,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mpnet", help="all-mpnet-base-v2 as a local directory (enables the mpnet features)")
     parser.add_argument("--cache", default=str(ROOT / "cache"), help="where the feature caches are")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--protocol", choices=("unseen_responses", "seen_responses"), default="unseen_responses",
+                        help="seen_responses (Polis only): each voter's pairs drawn at random into train/val/test, "
+                             "every feature option also with a one-hot of the response id (the collaborative part)")
     parser.add_argument("--output", help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     quiet()
@@ -220,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
                                  if args.mpnet or "MPNET" not in json.dumps(FEATURES[f])]
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": args.data,
                       "features": features, "quick": args.quick}), flush=True)
-    rows = [row for name in args.data for feature in features for row in run(name, feature, args)]
+    if args.protocol == "seen_responses" and args.data != ["polis"]:
+        raise SystemExit("error: --protocol seen_responses runs on --data polis (Tulu-1's responses never recur)")
+    ids = (False, True) if args.protocol == "seen_responses" else (False,)
+    rows = [row for name in args.data for feature in features for with_ids in ids
+            for row in run(name, feature, args, with_ids)]
     if args.output:
         Path(args.output).write_text("".join(json.dumps(row) + "\n" for row in rows))
 

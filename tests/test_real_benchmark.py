@@ -46,3 +46,28 @@ def test_polis_runs_on_the_data_modules_response_split_and_quick_keeps_its_conve
     trained = responses["seen_train"] | responses["unseen_pool"] | responses.get("seen_val", set())
     assert responses["seen_test"] and responses["unseen_test"]
     assert not (responses["seen_test"] | responses["unseen_test"]) & trained
+
+
+def test_the_seen_response_protocol_draws_each_users_pairs_and_appends_response_ids(tmp_path, tiny_reward_model):
+    rng = np.random.default_rng(1)
+    comments = [f"comment {i} " + "word " * (i % 5) for i in range(20)]
+    rows = [{"user_id": f"topic:{u}", "prompt": "topic", "chosen": comments[a], "rejected": comments[b]}
+            for u in range(10) for a, b in (rng.choice(20, 2, replace=False) for _ in range(20))]
+    path = tmp_path / "votes.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = tiny_spec(tiny_reward_model, kind="encoder")
+    modules = [real.SeenResponsePreferences(str(path), response_ids=ids, cache_dir=str(tmp_path / "cache"),
+                                            shard_size=16, progress=False, embedder=spec) for ids in (False, True)]
+    for data in modules:
+        data.setup("fit")
+    plain, with_ids = modules
+    assert len(plain.feature_cache.items()) == 20 and with_ids.dim == plain.dim + 20
+    train, test = with_ids.split("seen_train"), with_ids.split("seen_test")
+    # the one-hot block of e(chosen) - e(rejected): +1 at the chosen response's id, -1 at the rejected one's
+    ids = train.features[:, plain.dim:]
+    assert bool((ids[torch.arange(len(train)), train.responses[:, 0]] == 1).all())
+    assert bool((ids[torch.arange(len(train)), train.responses[:, 1]] == -1).all()) and bool((ids.sum(1) == 0).all())
+    torch.testing.assert_close(train.features[:, :plain.dim], plain.split("seen_train").features)
+    # each user's pairs are drawn: every kept user trains and is tested, and test comments recur in training
+    assert bool((train.pairs_per_user() > 0).all()) and bool((test.pairs_per_user() > 0).all())
+    assert set(test.responses.flatten().tolist()) <= set(train.responses.flatten().tolist())
