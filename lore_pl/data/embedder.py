@@ -79,7 +79,7 @@ class EmbedderSpec:
     batch_size: int = 8
     max_tokens_per_batch: int | None = None
     pooling: Literal["mean", "max", "cls"] = "mean"
-    length_features: Literal["none", "log_tokens"] = "none"
+    length_features: Literal["none", "log_tokens", "log_chars"] = "none"
     concat: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
