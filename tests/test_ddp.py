@@ -74,12 +74,16 @@ def train(make_model, out, devices, epochs, data_kwargs=(), protocol=True, best_
     return saved["state"], saved["metrics"], results
 
 
-def assert_same_run(one, two, keys):
+def assert_same_run(one, two, keys, nll_tolerance=1e-5):
+    """``nll_tolerance``: for the last logged losses, where they may be those of a stage the MAP path then
+    discarded (its L-BFGS iterates drift with the order of the shards' sums; the kept model is compared
+    at ``TOLERANCE``)."""
     (state1, metrics1, protocol1), (state2, metrics2, protocol2) = one, two
     for key in keys:
         torch.testing.assert_close(state2[key], state1[key], **TOLERANCE)
     for key in ("train/loss", "train/acc", "val/acc", "val/acc_std", "val/nll"):
-        assert metrics2[key] == pytest.approx(metrics1[key], abs=1e-5), key
+        tolerance = nll_tolerance if key in ("train/loss", "val/nll") else 1e-5
+        assert metrics2[key] == pytest.approx(metrics1[key], abs=tolerance), key
     for key, _, _ in PROTOCOL_ROWS if protocol1 else ():
         assert protocol2[key] == pytest.approx(protocol1[key], abs=1e-5), key
     diffs = {key: float((state2[key] - state1[key]).abs().max()) for key in keys}
@@ -252,7 +256,10 @@ def test_ddp_map_estimator_equals_one_process(tmp_path):
         for name, devices in (("one", 1), ("two", 2))
     ]
     keys = ["model.basis", "model.user_logits", "model.prior_mean"]
-    assert_same_run(*runs, keys)
+    # the path's last stage (ridge 3) is worse and discarded, its val/nll is what was logged last: its
+    # iterates agree to 4e-5 nats (1e-4 relative), the kept stage's model to 1.2e-7
+    assert_same_run(*runs, keys, nll_tolerance=1e-4)
+    assert [entry["ridge"] for entry in runs[0][2]["selection"]["path"]] == [10, 3]  # the case the tolerance is for
 
 
 def test_a_gloo_process_group_is_destroyed_before_the_interpreter_finalizes(tmp_path):
