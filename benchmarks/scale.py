@@ -15,6 +15,7 @@ a line with the growth exponents (slope of log time and log RSS against log C or
     python benchmarks/scale.py --part fit           # C = 1k / 10k / 100k at d = 1024
     python benchmarks/scale.py --part dims          # d = 256 / 1024 / 4096 at C = 1k
     python benchmarks/scale.py --part fit --users 100000 --dim 256   # one case of your own
+    python benchmarks/scale.py --part fit --through data             # the data side alone: generate, check, no fit
 """
 
 from __future__ import annotations
@@ -82,7 +83,18 @@ class PhaseLog:
         setattr(owner, name, wrapper)
 
 
-def run_case(users: int, dim: int, report: Path, root: Path) -> None:
+def data_only(users: int, dim: int) -> None:
+    """The default run's data module at this size, generated and checked, and no fit."""
+    import yaml
+
+    from datamodules import SyntheticPopulationDataModule
+
+    settings = yaml.safe_load((ROOT / "configs/data/synthetic.yaml").read_text())["init_args"]
+    settings.update(num_seen_users=users, dim=dim, train_prompts_per_user=PAIRS, test_features_dir="auto")
+    SyntheticPopulationDataModule(**settings).data  # noqa: B018 - generates
+
+
+def run_case(users: int, dim: int, report: Path, root: Path, through: str = "fit") -> None:
     import torch
     from lightning.pytorch.loops.fit_loop import _FitLoop
 
@@ -117,6 +129,11 @@ def run_case(users: int, dim: int, report: Path, root: Path) -> None:
     log.timed(_FitLoop, "run", "training")
     log.timed(protocol.ProtocolEvaluation, "on_fit_end", "protocol")
     start, cpu = time.perf_counter(), time.process_time()
+    if through == "data":
+        data_only(users, dim)
+        log.facts.update(total_s=round(time.perf_counter() - start, 3), total_cpu_s=round(time.process_time() - cpu, 3))
+        log.write()
+        return
     cli.main([
         "fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"),
         f"--data.init_args.num_seen_users={users}", f"--data.init_args.dim={dim}",
@@ -136,14 +153,14 @@ def run_case(users: int, dim: int, report: Path, root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- the driver
-def case_line(part: str, users: int, dim: int, timeout: float) -> dict:
+def case_line(part: str, users: int, dim: int, timeout: float, through: str = "fit") -> dict:
     """Run one case in its own process; its line (phases, peak RSS, target, status)."""
     with tempfile.TemporaryDirectory(prefix="lore-scale-") as folder:
         report = Path(folder) / "report.json"
         run = Path(folder) / "run"  # the child's working folder: its logs and checkpoints go there
         run.mkdir()
         command = [sys.executable, str(Path(__file__).resolve()), "--case", str(users), str(dim),
-                   "--report", str(report), "--root", str(run)]
+                   "--report", str(report), "--root", str(run), "--through", through]
         start = time.perf_counter()
         load_before = os.getloadavg()[0]
         with open(Path(folder) / "output.log", "w") as output:
@@ -160,7 +177,8 @@ def case_line(part: str, users: int, dim: int, timeout: float) -> dict:
     target = 1.5 * train_bytes / GIB + 1.0
     total = found.get("total_s")
     line = {
-        "benchmark": "scale", "part": part, "users": users, "pairs_per_user": PAIRS, "d": dim, "status": status,
+        "benchmark": "scale", "part": part, "through": through, "users": users, "pairs_per_user": PAIRS, "d": dim,
+        "status": status,
         "wall_s": round(wall, 1), "fit_s": total, "fit_cpu_s": found.pop("total_cpu_s", None),
         "phases_s": {name: entry["s"] for name, entry in phases.items()},
         "phases_cpu_s": {name: entry["cpu_s"] for name, entry in phases.items()},
@@ -221,12 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, nargs="+", help="these seen-user counts instead of the part's")
     parser.add_argument("--dim", type=int, nargs="+", help="these dimensions instead of the part's")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds before a case is killed")
+    parser.add_argument("--through", choices=("fit", "data"), default="fit",
+                        help="run the whole default fit, or only generate and check its data (the data side alone)")
     parser.add_argument("--case", type=int, nargs=2, metavar=("USERS", "DIM"), help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        run_case(*args.case, args.report, args.root)
+        run_case(*args.case, args.report, args.root, args.through)
         return
     measured: dict[tuple[int, int], dict] = {}
     for part in args.part or sorted(PARTS, reverse=True):
@@ -237,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = []
         for users, dim in cases:
             if (users, dim) not in measured:  # a case in two parts (C=1k, d=1024) runs once
-                measured[users, dim] = case_line(part, users, dim, args.case_timeout)
+                measured[users, dim] = case_line(part, users, dim, args.case_timeout, args.through)
             lines.append({**measured[users, dim], "part": part})
             print(json.dumps(lines[-1]), flush=True)
         along = "users" if part == "fit" else "d"
