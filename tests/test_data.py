@@ -223,3 +223,18 @@ def test_npy_rows_are_written_and_read_in_blocks(tmp_path):
     assert not (tmp_path / "short.npy").exists() and not list(tmp_path.glob(".short*"))  # nothing half-written
     with pytest.raises(IndexError, match="out of range"):
         read_npy_rows(path, 10, 13)
+
+
+def test_duplicate_rows_are_found_per_user_as_a_brute_force_search_finds_them():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 4, generator=generator)
+    users = torch.arange(40) % 5
+    for copy, original in ((10, 0), (20, 0), (18, 7), (9, 2)):  # rows 18 and 9: for other users
+        features[copy] = features[original]
+    split = PreferenceSplit(features, users, [f"u{i}" for i in range(5)])
+    def same(a: int, b: int) -> bool:
+        return bool(users[a] == users[b]) and torch.equal(features[a], features[b])
+
+    brute = {(min(a for a in range(b) if same(a, b)), b) for b in range(40) if any(same(a, b) for a in range(b))}
+    assert {tuple(pair) for pair in split.duplicate_rows().tolist()} == brute == {(0, 10), (0, 20)}
+    assert split.duplicate_rows().shape == (2, 2)

@@ -137,16 +137,29 @@ class PreferenceSplit(Dataset):
         if len(self) < 2 or not self.features.is_floating_point():
             return torch.zeros(0, 2, dtype=torch.long)
         weights = torch.randint(1, 2**31, (self.dim,), generator=torch.Generator().manual_seed(0)) * 2 + 1
-        hashes = torch.cat([
-            (block.detach().cpu().float().contiguous().view(torch.int32).long() * weights).sum(dim=1)
-            for _, block in self.row_blocks(4096)
-        ])  # blocks bound the int64 copy
-        keys = torch.stack([self.users.cpu(), hashes], dim=1)
-        _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-        rows = torch.nonzero(counts[inverse] > 1)[:, 0]
-        rows = rows[torch.argsort(inverse[rows], stable=True)]  # each group's rows together, in row order
+        hashes = torch.empty(len(self), dtype=torch.long)
+        # two buffers reused for every block: fresh temporaries per block grew the heap by as much as the
+        # features themselves (glibc keeps freed blocks of this size in the heap after numpy's larger ones)
+        bits = torch.empty(min(len(self), 4096), self.dim, dtype=torch.float32)
+        wide = torch.empty(bits.shape, dtype=torch.long)
+        for rows, block in self.row_blocks(4096):
+            count = rows.stop - rows.start
+            bits[:count].copy_(block.detach())
+            torch.mul(bits[:count].view(torch.int32), weights, out=wide[:count])
+            torch.sum(wide[:count], dim=1, out=hashes[rows])
+        # rows grouped by (user, hash) with two stable 1-d sorts: torch.unique(dim=0) would hold a tensor
+        # object per row (about 1.6 kB each: 8 GB transient at 5M rows)
+        users = self.users.cpu()
+        order = torch.argsort(hashes, stable=True)
+        order = order[torch.argsort(users[order], stable=True)]  # by user, then hash, then row
+        by_user, by_hash = users[order], hashes[order]
+        starts = torch.ones(len(order), dtype=torch.bool)
+        starts[1:] = (by_user[1:] != by_user[:-1]) | (by_hash[1:] != by_hash[:-1])
+        group_of = torch.cumsum(starts, 0) - 1
+        shared = torch.bincount(group_of)[group_of] > 1
+        rows, groups = order[shared], group_of[shared]  # each group's rows together, in row order
         duplicates, firsts = [], {}
-        for row, group in zip(rows.tolist(), inverse[rows].tolist()):
+        for row, group in zip(rows.tolist(), groups.tolist()):
             first = firsts.setdefault(group, row)
             if first != row and torch.equal(self.features[first], self.features[row]):
                 duplicates.append((first, row))
