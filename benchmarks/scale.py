@@ -134,6 +134,7 @@ def run_case(users: int, dim: int, report: Path, root: Path, through: str = "fit
         log.facts.update(total_s=round(time.perf_counter() - start, 3), total_cpu_s=round(time.process_time() - cpu, 3))
         log.write()
         return
+    sys.argv = sys.argv[:1]  # the case's own arguments are not the CLI's
     cli.main([
         "fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"),
         f"--data.init_args.num_seen_users={users}", f"--data.init_args.dim={dim}",
