@@ -2,7 +2,8 @@
 
 Each case is ``lightning fit --config configs/experiment/synthetic.yaml`` (the default run: MAP estimator,
 K and strengths chosen on validation prompts, the protocol at the end) on the synthetic population with
-C seen users x 30 train prompts at dimension d, its test splits kept on disk (``test_features_dir: auto``).
+C seen users x 30 train prompts at dimension d, its test splits kept on disk (``test_features_dir``, in the
+case's temporary folder).
 Each case runs in its own process, so its peak RSS is its own. Printed per case: the phases' seconds
 (``data``: generation, checks and the validation hold-out; ``selection``: model selection, of which
 ``spectral`` is the spectral start; ``training``: the epochs of the full-space path with their validation;
@@ -90,7 +91,8 @@ def data_only(users: int, dim: int) -> None:
     from datamodules import SyntheticPopulationDataModule
 
     settings = yaml.safe_load((ROOT / "configs/data/synthetic.yaml").read_text())["init_args"]
-    settings.update(num_seen_users=users, dim=dim, train_prompts_per_user=PAIRS, test_features_dir="auto")
+    settings.update(num_seen_users=users, dim=dim, train_prompts_per_user=PAIRS,
+                    test_features_dir=str(Path.cwd() / "test-features"))  # the case's folder
     SyntheticPopulationDataModule(**settings).data  # noqa: B018 - generates
 
 
@@ -138,7 +140,8 @@ def run_case(users: int, dim: int, report: Path, root: Path, through: str = "fit
     cli.main([
         "fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"),
         f"--data.init_args.num_seen_users={users}", f"--data.init_args.dim={dim}",
-        f"--data.init_args.train_prompts_per_user={PAIRS}", "--data.init_args.test_features_dir=auto",
+        f"--data.init_args.train_prompts_per_user={PAIRS}",
+        f"--data.init_args.test_features_dir={root / 'test-features'}",  # in the case's folder: removed even if killed
         f"--trainer.default_root_dir={root}",
     ])
     log.facts["total_s"] = round(time.perf_counter() - start, 3)
