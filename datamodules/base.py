@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lore_pl.core import functional as LF
 from lore_pl.data.preferences import DataRequest, PreferenceSplit
 from lore_pl.errors import LoreDataError, LoreDataWarning
 
@@ -320,12 +319,9 @@ class PreferenceDataModule(LightningDataModule):
             split, batch_size, shuffle = self.split("seen_train"), self.batch_size, self.shuffle
         else:
             split, batch_size, shuffle = self.split("unseen_pool"), None, False  # few-shot: the whole pool at once
-        if request.shots is not None:
-            # drawn from the whole split on every rank alike, before sharding, so DDP trains on
-            # exactly the pairs one process would
-            split = split.subset(
-                LF.sample_shots(split.users, request.shots, torch.Generator().manual_seed(request.shot_seed))
-            )
+        # drawn from the whole split on every rank alike, before sharding, so DDP trains on exactly the
+        # pairs one process would
+        split = split.draw_shots(request.shots, request.shot_seed)
         return self._loader(split, batch_size, shuffle, shard=request.shard)
 
     def val_dataloader(self) -> DataLoader:

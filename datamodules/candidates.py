@@ -8,6 +8,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lore_pl.core.finite import all_finite
 from lore_pl.data.files import read_tensor
 from lore_pl.data.preferences import IndexBatchSampler, ShardIndex
 from lore_pl.errors import LoreDataError
@@ -20,10 +21,8 @@ class _Rows(Dataset):
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
-    def __getitem__(self, index):
-        if isinstance(index, ShardIndex):
-            index = index.rows  # this rank's candidates
-        rows = torch.arange(len(self))[index]
+    def __getitem__(self, index: ShardIndex) -> dict[str, torch.Tensor]:
+        rows = torch.arange(len(self))[index.rows]  # IndexBatchSampler yields ShardIndexes only
         return {"embeddings": self.embeddings[rows], "index": rows}
 
 
@@ -52,7 +51,7 @@ class CandidateFileDataModule(LightningDataModule):
                                 f"got shape {tuple(embeddings.shape)}")
         if not embeddings.is_floating_point():
             raise LoreDataError(f"{self.path}: candidate embeddings must be floating point, got {embeddings.dtype}")
-        bad = (~torch.isfinite(embeddings)).nonzero()
+        bad = [] if all_finite(embeddings) else (~torch.isfinite(embeddings)).nonzero()  # the mask only on failure
         if len(bad):
             row, column = (int(i) for i in bad[0])
             raise LoreDataError(f"{self.path}: {len(bad)} non-finite value(s) in the candidate embeddings, the first "

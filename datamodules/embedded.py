@@ -20,13 +20,9 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import PreferenceData, PreferenceDataModule
 from datamodules.sources import resolve
-from lore_pl.data.atomic import write_json_atomic
 from lore_pl.data.embedder import EmbedderSpec
 from lore_pl.data.feature_cache import FeatureCache
-from lore_pl.data.files import read_json
 from lore_pl.errors import LoreDataWarning
-
-TABLE = "table.json"
 
 
 class EmbeddedPreferenceDataModule(PreferenceDataModule):
@@ -139,7 +135,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
         items, table = self.read_source()
         self.plan_splits(table)  # before any embedding: an impossible split stops here
         cache.initialize(items, self.shard_size)
-        write_json_atomic(cache.directory / TABLE, table)
+        cache.write_table(table)
         if self._embedding_job():
             return  # the predict loop embeds the missing shards
         from lore_pl.data.embedder import TextEmbedder
@@ -154,7 +150,7 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
             # ran on rank 0 already
             self.prepare_data()
         embeddings, head = cache.load()
-        table = read_json(cache.directory / TABLE, "feature cache table")
+        table = cache.table()
         return self.build(table, embeddings, head)
 
     def setup(self, stage: str | None = None) -> None:
@@ -171,11 +167,15 @@ class EmbeddedPreferenceDataModule(PreferenceDataModule):
 
 
 class HubPreferenceDataModule(EmbeddedPreferenceDataModule):
-    """An embedded data set whose raw files are ``self.source``: a Hugging Face data set id, at
-    ``self.revision``, or a local copy. Subclasses set both in ``__init__`` and name the files to
-    download in ``allow_patterns``."""
+    """An embedded data set whose raw files are ``source``: a Hugging Face data set id, at ``revision``,
+    or a local copy; ``seed`` draws its split of users and pairs. Subclasses give their defaults of all
+    three and name the files to download in ``allow_patterns``."""
 
     allow_patterns: ClassVar[list[str] | None] = None  # the files to download (None: all)
+
+    def __init__(self, source: str, revision: str = "main", seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.source, self.revision, self.seed = source, revision, seed
 
     @cached_property
     def source_root(self) -> tuple[Path, str]:

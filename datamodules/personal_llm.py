@@ -68,10 +68,9 @@ class PersonalLLMDataModule(HubPreferenceDataModule):
         dirichlet_alpha: float = 0.1,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(source=source, revision=revision, seed=seed, **kwargs)
         if dirichlet_alpha <= 0 or num_seen_users < 1 or num_unseen_users < 0:
             raise ValueError("dirichlet_alpha must be positive, num_seen_users >= 1 and num_unseen_users >= 0")
-        self.source, self.revision, self.seed = source, revision, seed
         self.population = {"seen": num_seen_users, "unseen": num_unseen_users}
         self.seen_train_prompts, self.unseen_train_prompts = seen_train_prompts, unseen_train_prompts
         self.test_prompts, self.dirichlet_alpha = test_prompts, dirichlet_alpha

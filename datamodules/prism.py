@@ -74,8 +74,7 @@ class PRISMDataModule(HubPreferenceDataModule):
         train_fraction: float = 0.5,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        self.source, self.revision, self.seed = source, revision, seed
+        super().__init__(source=source, revision=revision, seed=seed, **kwargs)
         self.seen_fraction, self.min_dialogs, self.train_fraction = seen_fraction, min_dialogs, train_fraction
 
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:

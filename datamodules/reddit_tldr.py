@@ -49,8 +49,7 @@ class RedditTLDRDataModule(HubPreferenceDataModule):
         drop_fewest: int = 2,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        self.source, self.revision, self.seed = source, revision, seed
+        super().__init__(source=source, revision=revision, seed=seed, **kwargs)
         self.seen_train_cap, self.unseen_train_cap, self.drop_fewest = seen_train_cap, unseen_train_cap, drop_fewest
 
     def read_source(self) -> tuple[list[Any], dict[str, Any]]:

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lore_pl.data.files import hash_file
 from lore_pl.errors import LoreDataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -21,9 +22,7 @@ def file_digest(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(path.name.encode())
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
+        hash_file(path, digest)
     return "sha256:" + digest.hexdigest()[:32]
 
 

@@ -1,5 +1,5 @@
-"""The command line: ``lightning`` / ``lore-pl`` / ``python -m lore_pl`` ``fit|validate|test|predict``, and
-``lore-pl export hf`` (a basis as a Hugging Face checkpoint)."""
+"""The command line: ``lightning`` / ``lore-pl`` / ``python -m lore_pl`` ``fit|validate|test|predict``,
+``lore-pl export hf`` (a basis as a Hugging Face checkpoint) and ``lore-pl serve`` (the reward server)."""
 
 from __future__ import annotations
 
@@ -560,6 +560,12 @@ def main(args: list[str] | None = None) -> None:
 
         with user_errors_in_one_line():
             export_main(argv[1:])
+        return
+    if argv[:1] == ["serve"]:  # the reward server (lore_pl.serving); it needs no Lightning
+        from lore_pl.serving.server import serve
+
+        with user_errors_in_one_line():
+            serve(argv[1:])
         return
 
     try:

@@ -2,7 +2,9 @@
 
     model = PersonalRewardModel.load("lightning_logs/synthetic/version_0/basis.safetensors")
     rewards = model.score(embeddings, "seen-00001")          # [n] rewards e . V w_u
+    table = model.score_users(embeddings, ["seen-00001", "seen-00002"])  # [n, 2]: one matmul for many users
     best_first = model.rank(candidate_embeddings, "seen-00001")
+    best_ten = model.top_k(candidate_embeddings, "seen-00001", 10)  # rank(...)[:10], without sorting all
     model.personalize("new-user", chosen_embeddings, rejected_embeddings)  # K numbers, milliseconds
     i = model.next_pair("new-user", pool)                    # pool [n, 2, d]: which pair to ask next
     model.observe("new-user", pool[i], choice)               # choice 0/1: which response they preferred
@@ -30,6 +32,7 @@ from torch import Tensor
 
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import FewShotSettings, adapt_users, weight_covariance
+from lore_pl.core.finite import all_finite, non_finite_rows
 from lore_pl.core.selection import best_per_user, check_selection, posterior_precision, selection_scores
 from lore_pl.data.basis_file import BasisFile, check_basis, check_user_id, load_basis, resolve_basis_path, save_basis
 from lore_pl.data.embedder import EmbedderSpec, Item, TextEmbedder, as_messages
@@ -68,6 +71,8 @@ class PersonalRewardModel:
         self._answers: dict[str, tuple[list[Tensor], list[Tensor], FewShotSettings | None]] = {}
         #: covariances of users fitted here when the basis holds none for its own users (not saved)
         self._fitted_covariance: dict[str, Tensor] = {}
+        # every user's simplex weights [C, K], with what they were computed from (``_weights_table``)
+        self._weights_cache: tuple[tuple, Tensor, tuple] | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PersonalRewardModel:
@@ -175,8 +180,36 @@ class PersonalRewardModel:
 
     @property
     def user_weights(self) -> Tensor:
-        """Every user's weights ``[C, K]``, row by row as ``user_ids``."""
-        return self.model.user_weights()
+        """Every user's weights ``[C, K]``, row by row as ``user_ids`` (a copy)."""
+        return self._weights_table().clone()
+
+    def _weights_table(self) -> Tensor:
+        """Every user's simplex weights ``[C, K]``, computed once (a softmax of all users' logits) and again
+        only when the logits or the active columns change: replaced (a user added), changed in place
+        (a user refitted: tensors count their in-place changes in ``_version``) or pruned; so
+        ``weights(user)`` and ``score`` cost O(1) in the number of users. Not differentiable: V and the
+        users are frozen here."""
+        model = self.model
+        sources = (model.user_logits, model.active_columns)  # held by the cache: their ids stay theirs
+        key = (*(None if tensor is None else (id(tensor), tensor._version) for tensor in sources),
+               model.num_users, model.rank)
+        if self._weights_cache is None or self._weights_cache[0] != key:
+            with torch.no_grad():
+                self._weights_cache = (key, model.user_weights().detach(), sources)
+        return self._weights_cache[1]
+
+    def _rows(self, users: object, caller: str) -> list[int]:
+        """The model's rows of ``users`` (a list of user ids); a ``LoreDataError`` naming ``caller``'s argument
+        for a list that is not one of strings, a ``KeyError`` for an unknown user (as ``weights``)."""
+        if isinstance(users, (str, bytes)) or not isinstance(users, Sequence):
+            raise LoreDataError(f"{caller}: argument 'users' must be a list of user ids, got {users!r:.60}")
+        rows = []
+        for number, user in enumerate(users):
+            check_user_id(user, f"{caller}: argument 'users[{number}]'")
+            if user not in self._row:
+                raise KeyError(f"unknown user {user!r}: not among the {len(self.user_ids)} users of this model")
+            rows.append(self._row[user])
+        return rows
 
     @property
     def basis_rank(self) -> int:
@@ -197,37 +230,88 @@ class PersonalRewardModel:
         return values
 
     def weights(self, user: str) -> Tensor:
+        """The user's simplex weights ``[K]`` (a copy)."""
         self._user(user, "weights")
         if user not in self._row:
             raise KeyError(f"unknown user {user!r}: not among the {len(self.user_ids)} users of this model")
-        return self.user_weights[self._row[user]]
+        return self._weights_table()[self._row[user]].clone()
 
     def head(self, user: str) -> Tensor:
         """The user's personal reward direction ``V w_u`` ``[d]``."""
-        return self.basis @ self.weights(user)
+        return self.basis.detach() @ self.weights(user)
 
-    def _embeddings(self, embeddings: Tensor, what: str = "embeddings") -> Tensor:
+    def heads(self, users: Sequence[str]) -> Tensor:
+        """The users' reward directions ``V w_u`` as the columns of ``[d, len(users)]``."""
+        return self._heads(self._rows(users, "heads"))
+
+    def _heads(self, rows: list[int]) -> Tensor:
+        return self.basis.detach() @ self._weights_table()[rows].t()
+
+    def _embeddings(self, embeddings: Tensor, what: str = "embeddings", check_finite: bool = True) -> Tensor:
+        """``embeddings`` as float32 ``[n, d]``; NaN or Inf is refused (``_refuse_non_finite``) unless the
+        caller checks its product instead (``check_finite=False``, ``_rewards``)."""
         embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
         if embeddings.ndim == 1:
             embeddings = embeddings[None]
         if embeddings.shape[-1] != self.basis.shape[0]:
             raise ValueError(f"embeddings have d={embeddings.shape[-1]}, the basis has d={self.basis.shape[0]}")
-        bad = (~torch.isfinite(embeddings)).nonzero()
-        if len(bad):
-            raise ValueError(f"{what}: {len(bad)} non-finite value(s) in the embeddings, the first at row "
-                             f"{int(bad[0][0])}; nothing was scored or stored")
+        if check_finite and not all_finite(embeddings):
+            self._refuse_non_finite(embeddings, what)
         return embeddings
+
+    @staticmethod
+    def _refuse_non_finite(embeddings: Tensor, what: str) -> None:
+        """A ``ValueError`` naming the rows of ``embeddings`` ``[n, d]`` that hold NaN or Inf, if any."""
+        rows = non_finite_rows(embeddings)
+        if rows.numel() == 0:
+            return
+        count = int((~torch.isfinite(embeddings[rows])).sum())
+        shown = ", ".join(str(row) for row in rows[:10].tolist()) + (", ..." if rows.numel() > 10 else "")
+        raise ValueError(f"{what}: {count} non-finite value(s) in the embeddings, the first at row {int(rows[0])} "
+                         f"({rows.numel()} row(s): {shown}); nothing was scored or stored")
+
+    def _rewards(self, embeddings: Tensor, heads: Tensor, caller: str) -> Tensor:
+        """``embeddings @ heads``, refusing embeddings with NaN or Inf (``_refuse_non_finite``) and rewards that
+        overflow float32 (``_finite``).
+
+        The product is checked rather than its input, so the embeddings are read once: a NaN or Inf
+        entry makes its row's rewards NaN or Inf whatever it is multiplied by (NaN * 0 and Inf * 0 are
+        NaN). Only a kernel that skips a zero multiplier could drop one, so heads holding an exact zero
+        have the embeddings checked as well. The rows are found only when something is not finite.
+        """
+        rewards = embeddings @ heads
+        if all_finite(rewards) and (bool(heads.ne(0).all()) or all_finite(embeddings)):
+            return rewards
+        self._refuse_non_finite(embeddings, "embeddings")
+        return self._finite(rewards, caller, "rewards")  # finite embeddings: the rewards overflowed
 
     def score(self, embeddings: Tensor, user: str) -> Tensor:
         """Rewards ``e . V w_u`` of responses ``[n, d]`` (or one ``[d]``) for ``user``: ``[n]``; rewards
         that overflow float32 are refused."""
         self._user(user, "score")
-        return self._finite(self._embeddings(embeddings) @ self.head(user), f"score({user!r})", "rewards")
+        embeddings = self._embeddings(embeddings, check_finite=False)  # ``_rewards`` checks the product
+        return self._rewards(embeddings, self.head(user), f"score({user!r})")
+
+    def score_users(self, embeddings: Tensor, users: Sequence[str]) -> Tensor:
+        """Rewards ``[n, len(users)]`` of responses ``[n, d]`` (or one ``[d]``) for each of ``users`` (a list of
+        user ids), as one matrix product: column j is ``score(embeddings, users[j])``."""
+        rows = self._rows(users, "score_users")
+        embeddings = self._embeddings(embeddings, check_finite=False)  # ``_rewards`` checks the product
+        return self._rewards(embeddings, self._heads(rows), f"score_users({len(rows)} users)")
 
     def rank(self, candidates: Tensor, user: str) -> Tensor:
-        """Indices of ``candidates`` ``[n, d]`` from the user's best to worst (personalized best-of-n)."""
+        """Indices of ``candidates`` ``[n, d]`` from the user's best to worst (personalized best-of-n); equal
+        rewards keep the candidates' order."""
         self._user(user, "rank")
-        return torch.argsort(self.score(candidates, user), descending=True, stable=True)
+        return best_first(self.score(candidates, user))
+
+    def top_k(self, candidates: Tensor, user: str, k: int) -> Tensor:
+        """``rank(candidates, user)[:k]``: the indices of the user's k best candidates, best first, found with
+        ``topk`` instead of sorting all of them (all n where ``k >= n``)."""
+        self._user(user, "top_k")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise LoreDataError(f"top_k({user!r}): argument 'k' must be a whole number >= 0, got {k!r:.40}")
+        return best_first(self.score(candidates, user), k)
 
     def preference_probability(self, chosen: Tensor, rejected: Tensor, user: str) -> Tensor:
         """``P(user prefers chosen)`` = ``sigmoid((e_c - e_r) . V w_u / tau)``, per pair."""
@@ -244,7 +328,7 @@ class PersonalRewardModel:
     def rank_text(self, prompt: Prompt, responses: str | Sequence[str], user: str) -> Tensor:
         """Indices of ``responses`` from the user's best to worst (personalized best-of-n on text)."""
         self._user(user, "rank_text")
-        return torch.argsort(self.score_text(prompt, responses, user), descending=True, stable=True)
+        return best_first(self.score_text(prompt, responses, user))
 
     def preference_probability_text(self, prompt: Prompt, chosen: str | Sequence[str], rejected: str | Sequence[str],
                                     user: str) -> Tensor:
@@ -352,6 +436,7 @@ class PersonalRewardModel:
 
     def _set_user(self, user: str, logits: Tensor, covariance: Tensor | None) -> None:
         model = self.model
+        self._weights_cache = None  # the cache would see the change too (its key); this says so here
         known = self.model.weight_covariance is not None
         if covariance is not None and not known and model.num_users > 0:
             self._fitted_covariance[user] = covariance  # the basis keeps no table of them to join
@@ -368,6 +453,23 @@ class PersonalRewardModel:
             model.user_logits[self._row[user]] = logits
             if covariance is not None and known:
                 model.weight_covariance[self._row[user]] = covariance
+
+    def forget(self, user: str) -> None:
+        """Remove ``user`` and all this model knows of them (weights, covariance, observed answers); a
+        ``KeyError`` for a user it does not know. Later users move up a row; the basis is untouched."""
+        self._user(user, "forget")
+        self.weights(user)  # unknown users raise
+        model, row = self.model, self._row[user]
+        keep = [i for i in range(model.num_users) if i != row]
+        if model.user_logits is not None:
+            model.user_logits = model.user_logits[keep]
+        if model.weight_covariance is not None:
+            model.weight_covariance = model.weight_covariance[keep]
+        model.user_ids.pop(row)
+        model.num_users -= 1
+        self._row = {name: i for i, name in enumerate(model.user_ids)}
+        self._answers.pop(user, None)
+        self._fitted_covariance.pop(user, None)
 
     # -------------------------------------------------------------------- asking a user, one pair at a time
     def _pool(self, pool: Tensor, caller: str, user: str) -> Tensor:
@@ -405,7 +507,7 @@ class PersonalRewardModel:
         else:  # a new user: the population prior (uniform weights for a basis without users)
             logits = prior if prior is not None else self.basis.new_zeros(rank)
         precision = posterior_precision(fit_precision, model.prior_precision, rank,
-                                        model.user_weights() if model.num_users else None, prior)
+                                        self._weights_table() if model.num_users else None, prior)
         projected = self.basis.new_zeros(0, rank)
         if answers is not None:
             projected = LF.project(torch.stack(answers[0]) - torch.stack(answers[1]), self.basis)
@@ -471,6 +573,21 @@ class PersonalRewardModel:
             return None
         chosen, rejected, _ = self._answers[user]
         return torch.stack(chosen), torch.stack(rejected)
+
+
+def best_first(scores: Tensor, k: int | None = None) -> Tensor:
+    """Indices of the ``k`` highest ``scores`` ``[n]`` (all where ``k`` is None or ``>= n``), highest first;
+    equal scores in index order, so the first k of the full order and the k found by ``topk`` agree."""
+    count = scores.shape[0]
+    if k is None or k >= count:
+        return torch.argsort(scores, descending=True, stable=True)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    threshold = scores.topk(k).values[-1]
+    above = torch.nonzero(scores > threshold)[:, 0]
+    tied = torch.nonzero(scores == threshold)[:, 0][: k - above.numel()]  # the lowest indices among the ties
+    chosen = torch.cat([above, tied]).sort().values
+    return chosen[torch.argsort(scores[chosen], descending=True, stable=True)]
 
 
 def excluded_positions(exclude: Iterable[int] | None, count: int, where: str) -> list[int]:

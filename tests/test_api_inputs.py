@@ -152,3 +152,33 @@ def test_personalizing_on_a_one_column_basis_says_why_nothing_changes():
     assert weights.tolist() == [1.0]
     # its uncertainty holds: the weights are known exactly, so the rewards' std is 0
     assert torch.equal(one.score_std(torch.randn(4, DIM), "new"), torch.zeros(4))
+
+
+BAD_USER_LISTS = [("a", r"argument 'users' must be a list of user ids, got 'a'"),
+                  (None, r"argument 'users' must be a list of user ids, got None"),
+                  (["a", 7], r"argument 'users\[1\]' must be a non-empty string"),
+                  (["a", " "], r"argument 'users\[1\]' must be a non-empty string")]
+
+
+@pytest.mark.parametrize(("users", "message"), BAD_USER_LISTS, ids=[repr(case[0]) for case in BAD_USER_LISTS])
+def test_score_users_and_heads_hold_a_list_of_user_ids(model, users, message):
+    before = state(model)
+    for name, call in {"score_users": lambda: model.score_users(torch.randn(3, DIM), users),
+                       "heads": lambda: model.heads(users)}.items():
+        with pytest.raises(LoreDataError, match=rf"^{name}: {message}"):
+            call()
+    with pytest.raises(KeyError, match="unknown user 'zed'"):
+        model.score_users(torch.randn(3, DIM), ["a", "zed"])
+    after = state(model)
+    assert after[0] == before[0] and torch.equal(after[1], before[1])
+
+
+def test_score_users_refuses_rewards_that_overflow_float32(model):
+    with pytest.raises(LoreDataError, match=r"score_users\(2 users\): 4 of the rewards overflow float32"):
+        model.score_users(torch.full((2, DIM), 3e38), ["a", "b"])
+
+
+def test_top_k_holds_a_whole_number(model):
+    for k in (-1, 1.5, True, "2"):
+        with pytest.raises(LoreDataError, match=r"^top_k\('a'\): argument 'k' must be a whole number >= 0"):
+            model.top_k(torch.randn(3, DIM), "a", k)

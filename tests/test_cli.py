@@ -11,14 +11,13 @@ import torch
 from helpers import ROOT, TINY_DATA, run_dir
 from lore_pl import BasisModule, LoreDataError, load_basis
 from lore_pl.cli import build_cli
-
-QUIET: list[str] = []  # the configs print one line per EpochSummary interval, no progress bar
+from lore_pl.core.stats import mean_std_over_users, per_user_accuracy
 
 
 @pytest.mark.slow
 def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs without a logger save their config.yaml in the working directory
-    args = ["fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA, *QUIET,
+    args = ["fit", "--config", str(ROOT / "configs/experiment/synthetic.yaml"), *TINY_DATA,
             "--trainer.max_epochs=30", "--trainer.check_val_every_n_epoch=10",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--trainer.default_root_dir={tmp_path}",
             "--model.init_args.rank=3"]
@@ -58,7 +57,7 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
 
     # phase 2 alone from the exported basis, and from the checkpoint
     for basis_path in (out / "basis.safetensors", out / "checkpoints" / "last.ckpt"):
-        build_cli(["fit", "--config", str(ROOT / "configs/experiment/fewshot.yaml"), *TINY_DATA, *QUIET,
+        build_cli(["fit", "--config", str(ROOT / "configs/experiment/fewshot.yaml"), *TINY_DATA,
                    f"--model.init_args.basis_path={basis_path}", "--trainer.max_epochs=20",
                    "--trainer.check_val_every_n_epoch=20",
                    f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
@@ -94,21 +93,31 @@ def test_synthetic_protocol_end_to_end(tmp_path, capsys, monkeypatch):
         column = torch.tensor([float(row.split(",")[3]) for row in rows[1:]])
         torch.testing.assert_close(column, reference.score(candidates, user), rtol=1e-5, atol=1e-5)
 
-    # validate / test / predict on the trained basis
+    # validate / test / predict on the trained basis: each runs on the checkpoint and they agree
     ckpt = str(out / "checkpoints" / "last.ckpt")
+    trainers = {}
     for subcommand in ("validate", "test", "predict"):
-        build_cli(
+        trainers[subcommand] = build_cli(
             [
                 subcommand,
                 "--config",
                 str(ROOT / "configs/experiment/synthetic.yaml"),
                 *TINY_DATA,
-                *QUIET,
                 f"--ckpt_path={ckpt}",
                 f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
                 "--model.init_args.rank=3",
             ]
-        )
+        ).trainer
+    assert trainers["validate"].callback_metrics["val/acc"] >= 0.9  # the seen users' held-out prompts
+    test_acc = float(trainers["test"].callback_metrics["test/acc"])
+    assert test_acc == pytest.approx(results["seen/test_acc"], abs=0.02)  # the protocol's, up to pruning
+    # predict yields the logits of the seen users' test pairs: the same accuracy as `test`
+    batches = trainers["predict"].predict_loop.predictions
+    logits, users = (torch.cat([batch[key] for batch in batches]) for key in ("logits", "users"))
+    test_split = trainers["test"].datamodule.split("seen_test")
+    assert torch.equal(users, test_split.users)
+    per_user = per_user_accuracy(logits, users, test_split.num_users)
+    assert mean_std_over_users(per_user)[0] == pytest.approx(test_acc, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -130,7 +139,6 @@ def test_console_commands_are_installed_and_run(tmp_path):
             "--config",
             str(ROOT / "configs/experiment/synthetic.yaml"),
             *TINY_DATA,
-            *QUIET,
             "--trainer.max_epochs=5",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         ],

@@ -1,9 +1,13 @@
+import hashlib
+
 import pytest
 import torch
 
 from callbacks.protocol import accuracy
 from datamodules import SyntheticPopulationDataModule
+from datamodules.sources import file_digest
 from helpers import TINY
+from lore_pl.data.feature_cache import file_sha256
 from lore_pl.data.preferences import PreferenceSplit
 
 
@@ -238,3 +242,27 @@ def test_duplicate_rows_are_found_per_user_as_a_brute_force_search_finds_them():
     brute = {(min(a for a in range(b) if same(a, b)), b) for b in range(40) if any(same(a, b) for a in range(b))}
     assert {tuple(pair) for pair in split.duplicate_rows().tolist()} == brute == {(0, 10), (0, 20)}
     assert split.duplicate_rows().shape == (2, 2)
+def test_file_hashes_read_every_block(tmp_path):
+    data = torch.randint(256, (3 << 19,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    big = tmp_path / "b.bin"  # 1.5 MiB: more than one read block
+    big.write_bytes(data.numpy().tobytes())
+    small = tmp_path / "a.bin"
+    small.write_bytes(b"abc")
+    assert file_sha256(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    expected = hashlib.sha256(b"a.bin" + b"abc" + b"b.bin" + big.read_bytes()).hexdigest()[:32]
+    assert file_digest([big, small]) == "sha256:" + expected  # names and bytes, in sorted order
+
+
+def test_draw_shots_keeps_at_most_shots_per_user_and_is_seeded():
+    users = torch.tensor([0, 0, 0, 0, 1, 1, 2, 0, 1, 1])
+    split = PreferenceSplit(torch.arange(20.0).reshape(10, 2), users, ["a", "b", "c"], name="pool")
+    assert split.draw_shots(None, 0) is split  # null: every pair
+    drawn = split.draw_shots(2, seed=3, name="shots")
+    assert drawn.name == "shots" and drawn.user_ids == split.user_ids
+    assert torch.bincount(drawn.users, minlength=3).tolist() == [2, 2, 1]  # user 2 has one pair: kept
+    rows = (drawn.features[:, 0] / 2).long()  # each feature row names its pair
+    assert torch.equal(split.users[rows], drawn.users) and torch.equal(rows, rows.sort().values)
+    assert torch.equal(split.draw_shots(2, seed=3).features, drawn.features)
+    seeds = {tuple(split.draw_shots(2, seed=s).features[:, 0].tolist()) for s in range(10)}
+    assert len(seeds) > 1  # the seed decides which pairs
+

@@ -36,8 +36,11 @@ def test_rank_auto_finds_the_planted_rank_and_no_personalization_where_there_is_
     assert {entry["rank"] for entry in planted.selection["curve"]} == set(QUICK.ranks)
 
 
-def test_the_ridge_path_keeps_the_best_validated_stage():
+def test_the_ridge_path_keeps_the_best_validated_stage(capsys):
     model, data = fitted(3)
+    # selection's time is printed with the rest of the fit's progress, and kept
+    assert model.selection["seconds"] > 0 and model.selection["notes"] == []
+    assert f"{len(model.selection['curve'])} fits in " in capsys.readouterr().out
     path = model.selection["path"]
     kept = min(path, key=lambda stage: stage["val_nll"])
     assert model.selection["ridge"] == kept["ridge"] and len(path) >= 2
@@ -219,3 +222,154 @@ def test_a_forced_rank_that_ends_up_one_shared_direction_says_so():
     with pytest.warns(LoreDataWarning, match=r"rank K=3 \(forced\) .*(kept 1 column|is the same)"):
         model, _ = fitted(1, rank=3)
     assert int(model.model.active_columns.sum()) == 1 or model.model.head_spread() < 1e-3
+
+
+# ------------------------------------------------------------------ selection's fast path (issue 22)
+def _projected_problem(seed: int = 0, rank: int = 3, users: int = 12, pairs: int = 40):
+    generator = torch.Generator().manual_seed(seed)
+    projected = torch.randn(pairs, 6, generator=generator, dtype=torch.float64)
+    users_of = torch.randint(0, users, (pairs,), generator=generator)
+    state = E.random_state(6, rank, users, generator)
+    if state.mean is not None:
+        state.mean.normal_(generator=generator)
+    return projected, users_of, users, state
+
+
+@pytest.mark.parametrize("rank, strengths", [(1, E.Strengths(2.0, 1.0, 0.0)), (3, E.Strengths(0.5, 1.0, 2.0)),
+                                             (3, E.Strengths(0.5, 10.0, 0.3))])
+def test_the_projected_objective_and_its_gradient_by_hand_are_map_loss_and_autograd(rank, strengths):
+    from lore_pl.core.projected_fit import UserPairs, map_objective
+
+    projected, users, num_users, state = _projected_problem(rank=rank)
+    pairs = UserPairs.from_flat(projected, users, num_users)
+    loss, *grads = map_objective(pairs, state.basis, state.logits, state.mean, strengths.ridge,
+                                 strengths.deviation_ratio, strengths.prior)
+    parameters = [None if t is None else t.clone().requires_grad_() for t in (state.basis, state.logits, state.mean)]
+    expected, _, _ = E.map_loss(projected, users, num_users, E.MapState(*parameters), strengths)
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-12)
+    for grad, parameter in zip(grads, parameters):
+        if parameter is None:
+            assert grad is None
+        else:
+            torch.testing.assert_close(grad, parameter.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_fit_projected_follows_fit_map():
+    from lore_pl.core.projected_fit import UserPairs
+
+    projected, users, num_users, state = _projected_problem(seed=1)
+    strengths = E.Strengths(1.0, 10.0, 1.0)
+    slow = E.fit_map(projected, users, num_users, state, strengths, 15)
+    fast = E.fit_projected(UserPairs.from_flat(projected, users, num_users), state, strengths, 15)
+    for a, b in zip((slow.basis, slow.logits, slow.mean), (fast.basis, fast.logits, fast.mean)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    assert not torch.equal(fast.basis, state.basis)  # it moved, and the start is untouched
+
+
+def test_the_fast_selection_chooses_the_reference_evaluations_candidate():
+    data = SyntheticPopulationDataModule(**PLANTED, num_directions=3, seed=0)
+    data.setup("fit")
+    train, val = data.split("seen_train"), data.split("seen_val")
+    settings = E.MapSettings(ranks=(1, 2, 3, 5), subspace=8, projected_iterations=60)
+    chosen = []
+    for fast in (True, False):
+        selection = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings,
+                                   fast=fast)
+        chosen.append((selection.best, [(c.rank, c.strengths) for c in selection.curve]))
+    (fast_best, fast_curve), (slow_best, slow_curve) = chosen
+    assert fast_curve == slow_curve  # the same candidates tried, in the same order
+    assert (fast_best.rank, fast_best.strengths) == (slow_best.rank, slow_best.strengths) and fast_best.rank == 3
+    assert fast_best.val_nll == pytest.approx(slow_best.val_nll, abs=1e-5)
+
+
+def _candidate(nll: list[float], ridge: float) -> E.Candidate:
+    pair_nll = torch.tensor(nll, dtype=torch.float64)
+    state = E.MapState(torch.zeros(2, 2), torch.zeros(3, 2), torch.zeros(2))
+    return E.Candidate(2, E.Strengths(ridge, 1.0, 1.0), float(pair_nll.mean()), 0.5, state, pair_nll)
+
+
+def test_the_strength_grid_moves_only_for_a_clear_win():
+    settings = E.MapSettings(ridges=(1.0, 0.1), deviation_ratios=(1.0,), priors=(1.0,))
+    chosen = _candidate([0.5, 0.6, 0.7, 0.8], ridge=10.0)
+    tried = []
+
+    def fit(rank, strengths, start, nll):
+        tried.append(strengths)
+        return _candidate(nll, strengths.ridge)
+
+    noise = [0.5 - 1e-6, 0.6 + 2e-6, 0.7 - 1e-6, 0.8 - 1e-6]  # lower mean, but within its standard error
+    assert E._strength_grid(chosen, settings, lambda *a: fit(*a, noise)) is chosen
+    clear = [0.4, 0.5, 0.6, 0.7]
+    best = E._strength_grid(chosen, settings, lambda *a: fit(*a, clear))
+    assert best.strengths.ridge == pytest.approx(1.0) and tried[-1].ridge == pytest.approx(1.0)
+
+
+def test_threads_for_runs_small_loops_on_one_thread_and_restores_the_count():
+    from lore_pl.core.threads import SMALL_OPS, small_ops, threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads_for(SMALL_OPS - 1) as count:
+            assert count == 1 == torch.get_num_threads()
+        assert torch.get_num_threads() == 2
+        with threads_for(SMALL_OPS) as count:
+            assert count == 2 == torch.get_num_threads()
+        with pytest.raises(RuntimeError, match="inside"), threads_for(10):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        assert small_ops(10) and not small_ops(10, "meta") and not small_ops(SMALL_OPS)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_many_users_are_selected_on_a_sample_and_the_choice_is_refitted_on_every_user():
+    data = SyntheticPopulationDataModule(**PLANTED, num_directions=3, seed=0)
+    data.setup("fit")
+    train, val = data.split("seen_train"), data.split("seen_val")
+    settings = E.MapSettings(ranks=(1, 2, 3, 5), subspace=8, projected_iterations=60, selection_users=80)
+    selection = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings)
+    best = selection.best
+    assert best.rank == 3 and best.state.logits.shape == (train.num_users, 3)
+    assert len(selection.notes) == 1 and "chosen on 80 of 150 users" in selection.notes[0]
+    # the reported scores are the refitted model's on the whole validation split
+    nll, accuracy = E.evaluate(val.features, val.users, train.num_users, best.state)
+    assert best.val_nll == pytest.approx(nll, abs=1e-4) and best.val_acc == pytest.approx(accuracy, abs=1e-3)
+    assert best.pair_nll.numel() == val.users.numel()
+    assert E.sampled_users(150, 80, 0).tolist() == sorted(set(E.sampled_users(150, 80, 0).tolist()))
+    with pytest.raises(ValueError, match="selection_users"):
+        E.MapSettings(selection_users=1)
+
+
+def test_minimize_lbfgs_takes_torchs_lbfgs_steps_past_a_full_history():
+    from lore_pl.core.projected_fit import minimize_lbfgs
+
+    generator = torch.Generator().manual_seed(2)
+    matrix = torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    target = torch.randn(12, generator=generator, dtype=torch.float64)
+
+    def loss_of(x):  # smooth, not quadratic: the line search has work to do
+        return (matrix @ x - target).pow(2).sum() + torch.nn.functional.softplus(x).pow(3).sum()
+
+    def objective(x):
+        x = x.clone().requires_grad_()
+        loss = loss_of(x)
+        loss.backward()
+        return float(loss), x.grad
+
+    start = torch.zeros(12, dtype=torch.float64)
+    ours = minimize_lbfgs(objective, start, 25, history_size=4)
+    x = start.clone().requires_grad_()
+    optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=25, history_size=4, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of(x)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    torch.testing.assert_close(ours, x.detach(), rtol=1e-7, atol=1e-9)
+    assert float(loss_of(ours)) < float(loss_of(start)) and torch.equal(start, torch.zeros(12, dtype=torch.float64))

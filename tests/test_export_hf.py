@@ -103,6 +103,34 @@ def test_user_heads_reproduce_every_users_reward(run_dir, tmp_path, tiny_reward_
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()), "the temporary directory was left"
 
 
+@pytest.mark.parametrize("weights", ["copy", "link"])
+def test_one_users_export_has_one_output_their_reward(weights, run_dir, tmp_path, tiny_reward_model, one_thread,
+                                                      capsys):
+    # what OpenRLHF's and verl's reward-model workers load: one logit, here user "ü ser/1"'s reward
+    user = USERS[1]
+    out = tmp_path / "hf"
+    cli_main(["export", "hf", "--run", str(run_dir), "--out", str(out), "--user", user, "--weights", weights])
+    assert f"one output: user {user!r}" in capsys.readouterr().out
+    logits, config = hf_logits(out, ITEMS)
+    reward_model = PersonalRewardModel.from_run(run_dir)
+    expected = reward_model.score_text(ITEMS[0][0], [response for _, response in ITEMS], user)
+    assert logits.shape == (2, 1) and config.num_labels == 1 and config.id2label == {0: user}
+    torch.testing.assert_close(logits[:, 0], expected, atol=1e-5, rtol=0)
+    other = reward_model.score_text(ITEMS[0][0], [response for _, response in ITEMS], USERS[0])
+    assert (expected - other).abs().max() > 1e-3, "the users' rewards should differ for the test to tell them apart"
+    assert config.lore_pl["heads"] == "user" and config.lore_pl["user"] == user
+    assert not (out / USER_WEIGHTS_FILE).exists()
+
+
+def test_one_users_export_refuses_an_unknown_user_and_basis_heads(run_dir, tmp_path, capsys):
+    message = refused(["--run", str(run_dir), "--out", str(tmp_path / "hf"), "--user", "rater-9"], capsys)
+    assert "--user 'rater-9' is not among the 4 users of the basis" in message and "basis.safetensors" in message
+    message = refused(["--run", str(run_dir), "--out", str(tmp_path / "hf"), "--user", USERS[0], "--heads", "basis"],
+                      capsys)
+    assert "--user ID writes that user's one output; --heads basis writes the basis columns" in message
+    assert not (tmp_path / "hf").exists()
+
+
 def test_basis_heads_with_linked_weights_reproduce(tmp_path, tiny_reward_model, one_thread):
     from transformers import AutoModelForSequenceClassification
 

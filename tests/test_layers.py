@@ -12,14 +12,16 @@ LAYERS = {
     "lore_pl.data": 2,
     "lore_pl.modules": 3,
     "lore_pl.inference": 3,
+    "lore_pl.rlhf": 3,
     "datamodules": 4,
     "callbacks": 4,
     "lore_pl.experiments": 5,
     "lore_pl.cli": 5,
+    "lore_pl.serving": 5,
     "lore_pl.__main__": 5,
 }
 #: the parts that must run without Lightning (pure math, containers and files, the inference API)
-WITHOUT_LIGHTNING = ("lore_pl.core", "lore_pl.data", "lore_pl.inference", "lore_pl.errors")
+WITHOUT_LIGHTNING = ("lore_pl.core", "lore_pl.data", "lore_pl.inference", "lore_pl.rlhf", "lore_pl.errors")
 PACKAGES = ("lore_pl", "datamodules", "callbacks")
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lore_pl.core.functional import (
+    check_shots,
     initial_user_logits,
     preference_loss,
     projected_logits,
@@ -24,7 +25,8 @@ from lore_pl.core.functional import (
     sample_shots,
     simplex_weights,
 )
-from lore_pl.errors import LoreDataError
+from lore_pl.core.stats import mean_over_users, per_user_accuracy
+from lore_pl.core.threads import threads_for
 
 WeightInit = Literal["randn", "zeros", "population"]
 
@@ -55,10 +57,7 @@ class FewShotSettings:
     prior_strength: float | None = None
 
     def __post_init__(self) -> None:
-        if self.shots is not None and self.shots <= 0:
-            raise LoreDataError(
-                f"shots must be a positive number of pairs per user (or null for all), got {self.shots}"
-            )
+        check_shots(self.shots)
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -122,7 +121,6 @@ def _strength(prior_strength: float | Tensor | None, logits: Tensor, prior_logit
     return strength
 
 
-SMALL_PROBLEM = 1 << 21  # padded elements under which a few-shot fit runs on one CPU thread
 
 
 @dataclass
@@ -216,20 +214,14 @@ def fit_user_weights(
     pairs = PaddedPairs.from_flat(projected.detach().to(logits.dtype), users, logits.shape[0])
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     first, second = torch.zeros_like(logits), torch.zeros_like(logits)
-    # Small CPU problems run several times faster on one thread: each step is a handful of
-    # microsecond-sized ops, and waking a second thread costs more than it saves (measured 3.7x).
-    threads = torch.get_num_threads()
-    if pairs.projected.device.type == "cpu" and pairs.projected.numel() < SMALL_PROBLEM:
-        torch.set_num_threads(1)
-    try:
+    # Small CPU problems run several times faster on one thread (lore_pl/core/threads.py; measured 3.7x here)
+    with threads_for(pairs.projected.numel(), pairs.projected.device):
         for step in range(1, steps + 1):
             _, grad = _loss_and_grad(pairs, logits, tau, prior_logits, prior_strength, with_loss=False)
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             logits.addcdiv_(first, denom, value=-lr / (1 - beta1**step))
-    finally:
-        torch.set_num_threads(threads)
     return logits
 
 
@@ -315,9 +307,7 @@ def choose_prior(
     for label, precision in candidates:
         logits = adapt_users(projected, users, num_users, start, tau, prior_logits, prior_precision=precision)
         margin = (projected_val * torch.softmax(logits, dim=-1)[val_users]).sum(-1)
-        correct = torch.bincount(val_users[margin > 0], minlength=num_users).double()
-        total = torch.bincount(val_users, minlength=num_users).double()
-        accuracy = float((correct[total > 0] / total[total > 0]).mean())
+        accuracy = float(mean_over_users(per_user_accuracy(margin, val_users, num_users)))
         curve.append((label, accuracy))
         if best is None or accuracy > best[0] + 1e-12:
             best = (accuracy, label, precision)
@@ -354,12 +344,7 @@ def per_fit_accuracy(projected_test: Tensor, test_users: Tensor, weights: Tensor
     Users without test pairs are left out, as in ``PerUserAccuracy``.
     """
     logits = torch.einsum("nk,fnk->fn", projected_test, weights[:, test_users]) / tau
-    num_fits, num_users = weights.shape[:2]
-    correct = torch.zeros(num_fits, num_users, dtype=torch.float64, device=logits.device)
-    correct.index_add_(1, test_users, (logits > 0).double())
-    total = torch.bincount(test_users, minlength=num_users).double()
-    present = total > 0
-    return (correct[:, present] / total[present]).mean(dim=1)
+    return mean_over_users(per_user_accuracy(logits, test_users, weights.shape[1]))
 
 
 def fit_stacked(

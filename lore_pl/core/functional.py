@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lore_pl.core import cpu_kernel
+from lore_pl.errors import LoreDataError
 
 LossWeighting = Literal["pair_mean", "user_mean"]
 Regularizer = Literal["none", "cosine", "l2"]
@@ -258,6 +259,12 @@ def random_rank_within_user(users: Tensor, generator: torch.Generator | None = N
     """A uniformly random order of each user's pairs: pair i's rank among its user's pairs ``[N]``."""
     order = torch.randperm(users.numel(), generator=generator, device="cpu").to(users.device)
     return rank_within_user(users, order)
+
+
+def check_shots(shots: int | None) -> None:
+    """Refuse a shots setting (pairs per user to fit on, ``None`` for all) that is not a positive count."""
+    if shots is not None and shots <= 0:
+        raise LoreDataError(f"shots must be a positive number of pairs per user (or null for all), got {shots}")
 
 
 def sample_shots(users: Tensor, shots: int, generator: torch.Generator | None = None) -> Tensor:

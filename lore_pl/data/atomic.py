@@ -124,3 +124,32 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
 
 def write_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
     return write_atomic(path, lambda stream: np.save(stream, array), binary=True)
+
+
+class AtomicTarget:
+    """A file written in parts over time (a stream of batches) that appears whole or not at all: the parts go
+    to a temporary file beside ``path`` (named as ``write_atomic_path``'s, so a killed writer's leftover
+    is cleaned the same way); ``commit`` renames it to ``path``, ``discard`` deletes it."""
+
+    def __init__(self, path: str | os.PathLike, fsync: bool = False) -> None:
+        self.path, self.fsync = Path(path), fsync
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
+        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=temporary_prefix(self.path),
+                                                  suffix=".tmp")
+        os.close(handle)
+
+    def commit(self) -> Path:
+        try:
+            os.chmod(self.temporary, file_mode())
+            if self.fsync:
+                with open(self.temporary, "rb+") as stream:
+                    os.fsync(stream.fileno())
+            os.replace(self.temporary, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return self.path
+
+    def discard(self) -> None:
+        Path(self.temporary).unlink(missing_ok=True)

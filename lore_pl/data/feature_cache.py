@@ -20,11 +20,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lore_pl.data.atomic import write_json_atomic, write_npy_atomic
-from lore_pl.data.files import read_json, read_npy
+from lore_pl.data.files import hash_file, read_json, read_npy
 from lore_pl.errors import LoreDataError
 
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
+TABLE = "table.json"  # what the items are (e.g. a data set's rows), beside them
 REFERENCE_HEAD = "reference_head.npy"
 
 
@@ -34,11 +35,7 @@ def stable_hash(payload: Any) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path).hexdigest()
 
 
 class FeatureCache:
@@ -91,6 +88,12 @@ class FeatureCache:
         return read_json(self.directory / ITEMS, "feature cache item list")
 
     # -------------------------------------------------------------------------------- shards
+    def write_table(self, table: Any) -> None:
+        write_json_atomic(self.directory / TABLE, table)
+
+    def table(self) -> Any:
+        return read_json(self.directory / TABLE, "feature cache table")
+
     def shard_path(self, shard: int) -> Path:
         return self.directory / f"shard-{shard:05d}.npy"
 

@@ -8,6 +8,7 @@ the wrong kind) is a ``LoreDataError`` naming the file and what was wrong.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -24,6 +25,15 @@ from lore_pl.errors import LoreDataError
 T = TypeVar("T")
 #: the suffixes ``read_tensor`` understands
 TENSOR_SUFFIXES = (".safetensors", ".npy", ".pt")
+
+
+def hash_file(path: str | os.PathLike, digest: hashlib._Hash | None = None) -> hashlib._Hash:
+    """``digest`` (a new sha256 where None) updated with the bytes of ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 def readable(path: str | os.PathLike, what: str, read: Callable[[Path], T]) -> T:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from lore_pl.core.functional import shard
+from lore_pl.core.functional import check_shots, sample_shots, shard
 from lore_pl.data.npy_rows import npy_layout, read_npy_rows
 from lore_pl.errors import LoreDataError
 
@@ -39,10 +39,7 @@ class DataRequest:
     def __post_init__(self) -> None:
         if self.population not in ("seen", "unseen"):
             raise ValueError(f"population must be 'seen' or 'unseen', got {self.population!r}")
-        if self.shots is not None and self.shots <= 0:
-            raise LoreDataError(
-                f"shots must be a positive number of pairs per user (or null for all), got {self.shots}"
-            )
+        check_shots(self.shots)
 
 
 class ShardIndex(NamedTuple):
@@ -224,6 +221,16 @@ class PreferenceSplit(Dataset):
 
         return PreferenceSplit(features[:index.numel()], self.users[index], self.user_ids, name or self.name,
                                pick(self.prompts), pick(self.responses), pick(self.lengths))
+
+    def draw_shots(self, shots: int | None, seed: int, name: str | None = None) -> PreferenceSplit:
+        """The pairs a few-shot fit sees: at most ``shots`` random pairs per user (all where ``None``),
+        drawn with ``seed`` from the whole split (before any sharding, so every DDP rank draws alike).
+
+        The one place shots are drawn: the data module, ``FewShotModule`` and the sweeps call it.
+        """
+        if shots is None:
+            return self
+        return self.subset(sample_shots(self.users, shots, torch.Generator().manual_seed(seed)), name)
 
     def with_features(self, features: Tensor) -> PreferenceSplit:
         """The same pairs with other features (e.g. another dtype)."""

@@ -72,8 +72,18 @@ def check_basis(basis: BasisFile, path: Path) -> None:
         raise LoreDataError(f"{path}: user ids repeat ({repeated[:5]}); id2label needs one label per user")
 
 
-def score_rows(model: PersonalRewardModel, heads: str) -> tuple[Tensor, list[str]]:
-    """The new score layer's weight ``[outputs, d]`` and its labels."""
+#: ``--user`` for every user's output (the default); any other value names one user
+ALL_USERS = "all"
+
+
+def score_rows(model: PersonalRewardModel, heads: str, user: str = ALL_USERS) -> tuple[Tensor, list[str]]:
+    """The new score layer's weight ``[outputs, d]`` and its labels; for one ``user``, their head ``V w_u``
+    alone (one output: the single logit OpenRLHF's and verl's reward-model workers read)."""
+    if user != ALL_USERS:
+        if user not in model.user_ids:
+            raise LoreDataError(f"{model.source}: --user {user!r} is not among the {len(model.user_ids)} users of "
+                                "the basis")
+        return model.head(user)[None].contiguous(), [user]
     if heads == "users":
         if not model.user_ids:
             raise LoreDataError("the basis holds no users; export it with --heads basis and add users' weights")
@@ -283,7 +293,7 @@ def build_copied(out: Path, spec: EmbedderSpec, basis: BasisFile, rows: Tensor, 
 
 
 def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "users", weights: str = "copy",
-              overwrite: bool = False, base_model: str | None = None) -> Path:
+              overwrite: bool = False, base_model: str | None = None, user: str = ALL_USERS) -> Path:
     """Write the basis of ``run`` (a run directory or a basis file) as a Hugging Face checkpoint in ``out``.
 
     Args:
@@ -294,15 +304,24 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "user
             never the run, the base model, the current or home directory or one above them).
         base_model: load the base reward model from here instead of the recorded ``spec.model`` (a moved
             copy); its weights must be the model's the basis was embedded with (``expected_weights``).
+        user: ``all`` (every user's output, as ``heads``), or one user id: a checkpoint with one output,
+            that user's reward (``num_labels=1``), what OpenRLHF's and verl's reward-model workers load.
     """
     if heads not in ("users", "basis"):
         raise ValueError(f"--heads must be 'users' or 'basis', got {heads!r}")
+    if not isinstance(user, str) or not user.strip():
+        raise ValueError(f"--user must be a user id or '{ALL_USERS}', got {user!r:.60}")
+    if user != ALL_USERS and heads == "basis":
+        raise ValueError("--user ID writes that user's one output; --heads basis writes the basis columns: "
+                         "give one of them")
     if weights not in ("copy", "link"):
         raise ValueError(f"--weights must be 'copy' or 'link', got {weights!r}")
     path = resolve_basis_path(run)
     basis = load_basis(path)
     recorded = text_spec(basis, path)
     check_basis(basis, path)
+    model = PersonalRewardModel(basis, str(path))
+    rows, labels = score_rows(model, heads, user)  # an unknown --user is refused before any model loads
     where = f"{path} (base model {base_model or recorded.model})"
     spec = recorded if base_model is None else replace(recorded, model=base_model)
     out = destination(out)
@@ -312,11 +331,10 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "user
     check_not_protected(out, protected)  # before a model is loaded: a refusal costs nothing
     check_destination(out, overwrite)
     expected = expected_weights(basis, recorded, base_model, where)
-    model = PersonalRewardModel(basis)
-    rows, labels = score_rows(model, heads)
     metadata = {
         "format": EXPORT_FORMAT,
-        "heads": heads,
+        "heads": heads if user == ALL_USERS else "user",
+        "user": None if user == ALL_USERS else user,
         "outputs": labels if heads == "basis" else "user_ids (id2label)",
         "user_weights_file": USER_WEIGHTS_FILE if heads == "basis" else None,
         "tau": float(basis.tau),
@@ -347,7 +365,8 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, heads: str = "user
 
 
 def main(args: list[str] | None = None) -> None:
-    """``lore-pl export hf --run RUN --out DIR [--heads users|basis] [--weights copy|link] [--overwrite]``."""
+    """``lore-pl export hf --run RUN --out DIR [--heads users|basis] [--user ID|all] [--weights copy|link]
+    [--overwrite]``."""
     parser = argparse.ArgumentParser(prog="lore-pl export", description="Export a LoRe basis to another format.")
     formats = parser.add_subparsers(dest="format", required=True)
     hf = formats.add_parser("hf", help="one Hugging Face AutoModelForSequenceClassification checkpoint",
@@ -358,6 +377,9 @@ def main(args: list[str] | None = None) -> None:
                          "--overwrite)")
     hf.add_argument("--heads", choices=("users", "basis"), default="users",
                     help="users: one output per user (default); basis: one per basis column + the users' weights")
+    hf.add_argument("--user", default=ALL_USERS,
+                    help="one user id: a checkpoint with one output, that user's reward (what OpenRLHF's and verl's "
+                         "reward-model workers load); 'all' (default): an output per user (--heads)")
     hf.add_argument("--weights", choices=("copy", "link"), default="copy",
                     help="copy the base model's weights (default) or symlink its safetensors files")
     hf.add_argument("--overwrite", action="store_true",
@@ -368,10 +390,11 @@ def main(args: list[str] | None = None) -> None:
     options = parser.parse_args(sys.argv[1:] if args is None else args)
     try:
         written = export_hf(options.run, options.out, heads=options.heads, weights=options.weights,
-                            overwrite=options.overwrite, base_model=options.base_model)
+                            overwrite=options.overwrite, base_model=options.base_model, user=options.user)
     except (LoreDataError, OSError, ValueError) as error:  # OSError: a base model or file that is not there
         if os.environ.get("LORE_PL_TRACEBACK"):
             raise
         print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)  # one line, as lore_pl.cli
         sys.exit(2)
-    print(f"written: {written} ({options.heads} heads, {options.weights} weights)")
+    outputs = f"{options.heads} heads" if options.user == ALL_USERS else f"one output: user {options.user!r}"
+    print(f"written: {written} ({outputs}, {options.weights} weights)")

@@ -24,8 +24,6 @@ from lore_pl.data.basis_file import load_basis
 from lore_pl.data.embedder import EmbedderSpec, as_messages, template_id
 from lore_pl.data.feature_cache import FeatureCache
 
-TABLE = "table.json"
-
 
 def read_examples(source: str, revision: str = "main") -> tuple[list[Any], dict[str, list[Any]], str]:
     """(items to embed, table ``{subset, chosen, rejected}`` of item rows per example, revision)."""
@@ -131,7 +129,7 @@ def evaluate_rewardbench(
     )
     if not cache.is_complete():
         cache.initialize(items, 1024)
-        write_json_atomic(cache.directory / TABLE, table)
+        cache.write_table(table)
         embed_missing(cache, TextEmbedder(spec), progress=progress)
     embeddings, reference_head = cache.load()
     heads = heads_of(basis_path, users, reference_head)

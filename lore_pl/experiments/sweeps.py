@@ -50,8 +50,8 @@ def held_out_prior(basis: Tensor, tau: float, pool: PreferenceSplit, val: Prefer
                    variance: Tensor | None, shots: int, settings: FewShotSettings) -> tuple[Tensor, str]:
     """The few-shot prior chosen on the unseen users' validation pairs (prompts disjoint from their pool),
     fitting ``shots`` of each user's pool pairs: (precision ``[K]``, its label)."""
-    kept = LF.sample_shots(pool.users, shots, settings.shot_generator())
-    precision, label, _ = choose_prior(LF.project(pool.features[kept], basis), pool.users[kept],
+    drawn = pool.draw_shots(shots, settings.shot_seed)
+    precision, label, _ = choose_prior(LF.project(drawn.features, basis), drawn.users,
                                        LF.project(val.features, basis), val.users, pool.num_users, settings, tau,
                                        prior_logits, variance)
     return precision, label

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, replace
 from typing import Literal
 
@@ -16,6 +17,7 @@ from lore_pl.core import estimator as E
 from lore_pl.core import functional as LF
 from lore_pl.core.fewshot import FewShotSettings, weight_covariance
 from lore_pl.core.model import LoreModel
+from lore_pl.core.threads import threads_for
 from lore_pl.data.basis_file import load_basis, read_reference_head
 from lore_pl.data.preferences import DataRequest
 from lore_pl.errors import LoreDataError, LoreDataWarning
@@ -448,8 +450,10 @@ class BasisModule(PreferenceModule):
                            "noise (one shared model, K=1, wins ties); more data or a larger val_fraction helps",
                            category=LoreDataWarning)
         ranks = settings.ranks if hp.rank == "auto" else (hp.rank,)
+        started = time.perf_counter()
         selected = E.select_model(train.features, train.users, val.features, val.users, train.num_users, settings,
                                   ranks, extend_ranks=hp.rank == "auto")
+        seconds = time.perf_counter() - started
         best, curve = selected.best, selected.curve
         self.selection = {
             "rank": best.rank,
@@ -459,13 +463,16 @@ class BasisModule(PreferenceModule):
                 {"rank": c.rank, **asdict(c.strengths), "val_nll": c.val_nll, "val_acc": c.val_acc} for c in curve
             ],
             "extended": selected.extended,
+            "notes": selected.notes,
+            "seconds": round(seconds, 2),
         }
         extended = "".join(f"\n  extended past the grid's edge: {line}" for line in selected.extended)
+        extended += "".join(f"\n  {line}" for line in selected.notes)
         say(
             f"model selection on {len(val)} validation pairs (held-out {getattr(datamodule, 'held_out', 'prompts')}) "
             f"in a {settings.subspace}-dim "
             f"spectral subspace:\n" + "\n".join(f"  {c.describe()}" for c in curve) + extended
-            + f"\n  chosen: {best.describe()}"
+            + f"\n  chosen: {best.describe()} ({len(curve)} fits in {seconds:.1f} s)"
         )
         prior = torch.full((best.rank,), best.strengths.prior) if best.rank >= 2 else None
         return LoreModel(
@@ -551,7 +558,8 @@ class BasisModule(PreferenceModule):
                 return self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
             return loss.detach()
 
-        optimizer.step(closure=closure)
+        with threads_for(features.numel(), features.device):  # one policy for the small-op loops
+            optimizer.step(closure=closure)
         self.iterations_done += 1
         if self.current_epoch + 1 >= self.trainer.max_epochs:
             self._finish()  # max_epochs ends the path: the final checkpoint must hold the final model

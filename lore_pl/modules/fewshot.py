@@ -217,12 +217,8 @@ class FewShotModule(PreferenceModule):
         return self.model.user_weights()
 
     def shots_of(self, pool: PreferenceSplit) -> PreferenceSplit:
-        """The pairs the users are fitted on: ``shots`` per user drawn with ``shot_seed`` (as the data module does)."""
-        if self.settings.shots is None:
-            return pool
-        return pool.subset(
-            LF.sample_shots(pool.users, self.settings.shots, self.settings.shot_generator()), "unseen_shots"
-        )
+        """The pairs the users are fitted on: ``shots`` per user drawn with ``shot_seed`` (``draw_shots``)."""
+        return pool.draw_shots(self.settings.shots, self.settings.shot_seed, "unseen_shots")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if batch_idx > 0:

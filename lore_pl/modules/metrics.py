@@ -6,10 +6,13 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lore_pl.core.stats import accuracy_of_counts, count_per_user, user_mean_std
+
 
 class PerUserAccuracy(Metric):
     """Mean over users of each user's pairwise accuracy, and the std over users.
 
+    The torchmetrics twin of ``lore_pl.core.stats.per_user_accuracy`` (counted by the same functions).
     A pair is correct when its logit is strictly positive (chosen scored above rejected). The
     states are per-user sums (correct, total) reduced with ``sum``, so the result is the same on
     one process and under DDP. Users with no pairs are left out of the mean and the std. The std
@@ -33,21 +36,13 @@ class PerUserAccuracy(Metric):
             raise ValueError(f"logits {tuple(logits.shape)} and users {tuple(users.shape)} must have the same shape")
         if users.numel() and (int(users.min()) < 0 or int(users.max()) >= self.num_users):
             raise ValueError(f"user index out of range [0, {self.num_users}): {int(users.min())}..{int(users.max())}")
-        self.correct += torch.bincount(users[logits > 0], minlength=self.num_users)
+        self.correct += count_per_user(logits > 0, users, self.num_users)
         self.total += torch.bincount(users, minlength=self.num_users)
 
     def per_user(self) -> Tensor:
         """Each user's accuracy, NaN for users with no pairs."""
-        return self.correct.double() / self.total.double()
+        return accuracy_of_counts(self.correct, self.total)
 
     def compute(self) -> dict[str, Tensor]:
-        present = self.total > 0
-        accuracy = self.per_user()[present]
-        if accuracy.numel() == 0:
-            nan = torch.tensor(float("nan"), dtype=torch.float64)
-            return {"mean": nan, "std": nan, "users": torch.tensor(0)}
-        return {
-            "mean": accuracy.mean(),
-            "std": accuracy.std(unbiased=False),
-            "users": present.sum(),
-        }
+        mean, std, users = user_mean_std(self.per_user())
+        return {"mean": mean, "std": std, "users": users}
