@@ -54,7 +54,11 @@ def accuracy(logits: Tensor, split: PreferenceSplit) -> tuple[float, float]:
 
 
 def logits_of(split: PreferenceSplit, basis: Tensor, weights: Tensor, tau: float, device) -> Tensor:
-    return LF.pair_logits(split.features.to(device), split.users.to(device), basis, weights.to(device), tau)
+    """Every pair's logit, computed block by block (``PreferenceSplit.row_blocks``): a split kept on disk
+    is streamed, never read whole into memory."""
+    weights = weights.to(device)
+    return torch.cat([LF.pair_logits(block.to(device), split.users[rows].to(device), basis, weights, tau)
+                      for rows, block in split.row_blocks()])
 
 
 def shared_baseline(model: LoreModel, datamodule: PreferenceDataModule, settings: MapSettings = MapSettings()

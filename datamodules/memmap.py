@@ -78,7 +78,9 @@ class MemmapPreferenceDataModule(PreferenceDataModule):
             prompts = None
             if prompts_path.is_file():
                 prompts = torch.from_numpy(read_npy(prompts_path, "memmap prompt ids"))
-            splits[role] = PreferenceSplit(features, users, user_tables[role], name=role, prompts=prompts)
+            # source: evaluation streams the file in blocks instead of reading it through the mapping
+            splits[role] = PreferenceSplit(features, users, user_tables[role], name=role, prompts=prompts,
+                                           source=path)
         head_path = self.directory / "reference_head.npy"
         head = torch.from_numpy(read_npy(head_path, "reference head")) if head_path.is_file() else None
         return PreferenceData(splits, head)

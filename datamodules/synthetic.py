@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -10,7 +14,12 @@ from torch import Tensor
 
 from datamodules.base import PreferenceData, PreferenceDataModule
 from lore_pl.core import functional as LF
+from lore_pl.data.files import read_npy
+from lore_pl.data.npy_rows import write_npy_rows
 from lore_pl.data.preferences import PreferenceSplit
+
+#: values (rows x columns) of each generated block: bounds generation's float64 temporaries (32 MB each)
+BLOCK_VALUES = 1 << 22
 
 
 class SyntheticPopulationDataModule(PreferenceDataModule):
@@ -46,6 +55,10 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         reference_head: the ``V_ref`` the data provide: ``mean`` (the true population-mean direction),
             ``none``, or a number c: a direction of the same norm at cosine c to the true mean.
         seed: seed of everything generated.
+        test_features_dir: a folder where the test splits' features (``seen_test``, ``unseen_test``) are
+            written as ``.npy`` files and memory-mapped instead of held in RAM; evaluation reads them in
+            blocks (at 100k users x 50 test prompts x d=1024 they are 20 GB). ``auto``: a fresh temporary
+            folder, deleted when the process exits; ``null`` (the default): in RAM. The numbers are the same.
         **kwargs: the loading arguments of ``PreferenceDataModule`` (batch sizes, shuffling, validation hold-out).
     """
 
@@ -67,6 +80,7 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         spectrum_decay: float = 0.0,
         reference_head: Literal["mean", "none"] | float = "mean",
         seed: int = 0,
+        test_features_dir: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -131,21 +145,37 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
             ),
         }
         first_id = {"train": 0, "test": hp.num_train_prompts}  # prompt ids, distinct across the two sets
+        on_disk = self._test_features_dir()
         splits = {}
         for role, (prompt_set, count) in per_user.items():
             population_name = role.split("_")[0]
             if population[population_name] == 0:
                 continue
             user_ids = [f"{population_name}-{i:05d}" for i in range(population[population_name])]
+            path = on_disk / f"{role}.features.npy" if on_disk is not None and role.endswith("_test") else None
             features, users, prompt_of = self._simulate(
-                rng, prompts[prompt_set], directions, weights[population_name], count
+                rng, prompts[prompt_set], directions, weights[population_name], count, path
             )
             splits[role] = PreferenceSplit(
-                features, users, user_ids, name=role, prompts=prompt_of + first_id[prompt_set]
+                features, users, user_ids, name=role, prompts=prompt_of + first_id[prompt_set], source=path
             )
         self.true_directions = torch.from_numpy(directions).float()
         self.true_weights = {name: torch.from_numpy(w).float() for name, w in weights.items()}
-        return PreferenceData(splits, reference_head=self._reference_head(self.true_directions.mean(dim=1)))
+        # owned: generated here, so the validation hold-out may narrow the train pairs in place
+        return PreferenceData(splits, reference_head=self._reference_head(self.true_directions.mean(dim=1)),
+                              owned=True)
+
+    def _test_features_dir(self) -> Path | None:
+        """Where the test splits' features go (None: RAM); ``auto`` makes a temporary folder, removed at exit."""
+        folder = self.hparams.test_features_dir
+        if folder is None:
+            return None
+        if folder == "auto":
+            created = Path(tempfile.mkdtemp(prefix="lore-synthetic-test-"))
+            atexit.register(shutil.rmtree, created, ignore_errors=True)
+            return created
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return Path(folder)
 
     def _reference_head(self, mean: Tensor) -> Tensor | None:
         choice = self.hparams.reference_head
@@ -163,27 +193,66 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
         cosine = float(choice)
         return (mean.norm() * (cosine * unit + (1 - cosine**2) ** 0.5 * other)).float()
 
-    def _simulate(self, rng, embeddings: np.ndarray, directions: np.ndarray, weights: np.ndarray, per_user: int):
-        """Pairs of every user on ``per_user`` distinct random prompts, as ``x = e(chosen) - e(rejected)``."""
+    def _simulate(self, rng, embeddings: np.ndarray, directions: np.ndarray, weights: np.ndarray, per_user: int,
+                  path: Path | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Pairs of every user on ``per_user`` distinct random prompts, as ``x = e(chosen) - e(rejected)``
+        (float32; memory-mapped from ``path`` where given). Generated in blocks of rows: the float64
+        temporaries are a block's, not the split's, and the random draws are those of one whole draw."""
         num_users = weights.shape[0]
-        num_prompts, num_responses, _ = embeddings.shape
-        prompt_of = np.argsort(rng.random((num_users, num_prompts)), axis=1)[:, :per_user].reshape(-1)
+        num_prompts, num_responses, dim = embeddings.shape
+        # a row of uniforms per user, argsorted: the same draws as one [users, prompts] array, block by block
+        users_per_block = max(1, BLOCK_VALUES // num_prompts)
+        prompt_of = np.concatenate([
+            np.argsort(rng.random((min(users_per_block, num_users - start), num_prompts)), axis=1)[:, :per_user]
+            for start in range(0, num_users, users_per_block)
+        ]).reshape(-1)
         users = np.repeat(np.arange(num_users), per_user)
-        # true reward of every candidate response for its user: [pairs, R]
-        rewards = ((embeddings @ directions)[prompt_of] * weights[users][:, None, :]).sum(-1)
-        rows = np.arange(users.size)
+        projected = embeddings @ directions  # [prompts, R, M]
         if self.hparams.labels == "best_worst":
-            chosen, rejected = rewards.argmax(axis=1), rewards.argmin(axis=1)
+            chosen, rejected = np.empty_like(users), np.empty_like(users)
+            for rows in self._row_blocks(users.size, num_responses * directions.shape[1]):
+                rewards = self._rewards(projected, weights, prompt_of[rows], users[rows])
+                chosen[rows], rejected[rows] = rewards.argmax(axis=1), rewards.argmin(axis=1)
         else:
             first = rng.integers(num_responses, size=users.size)
             second = (first + rng.integers(1, num_responses, size=users.size)) % num_responses
-            margin = (rewards[rows, first] - rewards[rows, second]) / self.hparams.noise_temperature
-            first_wins = rng.random(users.size) < 1.0 / (1.0 + np.exp(-margin))
+            draws = rng.random(users.size)
+            first_wins = np.empty(users.size, dtype=bool)
+            for rows in self._row_blocks(users.size, num_responses * directions.shape[1]):
+                rewards = self._rewards(projected, weights, prompt_of[rows], users[rows])
+                index = np.arange(rewards.shape[0])
+                margin = (rewards[index, first[rows]] - rewards[index, second[rows]]) / self.hparams.noise_temperature
+                first_wins[rows] = draws[rows] < 1.0 / (1.0 + np.exp(-margin))
             chosen, rejected = np.where(first_wins, first, second), np.where(first_wins, second, first)
-        features = embeddings[prompt_of, chosen] - embeddings[prompt_of, rejected]
-        return torch.from_numpy(features).float(), torch.from_numpy(users).long(), torch.from_numpy(prompt_of).long()
+
+        def blocks():
+            for rows in self._row_blocks(users.size, dim):
+                # the difference in float64, rounded once to float32
+                yield (embeddings[prompt_of[rows], chosen[rows]] - embeddings[prompt_of[rows], rejected[rows]]
+                       ).astype(np.float32)
+
+        if path is None:
+            features = np.empty((users.size, dim), dtype=np.float32)
+            for rows, block in zip(self._row_blocks(users.size, dim), blocks()):
+                features[rows] = block
+        else:
+            write_npy_rows(path, (users.size, dim), np.float32, blocks())
+            features = read_npy(path, "synthetic test features", mmap_mode="c")
+        return torch.from_numpy(features), torch.from_numpy(users).long(), torch.from_numpy(prompt_of).long()
+
+    @staticmethod
+    def _row_blocks(rows: int, values_per_row: int) -> list[slice]:
+        """Consecutive slices of ``rows`` with about ``BLOCK_VALUES`` values each."""
+        step = max(1, BLOCK_VALUES // max(1, values_per_row))
+        return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    @staticmethod
+    def _rewards(projected: np.ndarray, weights: np.ndarray, prompt_of: np.ndarray, users: np.ndarray) -> np.ndarray:
+        """True reward of every candidate response of each pair's prompt, for the pair's user: ``[pairs, R]``."""
+        return (projected[prompt_of] * weights[users][:, None, :]).sum(-1)
 
     def oracle_logits(self, role: str, split: PreferenceSplit) -> Tensor | None:
         self.data  # noqa: B018 - the truth exists once the data are generated
         weights = self.true_weights[role.split("_")[0]]
-        return (LF.project(split.features, self.true_directions) * weights[split.users]).sum(-1)
+        return torch.cat([(LF.project(block, self.true_directions) * weights[split.users[rows]]).sum(-1)
+                          for rows, block in split.row_blocks()])

@@ -136,6 +136,112 @@ def test_validation_never_reads_the_test_pairs():
         assert torch.equal(batch["features"], held.split(f"{population}_val").features)
 
 
+# ---------------------------------------------------------------- memory at scale (issue 22)
+def previous_synthetic_pairs(hp: dict, role_order=("seen_train", "seen_test", "unseen_pool", "unseen_test")):
+    """The generator as it was before it worked in blocks (whole float64 arrays): the features of each role."""
+    import numpy as np
+
+    rng = np.random.default_rng(hp["seed"])
+    scale = np.arange(1, hp["dim"] + 1, dtype=np.float64) ** (-hp.get("spectrum_decay", 0.0) / 2)
+    scale *= np.sqrt(hp["dim"] / np.sum(scale**2))
+    directions = rng.standard_normal((hp["dim"], hp["num_directions"]))
+    directions /= np.linalg.norm(directions, axis=0, keepdims=True)
+    prompts = {name: rng.standard_normal((hp[f"num_{name}_prompts"], hp["responses_per_prompt"], hp["dim"])) * scale
+               for name in ("train", "test")}
+    counts = {"seen": hp["num_seen_users"], "unseen": hp["num_unseen_users"]}
+    weights = {name: rng.dirichlet(np.full(hp["num_directions"], 0.1), size=n) for name, n in counts.items()}
+    per_user = {"seen_train": ("train", hp["train_prompts_per_user"]),
+                "seen_test": ("test", hp["test_prompts_per_user"]),
+                "unseen_pool": ("train", hp["fewshot_prompts_per_user"]),
+                "unseen_test": ("test", hp["test_prompts_per_user"])}
+    features = {}
+    for role in role_order:
+        prompt_set, count = per_user[role]
+        embeddings, w = prompts[prompt_set], weights[role.split("_")[0]]
+        prompt_of = np.argsort(rng.random((w.shape[0], embeddings.shape[0])), axis=1)[:, :count].reshape(-1)
+        users = np.repeat(np.arange(w.shape[0]), count)
+        rewards = ((embeddings @ directions)[prompt_of] * w[users][:, None, :]).sum(-1)
+        if hp.get("labels", "best_worst") == "best_worst":
+            chosen, rejected = rewards.argmax(axis=1), rewards.argmin(axis=1)
+        else:
+            rows = np.arange(users.size)
+            first = rng.integers(embeddings.shape[1], size=users.size)
+            second = (first + rng.integers(1, embeddings.shape[1], size=users.size)) % embeddings.shape[1]
+            margin = rewards[rows, first] - rewards[rows, second]
+            first_wins = rng.random(users.size) < 1.0 / (1.0 + np.exp(-margin))
+            chosen, rejected = np.where(first_wins, first, second), np.where(first_wins, second, first)
+        features[role] = torch.from_numpy(embeddings[prompt_of, chosen] - embeddings[prompt_of, rejected]).float()
+    return features
+
+
+@pytest.mark.parametrize("labels", ["best_worst", "bradley_terry"])
+def test_synthetic_data_generated_in_blocks_are_the_pairs_of_one_whole_draw(monkeypatch, tmp_path, labels):
+    import datamodules.synthetic as synthetic
+
+    hp = {**TINY, "labels": labels, "spectrum_decay": 0.5}
+    expected = previous_synthetic_pairs(hp)
+    monkeypatch.setattr(synthetic, "BLOCK_VALUES", 50)  # blocks of a few rows: dozens per split
+    for on_disk in (None, str(tmp_path)):
+        data = SyntheticPopulationDataModule(**hp, val_fraction=0.0, test_features_dir=on_disk)
+        for role, features in expected.items():
+            split = data.split(role)
+            assert split.features.dtype == torch.float32
+            assert torch.equal(split.features, features), role
+            assert (split.source is not None) == (on_disk is not None and role.endswith("_test"))
+
+
+def test_owned_data_are_narrowed_in_place_to_the_same_splits_as_a_copy():
+    from datamodules.base import PreferenceData, PreferenceDataModule
+
+    class Given(PreferenceDataModule):
+        def __init__(self, owned: bool) -> None:
+            super().__init__(val_fraction=0.3)
+            self.owned = owned
+
+        def load(self) -> PreferenceData:
+            loaded = SyntheticPopulationDataModule(**TINY, val_fraction=0.0).data
+            return PreferenceData(loaded.splits, loaded.reference_head, owned=self.owned)
+
+    copied, in_place = Given(owned=False), Given(owned=True)
+    for role in ("seen_train", "seen_val", "unseen_pool", "unseen_val"):
+        a, b = copied.split(role), in_place.split(role)
+        assert torch.equal(a.features, b.features) and torch.equal(a.users, b.users), role
+        assert torch.equal(a.prompts, b.prompts)
+    train = in_place.split("seen_train")
+    assert train.features.untyped_storage().nbytes() > train.features.nbytes  # moved up within its own storage
+    with pytest.raises(ValueError, match="ascending"):
+        train.compacted(torch.tensor([3, 1]))
+
+
+def test_npy_rows_are_written_and_read_in_blocks(tmp_path):
+    import numpy as np
+
+    from lore_pl.data.npy_rows import read_npy_rows, write_npy_rows
+
+    array = np.arange(60, dtype=np.float32).reshape(12, 5)
+    path = write_npy_rows(tmp_path / "rows.npy", array.shape, np.float32, np.array_split(array, 4))
+    assert np.array_equal(np.load(path), array)
+    assert np.array_equal(read_npy_rows(path, 3, 9), array[3:9])
+    with pytest.raises(ValueError, match="11 rows written, the header says 12"):
+        write_npy_rows(tmp_path / "short.npy", array.shape, np.float32, [array[:11]])
+    assert not (tmp_path / "short.npy").exists() and not list(tmp_path.glob(".short*"))  # nothing half-written
+    with pytest.raises(IndexError, match="out of range"):
+        read_npy_rows(path, 10, 13)
+
+
+def test_duplicate_rows_are_found_per_user_as_a_brute_force_search_finds_them():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 4, generator=generator)
+    users = torch.arange(40) % 5
+    for copy, original in ((10, 0), (20, 0), (18, 7), (9, 2)):  # rows 18 and 9: for other users
+        features[copy] = features[original]
+    split = PreferenceSplit(features, users, [f"u{i}" for i in range(5)])
+    def same(a: int, b: int) -> bool:
+        return bool(users[a] == users[b]) and torch.equal(features[a], features[b])
+
+    brute = {(min(a for a in range(b) if same(a, b)), b) for b in range(40) if any(same(a, b) for a in range(b))}
+    assert {tuple(pair) for pair in split.duplicate_rows().tolist()} == brute == {(0, 10), (0, 20)}
+    assert split.duplicate_rows().shape == (2, 2)
 def test_file_hashes_read_every_block(tmp_path):
     data = torch.randint(256, (3 << 19,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     big = tmp_path / "b.bin"  # 1.5 MiB: more than one read block

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from lore_pl.core.functional import check_shots, sample_shots, shard
+from lore_pl.data.npy_rows import npy_layout, read_npy_rows
 from lore_pl.errors import LoreDataError
 
 
@@ -62,7 +64,9 @@ class PreferenceSplit(Dataset):
     response text in every split) and ``lengths[i]`` their lengths (``[N, 2]``, float), which the
     skeptic's baselines (the longer response wins, the crowd's win-rate) are computed from.
     Indexing takes an index tensor (or slice) and returns the batch ``{"features", "users"}`` by
-    plain tensor indexing: no per-sample Python work.
+    plain tensor indexing: no per-sample Python work. ``source``, where set, is the ``.npy`` file the
+    features are memory-mapped from: ``row_blocks`` (the checks here, evaluation) then reads it in
+    blocks by plain reads, so a pass over a split larger than RAM holds one block.
     """
 
     features: Tensor
@@ -72,6 +76,7 @@ class PreferenceSplit(Dataset):
     prompts: Tensor | None = None
     responses: Tensor | None = None
     lengths: Tensor | None = None
+    source: Path | None = None
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
@@ -108,7 +113,8 @@ class PreferenceSplit(Dataset):
             return
         # A row sum is non-finite if any entry is (or, rarely, if it overflows): O(N) extra memory
         # instead of an [N, d] mask; the candidates are then checked entry by entry.
-        suspects = torch.nonzero(~torch.isfinite(self.features.sum(dim=1)))[:, 0]
+        suspects = torch.cat([torch.nonzero(~torch.isfinite(block.sum(dim=1)))[:, 0] + rows.start
+                              for rows, block in self.row_blocks()])
         for row in suspects.tolist():
             bad = torch.nonzero(~torch.isfinite(self.features[row]))[:, 0]
             if bad.numel():
@@ -127,19 +133,32 @@ class PreferenceSplit(Dataset):
         """
         if len(self) < 2 or not self.features.is_floating_point():
             return torch.zeros(0, 2, dtype=torch.long)
-        features = self.features.detach().cpu().float().contiguous()
-        weights = torch.randint(1, 2**31, (features.shape[1],), generator=torch.Generator().manual_seed(0)) * 2 + 1
-        hashes = torch.cat(
-            [(chunk.view(torch.int32).long() * weights).sum(dim=1) for chunk in features.split(4096)]
-        )  # chunks bound the int64 copy
-        keys = torch.stack([self.users.cpu(), hashes], dim=1)
-        _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-        rows = torch.nonzero(counts[inverse] > 1)[:, 0]
-        rows = rows[torch.argsort(inverse[rows], stable=True)]  # each group's rows together, in row order
+        weights = torch.randint(1, 2**31, (self.dim,), generator=torch.Generator().manual_seed(0)) * 2 + 1
+        hashes = torch.empty(len(self), dtype=torch.long)
+        # two buffers reused for every block: fresh temporaries per block grew the heap by as much as the
+        # features themselves (glibc keeps freed blocks of this size in the heap after numpy's larger ones)
+        bits = torch.empty(min(len(self), 4096), self.dim, dtype=torch.float32)
+        wide = torch.empty(bits.shape, dtype=torch.long)
+        for rows, block in self.row_blocks(4096):
+            count = rows.stop - rows.start
+            bits[:count].copy_(block.detach())
+            torch.mul(bits[:count].view(torch.int32), weights, out=wide[:count])
+            torch.sum(wide[:count], dim=1, out=hashes[rows])
+        # rows grouped by (user, hash) with two stable 1-d sorts: torch.unique(dim=0) would hold a tensor
+        # object per row (about 1.6 kB each: 8 GB transient at 5M rows)
+        users = self.users.cpu()
+        order = torch.argsort(hashes, stable=True)
+        order = order[torch.argsort(users[order], stable=True)]  # by user, then hash, then row
+        by_user, by_hash = users[order], hashes[order]
+        starts = torch.ones(len(order), dtype=torch.bool)
+        starts[1:] = (by_user[1:] != by_user[:-1]) | (by_hash[1:] != by_hash[:-1])
+        group_of = torch.cumsum(starts, 0) - 1
+        shared = torch.bincount(group_of)[group_of] > 1
+        rows, groups = order[shared], group_of[shared]  # each group's rows together, in row order
         duplicates, firsts = [], {}
-        for row, group in zip(rows.tolist(), inverse[rows].tolist()):
+        for row, group in zip(rows.tolist(), groups.tolist()):
             first = firsts.setdefault(group, row)
-            if first != row and torch.equal(features[first], features[row]):
+            if first != row and torch.equal(self.features[first], self.features[row]):
                 duplicates.append((first, row))
         return torch.tensor(duplicates, dtype=torch.long).reshape(-1, 2)
 
@@ -165,12 +184,42 @@ class PreferenceSplit(Dataset):
     def pairs_per_user(self) -> Tensor:
         return torch.bincount(self.users, minlength=self.num_users)
 
+    def row_blocks(self, rows: int = 65536) -> Iterator[tuple[slice, Tensor]]:
+        """(rows, features of those rows) in consecutive blocks of ``rows``: views of ``features``, or, for a
+        split mapped from ``source``, blocks read from the file (no page of the mapping is touched)."""
+        layout = npy_layout(self.source) if self.source is not None else None
+        for start in range(0, len(self), rows):
+            part = slice(start, min(start + rows, len(self)))
+            if layout is None:
+                yield part, self.features[part]
+            else:
+                yield part, torch.from_numpy(read_npy_rows(self.source, part.start, part.stop, layout))
+
     def subset(self, index: Tensor, name: str | None = None) -> PreferenceSplit:
         """The pairs at ``index``, same user table."""
         def pick(value: Tensor | None) -> Tensor | None:
             return None if value is None else value[index]
 
         return PreferenceSplit(self.features[index], self.users[index], self.user_ids, name or self.name,
+                               pick(self.prompts), pick(self.responses), pick(self.lengths))
+
+    def compacted(self, index: Tensor, name: str | None = None) -> PreferenceSplit:
+        """The pairs at ``index`` (ascending), moved to the front of this split's own feature storage
+        block by block: no second copy of the features (``subset`` makes one). This split's features are
+        overwritten: use it only on features that nothing else holds."""
+        index = torch.as_tensor(index).long()
+        if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+            raise ValueError("compacted takes strictly ascending row indices")
+        features = self.features
+        for start in range(0, index.numel(), 65536):
+            part = index[start:start + 65536]
+            # row index[j] >= j: a block's source rows are never rows an earlier block overwrote
+            features[start:start + part.numel()] = features[part]
+
+        def pick(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value[index]
+
+        return PreferenceSplit(features[:index.numel()], self.users[index], self.user_ids, name or self.name,
                                pick(self.prompts), pick(self.responses), pick(self.lengths))
 
     def draw_shots(self, shots: int | None, seed: int, name: str | None = None) -> PreferenceSplit:
