@@ -17,6 +17,8 @@ a line with the growth exponents (slope of log time and log RSS against log C or
     python benchmarks/scale.py --part dims          # d = 256 / 1024 / 4096 at C = 1k
     python benchmarks/scale.py --part fit --users 100000 --dim 256   # one case of your own
     python benchmarks/scale.py --part fit --through data             # the data side alone: generate, check, no fit
+    python benchmarks/scale.py --part scoring       # 100k candidates for 1 and 1000 users against E @ H
+                                                    # (benchmarks/scale_scoring.py, which has more options)
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def exponents(lines: list[dict], along: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", action="append", choices=sorted(PARTS),
+    parser.add_argument("--part", action="append", choices=sorted([*PARTS, "scoring"]),
                         help="which cases (repeatable; default: all)")
     parser.add_argument("--quick", action="store_true", help="only the small cases")
     parser.add_argument("--users", type=int, nargs="+", help="these seen-user counts instead of the part's")
@@ -253,7 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         run_case(*args.case, args.report, args.root, args.through)
         return
     measured: dict[tuple[int, int], dict] = {}
-    for part in args.part or sorted(PARTS, reverse=True):
+    if "scoring" in (args.part or ["scoring"]):
+        from scale_scoring import scoring_rows  # the scoring cases: in process, against the matmul floor
+
+        for row in scoring_rows():
+            print(json.dumps({**row, "part": "scoring"}), flush=True)
+    for part in [part for part in args.part or sorted(PARTS, reverse=True) if part != "scoring"]:
         cases = [(users, dim) for users, dim, quick in PARTS[part] if quick or not args.quick]
         if args.users or args.dim:
             cases = [(users, dim) for users in (args.users or sorted({u for u, _ in cases}))
