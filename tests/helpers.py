@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,3 +212,14 @@ def assert_validation_is_prompt_disjoint(data):
     for role in ("seen_train", "seen_test", "unseen_pool", "unseen_test"):
         if data.has_split(role):
             assert not torch.isin(data.split(role).prompts, held).any(), role
+
+
+def one_error_line(capsys, command, *args) -> str:
+    """Run a CLI ``command(*args)``, expect exit 2 with one ``error:`` line on stderr; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        command(*args)
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import ROOT, TINY_DATA
+from helpers import ROOT, TINY_DATA, one_error_line
 from lore_pl import LoreDataError, PersonalRewardModel
 from lore_pl.cli import main
 from lore_pl.data.atomic import HOST_TAG, stale_temporaries, write_atomic
@@ -61,13 +61,7 @@ def predict(run, output, *extra):
 
 def refused(capsys, run, output, *extra):
     """Run predict, expect exit 2 with one ``error:`` line; returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit:
-        predict(run, output, *extra)
-    assert exit.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    return one_error_line(capsys, predict, run, output, *extra)
 
 
 def test_predict_refuses_to_write_over_its_inputs_a_basis_a_checkpoint_or_another_file(run, tmp_path, capsys):

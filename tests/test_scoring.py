@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from helpers import one_error_line
 from lore_pl import BasisFile, PersonalRewardModel, save_basis
 from lore_pl.core import fewshot as FS
 from lore_pl.core import functional as LF
@@ -234,13 +235,7 @@ def run_predict(folder, output, *extra):
 
 
 def predict_refused(capsys, folder, output, *extra):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit:
-        run_predict(folder, output, *extra)
-    assert exit.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    return one_error_line(capsys, run_predict, folder, output, *extra)
 
 
 def read_scores(path):
