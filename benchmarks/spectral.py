@@ -36,33 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lore_pl.core import estimator as E
 
 
-def reference_ledoit_wolf(features):
-    """Main's ``ledoit_wolf`` at 5d05f32, verbatim."""
-    num, dim = features.shape
-    moment = torch.zeros(dim, dim, dtype=torch.float64)
-    squares = torch.zeros(num, dtype=torch.float64)
-    for start in range(0, num, 8192):
-        block = features[start:start + 8192].float()
-        moment += (block.t() @ block).double()
-        squares[start:start + 8192] = block.double().pow(2).sum(1)
-    moment /= num
-    target = torch.trace(moment) / dim
-    spread = (moment - target * torch.eye(dim, dtype=torch.float64)).pow(2).sum() / dim
-    noise = ((squares.pow(2).sum() / num - moment.pow(2).sum()) / num / dim).clamp(max=float(spread))
-    shrink = float(noise / spread) if spread > 0 else 1.0
-    moment.mul_(1 - shrink).diagonal().add_(shrink * target)
-    return moment
-
-
 def reference_start(features, users, num_users: int, rank: int) -> torch.Tensor:
-    """Main's ``spectral_subspace`` (whitened) at 5d05f32, verbatim but for the names."""
+    """Main's ``spectral_subspace`` (whitened) at 5d05f32, verbatim but for the names: ``[C, d]`` float64 user
+    sums and a dense Cholesky of ``E.ledoit_wolf`` (whose arithmetic the change kept; only its block size moved)."""
     dim = features.shape[1]
     rank = min(rank, dim, num_users)
     sums = torch.zeros(num_users, dim, dtype=torch.float64)
     for start in range(0, features.shape[0], 8192):
         sums.index_add_(0, users[start:start + 8192], features[start:start + 8192].double())
     weighted = sums / torch.bincount(users, minlength=num_users).clamp(min=1).double().sqrt()[:, None]
-    cholesky = torch.linalg.cholesky(reference_ledoit_wolf(features))
+    cholesky = torch.linalg.cholesky(E.ledoit_wolf(features))
     whitened = torch.linalg.solve_triangular(cholesky, weighted.t(), upper=False).t()
     _, _, right = torch.linalg.svd(whitened, full_matrices=False)
     directions = torch.linalg.solve_triangular(cholesky.t(), right[:rank].t().contiguous(), upper=True)

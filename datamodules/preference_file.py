@@ -16,6 +16,7 @@ from datamodules.pairs import ItemIndex, PairTable, build_preference_data, split
 from datamodules.sources import UnreadableLine, bad_rows_error, file_digest, read_records, user_id
 from datamodules.splits import SPLIT_CHOICES, PairRows, SplitPlan, SplitSettings, make_plan, say
 from lore_pl.data.embedder import as_messages
+from lore_pl.data.outputs import OutputKind, check_output, first_line_starts
 from lore_pl.errors import LoreDataError
 
 #: the table's list of the group column's values (only where ``group_column`` is set)
@@ -87,6 +88,11 @@ def parse_row(where: str, record: Any, columns: dict[str, str]) -> tuple[str, li
         except UnicodeEncodeError:  # a JSON "\ud800" escape: a lone surrogate the cache could not store
             raise LoreDataError(f"{where}: a field holds text that is not valid Unicode ({text!r:.60})") from None
     return user, messages, texts["chosen"], texts["rejected"]
+
+
+#: the list of skipped rows it writes into the run directory (or the current folder without a logger)
+SKIPPED_ROWS = OutputKind("PreferenceFileDataModule", first_line_starts('{"where"'), "its own skipped_rows.jsonl",
+                          "remove it, or give the trainer another default_root_dir")
 
 
 class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
@@ -225,6 +231,7 @@ class PreferenceFileDataModule(EmbeddedPreferenceDataModule):
         if trainer.is_global_zero:  # (a broadcast); the first one writes
             from lore_pl.data.atomic import write_atomic
 
+            check_output(path, SKIPPED_ROWS)  # a file of the user's of that name stays whole
             write_atomic(path, lambda stream: stream.writelines(
                 json.dumps(row, ensure_ascii=False) + "\n" for row in self.skipped_rows))
         return path

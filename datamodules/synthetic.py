@@ -15,8 +15,24 @@ from torch import Tensor
 from datamodules.base import PreferenceData, PreferenceDataModule
 from lore_pl.core import functional as LF
 from lore_pl.data.files import read_npy
-from lore_pl.data.npy_rows import write_npy_rows
+from lore_pl.data.npy_rows import npy_layout, write_npy_rows
+from lore_pl.data.outputs import OutputKind, check_output
 from lore_pl.data.preferences import PreferenceSplit
+from lore_pl.errors import LoreDataError
+
+
+def is_feature_table(path: Path) -> bool:
+    """A 2-D float32 ``.npy``: what the synthetic module writes into ``test_features_dir``."""
+    try:
+        shape, dtype, _ = npy_layout(path)
+    except (OSError, LoreDataError):
+        return False
+    return len(shape) == 2 and dtype == np.float32
+
+
+#: the test splits' feature files in a ``test_features_dir``: it replaces those, and refuses any other file
+TEST_FEATURES = OutputKind("SyntheticPopulationDataModule", is_feature_table, "2-D float32 .npy feature tables",
+                           "remove it, or give another test_features_dir")
 
 #: values (rows x columns) of each generated block: bounds generation's float64 temporaries (32 MB each)
 BLOCK_VALUES = 1 << 22
@@ -153,6 +169,8 @@ class SyntheticPopulationDataModule(PreferenceDataModule):
                 continue
             user_ids = [f"{population_name}-{i:05d}" for i in range(population[population_name])]
             path = on_disk / f"{role}.features.npy" if on_disk is not None and role.endswith("_test") else None
+            if path is not None:
+                check_output(path, TEST_FEATURES)  # a file of the user's there stays whole
             features, users, prompt_of = self._simulate(
                 rng, prompts[prompt_set], directions, weights[population_name], count, path
             )

@@ -234,10 +234,11 @@ def earlier_run(config) -> tuple[list[Path], list[Path]]:
     run, checkpoints = fixed_run_places(config)
     owned, foreign = [], []
     if run is not None and run.is_dir():
-        names = RUN_FILES + _callback_filenames(config)
+        named = set(_callback_filenames(config))  # names, taken literally: a '*' in one is not a pattern
         for entry in sorted(run.iterdir()):
             if entry != checkpoints:
-                (owned if entry.is_file() and _matches(entry.name, names) else foreign).append(entry)
+                ours = _matches(entry.name, RUN_FILES) or entry.name in named
+                (owned if entry.is_file() and ours else foreign).append(entry)
     if checkpoints is not None and checkpoints.is_dir():
         own = run is not None and checkpoints.parent == run
         for entry in sorted(checkpoints.iterdir()):
@@ -251,10 +252,12 @@ def earlier_run(config) -> tuple[list[Path], list[Path]]:
 
 
 def inputs_among(files: list[Path], config) -> list[str]:
-    """The settings of ``config``'s model and data that name one of ``files`` (or a folder holding one):
+    """The ``--config`` files and the settings of ``config``'s model and data that name one of ``files`` (or a
+    folder holding one):
     the new run reads them, so the old run's files must stay (e.g. a few-shot fit of the run's own basis)."""
     targets = {path.resolve() for path in files}
-    found = []
+    found = [f"--config {value}" for value in config.get("config") or []
+             if Path(str(value)).expanduser().resolve() in targets]  # the config file this fit reads
     for part in ("model", "data"):
         for key, value in _init_args(config.get(part)).items():
             if not isinstance(value, str) or not value or "\0" in value:

@@ -81,14 +81,12 @@ def personal_rewards(model: PersonalRewardModel, prompts: Sequence[Prompt], resp
     if not len(prompts) == len(responses) == len(users):
         raise LoreDataError(f"{where}: {len(prompts)} prompts, {len(responses)} responses and {len(users)} user ids; "
                             "one of each per row")
-    row_of_user = {user: row for row, user in enumerate(model.user_ids)}
-    columns = []
+    known = set(model.user_ids)
     for row, user in enumerate(users):
         check_user_id(user, f"{where}: row {row}: the user id")
-        if user not in row_of_user:
-            raise LoreDataError(f"{where}: row {row}: unknown user {user!r}: not among the {len(row_of_user)} users "
+        if user not in known:
+            raise LoreDataError(f"{where}: row {row}: unknown user {user!r}: not among the {len(known)} users "
                                 f"of {model.source or 'the model'}")
-        columns.append(row_of_user[user])
     items = [text_items(prompt, [response], f"{where}: row {row}")[0]
              for row, (prompt, response) in enumerate(zip(prompts, responses))]
     if not items:
@@ -98,7 +96,7 @@ def personal_rewards(model: PersonalRewardModel, prompts: Sequence[Prompt], resp
         raise LoreDataError(f"{where}: the embedder gives d={embeddings.shape[1]}, the basis {model.source} has "
                             f"d={model.basis.shape[0]}")
     first_bad_row(~torch.isfinite(embeddings).all(dim=1), where, "its embedding holds NaN or Inf")
-    heads = model.user_weights[torch.tensor(columns)] @ model.basis.T  # [n, d]: row i's V w_u
+    heads = model.heads(list(users)).T  # [n, d]: row i's V w_u
     rewards = (embeddings * heads).sum(dim=1)
     first_bad_row(~torch.isfinite(rewards), where, "its reward overflows float32")
     return [float(reward) for reward in rewards]

@@ -266,3 +266,18 @@ def test_draw_shots_keeps_at_most_shots_per_user_and_is_seeded():
     seeds = {tuple(split.draw_shots(2, seed=s).features[:, 0].tolist()) for s in range(10)}
     assert len(seeds) > 1  # the seed decides which pairs
 
+
+
+def test_a_test_features_dir_never_replaces_a_file_it_did_not_write(tmp_path):
+    from lore_pl.errors import LoreDataError
+
+    foreign = tmp_path / "seen_test.features.npy"
+    foreign.write_bytes(b"not a feature table")
+    with pytest.raises(LoreDataError, match=f"{foreign}: refusing to replace"):
+        SyntheticPopulationDataModule(**TINY, test_features_dir=str(tmp_path)).setup("fit")
+    assert foreign.read_bytes() == b"not a feature table"
+    foreign.unlink()
+    for _ in range(2):  # its own tables, from an earlier run, are replaced
+        data = SyntheticPopulationDataModule(**TINY, test_features_dir=str(tmp_path))
+        data.setup("fit")
+    assert data.split("seen_test").source == foreign

@@ -330,6 +330,15 @@ def test_skipped_rows_without_a_logger_are_listed_where_the_warning_says(tmp_pat
         data.setup("fit")
     assert [json.loads(line)["row"] for line in listed.read_text().splitlines()] == [cut]
 
+    # a file of the user's under that name is never replaced: refused, naming it, left byte-identical
+    listed.write_text("my notes\n")
+    other = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, skip_bad_rows=True)
+    other.trainer = Trainer(logger=False, default_root_dir=tmp_path / "run", accelerator="cpu",
+                            enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(LoreDataError, match=rf"{re.escape(str(listed))}: refusing to replace"):
+        other.setup("fit")
+    assert listed.read_text() == "my notes\n"
+
     bare = make(tmp_path / "prefs.jsonl", tiny_reward_model, tmp_path, skip_bad_rows=True)  # no Trainer: no file
     with pytest.warns(UserWarning, match="no list is written without a Trainer: they are in the data module's "
                                          "skipped_rows"):

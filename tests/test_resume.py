@@ -304,6 +304,14 @@ def test_overwrite_replaces_the_old_run_so_that_last_resumes_the_new_one(tmp_pat
     assert stopped.value.code == 2 and "this fit reads model.init_args.initial_basis=" in err, err
     assert file_states(run) == before
 
+    # a fit run with the old run's own config.yaml: --overwrite would remove the config it reads; refused
+    saved = (run / "config.yaml").read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(run / "config.yaml"), "--overwrite=true"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"this fit reads --config {run / 'config.yaml'}" in err, err
+    assert file_states(run) == before and (run / "config.yaml").read_bytes() == saved
+
     # --overwrite: the old run's files go before the new run writes; last.ckpt is the new run's
     build_cli(fixed_version_args(tmp_path, 5, "--overwrite=true", "--model.init_args.lr=0.05"))
     names = sorted(p.name for p in (run / "checkpoints").iterdir())

@@ -274,6 +274,12 @@ def test_the_journal_drops_a_torn_last_record_and_refuses_a_damaged_one(tmp_path
     path.write_text(path.read_text().replace('"user":"a"', '"user":"a"}x'))
     with pytest.raises(LoreDataError, match="record 1 does not read as JSON"):
         list(Journal(path, writer=True).read_new())
+    # a file that is no journal (no line, so no record to refuse): never cut, left byte-identical
+    token = tmp_path / "token"
+    token.write_bytes(b"s3cret")
+    with pytest.raises(LoreDataError, match="not the start of a journal record"):
+        list(Journal(token, writer=True).read_new())
+    assert token.read_bytes() == b"s3cret"
 
 
 def test_bad_settings_are_one_line_errors(text_run, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lore_pl.core.finite import all_finite, non_finite_rows
 from lore_pl.errors import LoreDataError
 
 #: Laplace smoothing of a win-rate: one pseudo-win and one pseudo-loss, so an unseen response has 0.5
@@ -38,8 +39,8 @@ def longer_wins_logits(lengths: Tensor) -> Tensor:
     if lengths.ndim != 2 or lengths.shape[1] != 2:
         raise LoreDataError(f"lengths must be [N, 2] (chosen, rejected), got {tuple(lengths.shape)}")
     lengths = lengths.double()
-    if not bool(torch.isfinite(lengths).all()):
-        row = int(torch.nonzero(~torch.isfinite(lengths).all(dim=1))[0, 0])
+    if not all_finite(lengths):
+        row = int(non_finite_rows(lengths)[0])
         raise LoreDataError(f"lengths: row {row} is not finite ({lengths[row].tolist()})")
     return torch.sign(lengths[:, 0] - lengths[:, 1])
 

@@ -70,8 +70,7 @@ def personal_signal(train_responses: Tensor, train_users: Tensor, test_responses
 
 def above_zero(gain: dict | None) -> bool:
     """Whether a gain's 95% interval lies above 0 (a measured, finite lower end > 0)."""
-    low = None if gain is None else gain.get("low")
-    return low is not None and math.isfinite(low) and low > 0
+    return measured(gain) and gain["low"] > 0
 
 
 def measured(gain: dict | None) -> bool:

@@ -416,8 +416,7 @@ def _users_transpose_times(features: Tensor, users: Tensor, scale: Tensor, vecto
     return out
 
 
-def spectral_subspace(features: Tensor, users: Tensor, num_users: int, rank: int, whiten: bool = True,
-                      seed: int = 0) -> Tensor:
+def spectral_subspace(features: Tensor, users: Tensor, num_users: int, rank: int, whiten: bool = True) -> Tensor:
     """An orthonormal ``[d, r]`` basis of the span of the users' reward directions, estimated from the
     users' mean pair vectors ``g_u``, each weighed by ``sqrt(n_u)``: the top ``r`` right singular vectors
     of ``G Sigma^{-1/2}`` mapped back by ``Sigma^{-1/2}`` (``whiten``), or of ``G`` itself.
@@ -433,7 +432,7 @@ def spectral_subspace(features: Tensor, users: Tensor, num_users: int, rank: int
     OVERSAMPLE``) besides the whitening (``Whitening``); time ``O(N d k)``, linear in the pairs."""
     dim = features.shape[1]
     rank = min(rank, dim, num_users)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(0)  # the randomized SVD's probes: the same start every run
     scale = torch.bincount(users, minlength=num_users).clamp(min=1).double().rsqrt()  # sqrt(n) g = sums / sqrt(n)
     whitening = Whitening(features, generator) if whiten else None
     right = whitening.right if whiten else (lambda v: v)
@@ -544,12 +543,8 @@ def select_model(
         selection = _select_on_sample(projected, users, projected_val, val_users, num_users, settings, ranks, subspace,
                                       extend_ranks)
     else:
-        pairs = UserPairs.from_flat(projected, users, num_users)
-        with threads_for(pairs.projected.numel()):
-            selection = _select(projected, users, projected_val, val_users, num_users, settings, ranks, subspace,
-                                extend_ranks,
-                                lambda start, strengths: fit_projected(pairs, start, strengths,
-                                                                       settings.projected_iterations))
+        selection = _select_fast(projected, users, projected_val, val_users, num_users, settings, ranks, subspace,
+                                 extend_ranks)
     selection.best = _lifted(selection.best, subspace)
     return selection
 
@@ -604,6 +599,17 @@ def _select(projected: Tensor, users: Tensor, projected_val: Tensor, val_users: 
     return selection
 
 
+def _select_fast(projected: Tensor, users: Tensor, projected_val: Tensor, val_users: Tensor, num_users: int,
+                 settings: MapSettings, ranks: tuple[int, ...], subspace: Tensor, extend_ranks: bool) -> Selection:
+    """``_select`` with each candidate fitted by ``fit_projected`` on the pairs laid out per user, under the
+    thread policy."""
+    pairs = UserPairs.from_flat(projected, users, num_users)
+    with threads_for(pairs.projected.numel()):
+        return _select(projected, users, projected_val, val_users, num_users, settings, ranks, subspace,
+                       extend_ranks,
+                       lambda start, strengths: fit_projected(pairs, start, strengths, settings.projected_iterations))
+
+
 def _lifted(candidate: Candidate, subspace: Tensor) -> Candidate:
     """The candidate's state in the full space: ``V = U A``, float32 like the module's parameters."""
     state = candidate.state
@@ -630,12 +636,8 @@ def _select_on_sample(projected: Tensor, users: Tensor, projected_val: Tensor, v
     index[sample] = torch.arange(sample.numel())
     rows, val_rows = index[users] >= 0, index[val_users] >= 0
     sample_users, sample_val_users = index[users[rows]], index[val_users[val_rows]]
-    pairs = UserPairs.from_flat(projected[rows], sample_users, sample.numel())
-    with threads_for(pairs.projected.numel()):
-        selection = _select(projected[rows], sample_users, projected_val[val_rows], sample_val_users,
-                            sample.numel(), settings, ranks, subspace, extend_ranks,
-                            lambda start, strengths: fit_projected(pairs, start, strengths,
-                                                                   settings.projected_iterations))
+    selection = _select_fast(projected[rows], sample_users, projected_val[val_rows], sample_val_users,
+                             sample.numel(), settings, ranks, subspace, extend_ranks)
     chosen = selection.best
     start = chosen.state
     if start.logits is not None:

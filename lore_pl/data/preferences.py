@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from lore_pl.core.finite import non_finite_rows
 from lore_pl.core.functional import check_shots, sample_shots, shard
 from lore_pl.data.npy_rows import npy_layout, read_npy_rows
 from lore_pl.errors import LoreDataError
@@ -111,19 +112,17 @@ class PreferenceSplit(Dataset):
         """NaN or Inf in a feature row would turn the whole loss into NaN: name the first bad row."""
         if not self.features.is_floating_point() or self.features.numel() == 0:
             return
-        # A row sum is non-finite if any entry is (or, rarely, if it overflows): O(N) extra memory
-        # instead of an [N, d] mask; the candidates are then checked entry by entry.
-        suspects = torch.cat([torch.nonzero(~torch.isfinite(block.sum(dim=1)))[:, 0] + rows.start
-                              for rows, block in self.row_blocks()])
-        for row in suspects.tolist():
+        # block by block: O(N) extra memory instead of an [N, d] mask (core/finite: a row sum first)
+        bad_rows = torch.cat([non_finite_rows(block) + rows.start for rows, block in self.row_blocks()])
+        if bad_rows.numel():
+            row = int(bad_rows[0])
             bad = torch.nonzero(~torch.isfinite(self.features[row]))[:, 0]
-            if bad.numel():
-                value = float(self.features[row, bad[0]])
-                count = sum(int((~torch.isfinite(self.features[r])).any()) for r in suspects.tolist())
-                raise LoreDataError(
-                    f"split {self.name!r}: row {row} (user {self.user_ids[int(self.users[row])]!r}) has a non-finite "
-                    f"feature ({value} at dimension {int(bad[0])}); {count} row(s) of {len(self)} have NaN or Inf"
-                )
+            value = float(self.features[row, bad[0]])
+            raise LoreDataError(
+                f"split {self.name!r}: row {row} (user {self.user_ids[int(self.users[row])]!r}) has a non-finite "
+                f"feature ({value} at dimension {int(bad[0])}); {bad_rows.numel()} row(s) of {len(self)} have NaN or "
+                "Inf"
+            )
 
     def duplicate_rows(self) -> Tensor:
         """``[M, 2]`` pairs (first row, later row) with the same user and bit-identical features.

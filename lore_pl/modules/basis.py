@@ -697,10 +697,10 @@ class BasisModule(PreferenceModule):
                 + "; the training data support no more columns (rank: auto chooses K on validation pairs)",
                 category=LoreDataWarning,
             )
-        elif kept > 1 and model.head_spread() < SAME_HEADS:
+        elif kept > 1 and (spread := model.head_spread()) < SAME_HEADS:
             rank_zero_warn(
                 f"rank K={model.rank} ({how}) kept {kept} columns, but every seen user's reward direction V w_u "
-                f"is the same (they differ by {model.head_spread():.1e} of their norm): this is one shared "
+                f"is the same (they differ by {spread:.1e} of their norm): this is one shared "
                 "direction, no personalization (rank: auto chooses K on validation pairs)",
                 category=LoreDataWarning,
             )

@@ -57,21 +57,24 @@ SCORE_NPY = OutputKind("lightning predict", is_score_npy, f"a score .npy table a
 
 
 class _ScoreCsvWriter(BasePredictionWriter):
-    """Claims the output CSV before anything is scored (``lore_pl.data.outputs``: not a directory, not an
-    input of the command, not a file another command wrote unless ``overwrite``; one writer at a time),
-    writes it atomically at the end of prediction and lets it go."""
+    """Claims the outputs (``paths``, of ``kind``) before anything is scored (``lore_pl.data.outputs``: not a
+    directory, not an input of the command, not a file another command wrote unless ``overwrite``; one
+    writer at a time) and lets them go when prediction ends; the CSV writers write theirs atomically at
+    the end of prediction (``_write``)."""
 
-    def __init__(self, output: str, overwrite: bool = False) -> None:
-        super().__init__(write_interval="epoch")
+    def __init__(self, output: str, overwrite: bool = False, write_interval: str = "epoch") -> None:
+        super().__init__(write_interval=write_interval)
         self.output = Path(output)
         self.overwrite = overwrite
+        self.kind = SCORE_CSV
+        self.paths = [self.output]
         self._claim = ExitStack()
         self._inputs: list = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "predict" and trainer.is_global_zero:
             inputs = [pl_module.hparams.get("basis_path"), getattr(trainer.datamodule, "path", None)]
-            self._claim.enter_context(claim_outputs([self.output], SCORE_CSV, inputs, self.overwrite))
+            self._claim.enter_context(claim_outputs(self.paths, self.kind, inputs, self.overwrite))
             self._inputs = inputs
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
@@ -81,7 +84,7 @@ class _ScoreCsvWriter(BasePredictionWriter):
         self._claim.close()
 
     def _write(self, write_csv) -> None:
-        check_output(self.output, SCORE_CSV, self._inputs, self.overwrite)  # still ours to replace
+        check_output(self.output, self.kind, self._inputs, self.overwrite)  # still ours to replace
         write_atomic(self.output, write_csv)
 
 
@@ -169,7 +172,7 @@ class _NpyScores:
                        "candidates": int(self.written.size)}, stream)
 
 
-class ScoreWriter(BasePredictionWriter):
+class ScoreWriter(_ScoreCsvWriter):
     """Writes every user's reward of every candidate as the batches are scored, in the format of the
     output's suffix: ``.parquet`` (a ``candidate`` column and a float32 column per user), ``.npy`` (a
     float32 ``[candidates, users]`` table, row i candidate i, and ``NAME.index.json`` naming the users
@@ -187,14 +190,9 @@ class ScoreWriter(BasePredictionWriter):
     """
 
     def __init__(self, output: str = "scores.csv", overwrite: bool = False) -> None:
-        super().__init__(write_interval="batch")
-        self.output = Path(output)
-        self.overwrite = overwrite
-        suffix = self.output.suffix.lower()
-        self.kind = {".parquet": SCORE_PARQUET, ".npy": SCORE_NPY}.get(suffix, SCORE_CSV)
+        super().__init__(output, overwrite, write_interval="batch")
+        self.kind = {".parquet": SCORE_PARQUET, ".npy": SCORE_NPY}.get(self.output.suffix.lower(), SCORE_CSV)
         self.paths = [self.output, index_path(self.output)] if self.kind is SCORE_NPY else [self.output]
-        self._claim = ExitStack()
-        self._inputs: list = []
         self._targets: list[AtomicTarget] = []
         self._sink: _CsvScores | _ParquetScores | _NpyScores | None = None
         self._count = 0
@@ -203,10 +201,7 @@ class ScoreWriter(BasePredictionWriter):
         if stage != "predict":
             return
         trainer.predict_loop.return_predictions = False  # the scores go to the file, not into memory
-        if trainer.is_global_zero:
-            inputs = [pl_module.hparams.get("basis_path"), getattr(trainer.datamodule, "path", None)]
-            self._claim.enter_context(claim_outputs(self.paths, self.kind, inputs, self.overwrite))
-            self._inputs = inputs
+        super().setup(trainer, pl_module, stage)
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -254,16 +249,16 @@ class ScoreWriter(BasePredictionWriter):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._discard()  # nothing left after a committed write; a failed one leaves no temporary file
-        self._claim.close()
+        super().teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._discard()
-        self._claim.close()
+        super().on_exception(trainer, pl_module, exception)
 
 
 def chosen_users(users: object, known: list[str], basis_path: object) -> list[str]:
-    """The ``users`` option (null: every user of the basis): user id strings the basis knows; a
-    ``LoreDataError`` naming the option and the user otherwise."""
+    """The ``users`` option (null: every user of the basis): user id strings the basis knows, each once (a
+    user listed twice is scored once); a ``LoreDataError`` naming the option and the user otherwise."""
     if users is None:
         users = list(known)
     if isinstance(users, str) or not isinstance(users, (list, tuple)):
@@ -276,7 +271,7 @@ def chosen_users(users: object, known: list[str], basis_path: object) -> list[st
     unknown = [user for user in users if user not in named]
     if unknown:
         raise LoreDataError(f"users: unknown user(s) {unknown[:5]}: not among the {len(known)} users of {basis_path}")
-    return list(users)
+    return list(dict.fromkeys(users))
 
 
 class ScoringModule(LightningModule):
@@ -304,7 +299,7 @@ class ScoringModule(LightningModule):
         if self.model is not None:
             return
         model = load_basis(resolve_basis_path(self.hparams.basis_path)).to_model()
-        users = list(dict.fromkeys(chosen_users(self.hparams.users, model.user_ids, self.hparams.basis_path)))
+        users = chosen_users(self.hparams.users, model.user_ids, self.hparams.basis_path)
         position = {user: row for row, user in enumerate(model.user_ids)}
         rows = torch.tensor([position[user] for user in users])
         self.model, self.user_ids = model, list(users)
@@ -388,7 +383,7 @@ class TextScoringModule(LightningModule):
         reward_model = PersonalRewardModel.from_run(basis_path, batch_size=self.hparams.batch_size)
         self.user_ids = list(reward_model.user_ids)
         self._column = {user: column for column, user in enumerate(self.user_ids)}
-        users = list(dict.fromkeys(chosen_users(self.hparams.users, self.user_ids, basis_path)))  # once each
+        users = chosen_users(self.hparams.users, self.user_ids, basis_path)
         self.register_buffer("default_columns", torch.tensor([self._column[user] for user in users]))
         # check the rows' users before any text is embedded, where the data module can list them
         named = getattr(self.trainer.datamodule if self._trainer is not None else None, "named_users", None)

@@ -44,6 +44,10 @@ def decode_tensor(encoded: dict, where: str) -> Tensor:
     return values
 
 
+#: how every record begins (``updates``: ``op`` is the first key), so a torn tail is known as one
+RECORD_START = b'{"op":"'
+
+
 class Journal:
     """The append-only journal at ``path``. ``writer=True`` takes an exclusive lock on it (one server
     writes a journal at a time) and creates it; a reader follows what the writer appends (``read_new``)."""
@@ -87,6 +91,9 @@ class Journal:
             self._sequence += 1
             yield self._record(line)
         if self.writer and end < len(data):  # a torn, never acknowledged last record: cut it off
+            if not data[end:].startswith(RECORD_START):  # not a record of ours: not a journal, leave it whole
+                raise LoreDataError(f"--journal {self.path}: it ends in {len(data) - end} byte(s) that are not the "
+                                    "start of a journal record; it is not a journal: give a new file")
             self._file.truncate(self._offset)
             os.fsync(self._file.fileno())
 

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from lore_pl.data.basis_file import resolve_basis_path
 from lore_pl.errors import LoreDataError
 from lore_pl.inference import PersonalRewardModel
+from lore_pl.rlhf import load_run
 from lore_pl.serving.batching import Batcher
 from lore_pl.serving.journal import Journal
 from lore_pl.serving.requests import (
@@ -134,8 +135,7 @@ class RewardServer:
                                 f"(nor added by its journal {settings.journal_path})")
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.embedder = PersonalRewardModel.from_run(settings.run)
-        self.embedder.text_embedder  # noqa: B018 - loaded now (a missing model fails the start), not on a request
+        self.embedder = load_run(settings.run)  # the embedder loaded now (a missing model fails the start)
         self.write_lock = threading.Lock()
         self.batcher = Batcher(self._work, settings.max_batch, settings.batch_timeout)
         self.app = self._app()
@@ -317,7 +317,7 @@ class RewardServer:
             self.users, self.known = candidate, frozenset(candidate.user_ids)
         answer = {"user": record["user"], "op": record["op"], "journal": sequence}
         if weights is not None:
-            answer["weights"] = weights.tolist()
+            answer["weights"] = record["weights"]
         return answer
 
 
